@@ -1,0 +1,82 @@
+"""`medreport` command line.
+
+Each sub-command lives in its own module under ``app/commands`` and exposes::
+
+    NAME: str                      # the sub-command's name, e.g. "inspect"
+    HELP: str                      # one line for ``medreport --help``
+    def add_arguments(parser): ... # argparse arguments
+    def run(args) -> int: ...      # exit status
+
+Modules are discovered automatically, so adding a command touches no other file.
+Errors of the ``data.errors.MedreportError`` family are printed as one clear message
+(no traceback) and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+
+from app import __version__
+
+log = logging.getLogger("medreport")
+
+
+def _command_modules():
+    import app.commands as pkg
+
+    mods = []
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"app.commands.{info.name}")
+        if hasattr(mod, "NAME") and hasattr(mod, "run"):
+            mods.append(mod)
+    return mods
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(
+        prog="medreport",
+        description="Structured CT radiology reports from images, history and dictation. "
+        "The shipped demo model is trained on synthetic data - not for clinical use.",
+    )
+    parser.add_argument("--version", action="version", version=f"medreport {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = {}
+    for mod in _command_modules():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        commands[mod.NAME] = mod
+    return parser, commands
+
+
+def configure_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    if not args.command:
+        parser.print_help()
+        return 1
+    from data.errors import MedreportError
+
+    try:
+        return int(commands[args.command].run(args) or 0)
+    except MedreportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
