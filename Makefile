@@ -1,0 +1,39 @@
+# medreport — the two commands a new user needs:
+#   make serve   create .venv, install, serve the product on the shipped demo with example studies
+#   make test    create .venv if needed, install, run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.medreport-installed
+PYTEST_ARGS ?=
+
+.PHONY: install serve test test-fast bench dataset clean
+
+install: $(STAMP)
+
+# Re-install whenever the dependency list changes. torch 2.14.1 / torchvision 0.29.1 are the
+# wheels this machine installs from local disk; pyproject pins a range that admits them.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -e '.[ui,export,test]'
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/medreport serve
+
+test: install
+	set -o pipefail; $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.io
+	$(BIN)/python -m bench.attention
+	$(BIN)/python -m bench.moe
+	$(BIN)/python -m bench.decode
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
