@@ -143,7 +143,9 @@ def read_header(path: Path, rel: str) -> tuple[Any | None, str | None]:
         return ds, None
     except MemoryError:
         return None, "header too large to read"
-    except Exception as exc:  # pydicom raises many types on corrupt input; all mean "not usable"
+    except BaseException as exc:  # noqa: BLE001 - corrupt input raises many types (even Rust panics)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         log.debug("unreadable DICOM header in %s: %s", rel, exc.__class__.__name__)
         return None, f"not a readable DICOM file ({exc.__class__.__name__})"
 
@@ -437,7 +439,9 @@ def _decode(ds: Any, rel: str) -> np.ndarray:
             arr = ds.pixel_array
     except MemoryError:
         raise StudyTooLargeError(f"{rel}: not enough memory to decode the pixel data") from None
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - Rust decoders (pylibjpeg-rle) panic with a BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         tsn = getattr(ts, "name", "unknown transfer syntax")
         raise PixelDecodeError(
@@ -551,7 +555,19 @@ def load_dicom(paths: list[Path], root: Path | None, limits: "LoadLimits",
     ``root`` is used to name files relatively in messages. ``skipped_files`` collects files
     that were not usable (from earlier stages too). ``single_file`` makes the errors specific
     (NotDicomError / NoPixelDataError) instead of "no usable series".
+
+    pydicom's value validation is switched off while loading: it would *log* invalid values
+    verbatim (names, UIDs) through pydicom's logger, and it costs time. This toggles a
+    process-wide pydicom setting for the duration of the call.
     """
+    from pydicom.config import disable_value_validation
+
+    with disable_value_validation():
+        return _load_dicom(paths, root, limits, skipped_files, single_file)
+
+
+def _load_dicom(paths: list[Path], root: Path | None, limits: "LoadLimits",
+                skipped_files: list[dict] | None, single_file: bool) -> "Study":
     from data.study import Study
 
     skipped_files = list(skipped_files or [])
@@ -612,7 +628,9 @@ def load_dicom(paths: list[Path], root: Path | None, limits: "LoadLimits",
         s.files.append(i)
         if any(k in f.ds for k in ("PixelData",)):
             try:
-                fr = _frames_of(f.ds, i)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fr = _frames_of(f.ds, i)
             except Exception:
                 fr = []
             s.frames.extend(fr)
