@@ -165,8 +165,12 @@ def find_study_files(folder: str | Path) -> StudyFiles:
             continue
         role, why = _companion_role(p)
         if role:
-            if getattr(out, role) is None:
+            first = getattr(out, role)
+            if first is None:
                 setattr(out, role, p)
+            elif role == "reference" and first.parent == p.parent and {first.suffix, p.suffix} == {".txt", ".json"}:
+                # reference.txt beside reference.json is one reference in two forms: use the structured one.
+                out.reference = first if first.suffix == ".json" else p
             else:
                 out.ignored.append((p, f"second {role} file (using {getattr(out, role).relative_to(folder)})"))
             continue

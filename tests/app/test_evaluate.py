@@ -95,7 +95,7 @@ def test_score_single_flags_differing_findings():
     s = score_single(REPORT_B, REPORT_A)
     assert s["bleu_kind"].startswith("sentence BLEU")
     names = {d["finding"] for d in s["findings_that_differ"]}
-    assert "pleural_effusion" in names and "pulmonary_nodule" in names
+    assert "pleural_effusion" in names and "nodule" in names
     assert score_single(REPORT_A, REPORT_A)["findings_that_differ"] == []
 
 

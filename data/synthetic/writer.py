@@ -1,0 +1,153 @@
+"""Write a synthetic dataset: study folders plus ``manifest.jsonl`` (contracts.md).
+
+Study folder ``studies/<id>/``: ``IM0001.dcm``... (one series), ``history.txt`` (optional),
+``dictation.wav`` (optional, 16 kHz), ``reference.txt`` (formatted report) and
+``reference.json`` (sections + labels). Each study is a pure function of ``(seed, index)``, so
+the output is identical for a seed whatever the number of workers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.report_format import format_report
+from data.synthetic import dictation
+from data.synthetic.dicom_writer import write_series
+from data.synthetic.findings import sample_case
+from data.synthetic.histories import dictation_text, write_history
+from data.synthetic.phantom import render
+from data.synthetic.reports import write_sections
+from data.vocab import FINDING_NAMES, Label
+
+log = logging.getLogger(__name__)
+
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)  # train / val / test
+
+# The bundled showcase sample (examples/): a fixed mix for the first studies of a run.
+SHOWCASE: tuple[dict, ...] = (
+    {"split": "train", "normal": True, "history_tokens": 400, "prior_nodule": False, "malignancy": False,
+     "lobectomy": False, "contrast_allergy": False, "has_history": True, "has_audio": True},
+    {"split": "test", "prior_nodule": True, "malignancy": True, "history_tokens": 2000, "has_history": True,
+     "has_audio": True, "lobectomy": False, "contrast_allergy": False, "normal": False},
+    {"split": "val", "findings": ["pleural_effusion", "cardiomegaly"], "has_audio": False, "has_history": True,
+     "history_tokens": 600, "prior_nodule": False, "malignancy": False, "lobectomy": False, "contrast_allergy": False,
+     "normal": False},
+    {"split": "test", "findings": ["pneumothorax", "mass"], "has_history": False, "has_audio": True,
+     "prior_nodule": False, "malignancy": False, "lobectomy": False, "contrast_allergy": False, "normal": False},
+    {"split": "train", "findings": ["consolidation", "lymphadenopathy", "fracture"], "contrast_allergy": True,
+     "lobectomy": True, "history_tokens": 900, "has_history": True, "has_audio": True, "prior_nodule": False,
+     "malignancy": False, "normal": False},
+    {"split": "train", "findings": ["emphysema", "hiatal_hernia", "nodule"], "history_tokens": 300, "has_history": True,
+     "has_audio": True, "prior_nodule": False, "malignancy": False, "lobectomy": False, "contrast_allergy": False,
+     "normal": False},
+)
+
+
+@dataclass
+class DatasetConfig:
+    """Options of one ``make-dataset`` run."""
+
+    n: int = 100
+    seed: int = 0
+    size: str = "demo"
+    history_tokens: tuple[int, int] = (200, 16000)
+    audio: bool = True
+    showcase: bool = False  # first len(SHOWCASE) studies follow the fixed showcase mix
+    normal_fraction: float = 0.3
+
+
+def split_of(seed: int, index: int) -> str:
+    u = np.random.default_rng([seed, index, 1]).random()
+    return "train" if u < SPLIT_FRACTIONS[0] else "val" if u < SPLIT_FRACTIONS[0] + SPLIT_FRACTIONS[1] else "test"
+
+
+def all_labels(present: list[Label]) -> list[dict]:
+    """Manifest labels: every vocabulary finding once; the present ones with their attributes."""
+    by = {lab.finding: lab for lab in present if lab.present}
+    return [by[n].to_dict() if n in by else Label(n, False).to_dict() for n in FINDING_NAMES]
+
+
+def generate_study(cfg: DatasetConfig, index: int, out: Path) -> dict:
+    """Render and write study ``index``; return its manifest entry."""
+    study_seed = int(np.random.default_rng([cfg.seed, index]).integers(0, 2**31 - 1))
+    rng = np.random.default_rng(study_seed)
+    force = dict(SHOWCASE[index]) if cfg.showcase and index < len(SHOWCASE) else {}
+    split = force.pop("split", None) or split_of(cfg.seed, index)
+    sid = f"syn{index:05d}"
+    case = sample_case(rng, sid, study_seed, split, cfg.size, cfg.history_tokens, cfg.normal_fraction,
+                       p_no_audio=0.1 if cfg.audio else 1.0, force=force)
+    if not cfg.audio:
+        case.has_audio = False
+    ph = render(case)
+    case.labels = ph.labels  # with below_resolution marked
+
+    folder = out / "studies" / sid
+    write_series(case, ph.hu, ph.spacing, folder)
+    rel = f"studies/{sid}"
+    history_rel = audio_rel = None
+    facts = []
+    if case.has_history:
+        text, facts = write_history(case, np.random.default_rng([study_seed, 2]))
+        (folder / "history.txt").write_text(text, encoding="utf-8")
+        history_rel = f"{rel}/history.txt"
+    if case.has_audio:
+        audio = dictation.synthesize(dictation_text(case, np.random.default_rng([study_seed, 3])),
+                                     np.random.default_rng([study_seed, 4]))
+        dictation.write_wav(folder / "dictation.wav", audio)
+        audio_rel = f"{rel}/dictation.wav"
+    sections = write_sections(case, np.random.default_rng([study_seed, 5]))
+    report = format_report(sections)
+    labels = all_labels(case.labels)
+    (folder / "reference.txt").write_text(report, encoding="utf-8")
+    (folder / "reference.json").write_text(json.dumps({"sections": sections, "labels": labels}, indent=1), encoding="utf-8")
+    return {
+        "id": sid, "split": split, "study": rel, "history": history_rel, "history_text": None, "audio": audio_rel,
+        "report": report, "sections": sections, "labels": labels, "lesions": ph.lesions,
+        "facts": [f.to_dict() for f in facts],
+    }
+
+
+def _work(args: tuple[DatasetConfig, int, str]) -> dict:
+    cfg, index, out = args
+    return generate_study(cfg, index, Path(out))
+
+
+def write_dataset(out: Path, cfg: DatasetConfig, workers: int | None = None, progress: bool = True) -> Path:
+    """Write ``cfg.n`` studies under ``out`` and ``out/manifest.jsonl``; return the manifest path."""
+    out = Path(out)
+    (out / "studies").mkdir(parents=True, exist_ok=True)
+    if cfg.audio and not dictation.available():
+        raise RuntimeError("no speech synthesizer found")
+    workers = max(1, min(workers or os.cpu_count() or 1, cfg.n))
+    jobs = [(cfg, i, str(out)) for i in range(cfg.n)]
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    bar = tqdm(total=cfg.n, unit="study", disable=not progress) if tqdm else None
+    entries: list[dict] = []
+    if workers == 1:
+        for j in jobs:
+            entries.append(_work(j))
+            if bar:
+                bar.update(1)
+    else:
+        ctx = mp.get_context("spawn" if os.name == "nt" else "fork")
+        with ctx.Pool(workers) as pool:
+            for e in pool.imap(_work, jobs, chunksize=1):
+                entries.append(e)
+                if bar:
+                    bar.update(1)
+    if bar:
+        bar.close()
+    manifest = out / "manifest.jsonl"
+    with open(manifest, "w", encoding="utf-8") as f:
+        for e in entries:
+            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    return manifest

@@ -1,0 +1,130 @@
+"""Report/history tokenizer: byte-level BPE (Hugging Face ``tokenizers``) with special tokens
+for sequence structure and one per report section.
+
+Decoder sequence (contracts.md): ``[BOS] history... [REPORT] report... [EOS]`` where the report
+is ``[SEC_CLINICAL_INFORMATION] text [SEC_TECHNIQUE] text ... [SEC_IMPRESSION] text``.
+Byte-level BPE is lossless: ``decode(encode(t)) == t`` for any text.
+
+    tok = ReportTokenizer.train(texts, vocab_size=4000)
+    tok.save(model_dir); tok = ReportTokenizer.load(model_dir)
+    ids = tok.encode_report(sections); sections = tok.decode_report(ids)
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data.errors import MedreportError
+from data.report_format import SECTION_KEYS, empty_sections
+
+SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[REPORT]")
+SECTION_TOKENS: tuple[str, ...] = tuple(f"[SEC_{k.upper()}]" for k in SECTION_KEYS)
+_FILE = "tokenizer.json"
+_META = "medreport_tokenizer.json"
+
+
+class ReportTokenizer:
+    """A trained BPE tokenizer plus the ids of the special tokens."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tk = tokenizer
+        # Text that happens to contain "[EOS]" (a pasted record, a hostile history) is encoded as
+        # plain characters: only this class inserts special ids.
+        self.tk.encode_special_tokens = True
+        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS + SECTION_TOKENS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise MedreportError(f"tokenizer lacks special tokens {missing}: retrain it with ReportTokenizer.train")
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id, self.report_id = (ids[t] for t in SPECIAL_TOKENS)
+        self.section_ids: tuple[int, ...] = tuple(ids[t] for t in SECTION_TOKENS)  # in SECTION_KEYS order
+        self._section_of = dict(zip(self.section_ids, SECTION_KEYS))
+        self.special_ids = frozenset(ids.values())
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 2) -> "ReportTokenizer":
+        """Train on an iterable of texts (reports, histories)."""
+        tk = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+            special_tokens=list(SPECIAL_TOKENS + SECTION_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tk.train_from_iterator(texts, trainer=trainer)
+        return cls(tk)
+
+    def save(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.tk.save(str(d / _FILE))
+        (d / _META).write_text(json.dumps({"format": 1, "special_tokens": list(SPECIAL_TOKENS),
+                                           "section_tokens": list(SECTION_TOKENS), "sections": list(SECTION_KEYS)},
+                                          indent=1))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ReportTokenizer":
+        path = Path(directory) / _FILE
+        if not path.is_file():
+            raise MedreportError(f"no tokenizer at {path}: train one (ReportTokenizer.train) or point to the model folder")
+        return cls(Tokenizer.from_file(str(path)))
+
+    # ---- text -------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens added)."""
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ids; special tokens are dropped."""
+        return self.tk.decode([i for i in ids if i not in self.special_ids], skip_special_tokens=False)
+
+    # ---- reports ----------------------------------------------------------------------------
+    def encode_report(self, sections: dict[str, str]) -> list[int]:
+        """``[SEC_x] text`` for every section in report order (no BOS/REPORT/EOS)."""
+        ids: list[int] = []
+        for key, sid in zip(SECTION_KEYS, self.section_ids):
+            ids.append(sid)
+            ids.extend(self.encode((sections.get(key) or "").strip()))
+        return ids
+
+    def decode_report(self, ids: Iterable[int]) -> dict[str, str]:
+        """Sections from ids (stops at EOS; text before the first section marker is Findings)."""
+        out = empty_sections()
+        current, buf = "findings", []
+
+        def flush():
+            if buf:
+                text = self.decode(buf).strip()
+                out[current] = (out[current] + " " + text).strip() if out[current] else text
+
+        for i in ids:
+            if i == self.eos_id:
+                break
+            if i in self._section_of:
+                flush()
+                current, buf = self._section_of[i], []
+            elif i in (self.bos_id, self.report_id, self.pad_id):
+                continue
+            else:
+                buf.append(i)
+        flush()
+        return out
+
+    def encode_sequence(self, history: str | None, sections: dict[str, str] | None = None) -> list[int]:
+        """``[BOS] history [REPORT] report [EOS]`` (report part omitted when ``sections`` is None)."""
+        ids = [self.bos_id] + (self.encode(history) if history else []) + [self.report_id]
+        if sections is not None:
+            ids += self.encode_report(sections) + [self.eos_id]
+        return ids

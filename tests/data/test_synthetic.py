@@ -1,0 +1,216 @@
+"""Synthetic generator: truth sampling, phantom, DICOM, histories, reports, dictation, writer."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pydicom
+import pytest
+
+from data.report_format import format_report, parse_report
+from data.synthetic import dictation
+from data.synthetic.dicom_writer import write_series
+from data.synthetic.findings import sample_case
+from data.synthetic.histories import approx_tokens, write_history
+from data.synthetic.phantom import below_resolution, render
+from data.synthetic.reports import T, pool_of, variants, write_sections
+from data.synthetic.writer import DatasetConfig, write_dataset
+from data.vocab import FINDING_NAMES
+
+
+def _case(i, size="tiny", **force):
+    return sample_case(np.random.default_rng(i), f"t{i}", i, "train", size, force=force or None)
+
+
+def test_sampling_is_deterministic_and_varied():
+    a, b = _case(3), _case(3)
+    assert a.labels == b.labels and a.anatomy == b.anatomy and a.acquisition == b.acquisition
+    cases = [_case(i) for i in range(300)]
+    normal = sum(1 for c in cases if not c.labels) / len(cases)
+    assert 0.15 < normal < 0.4
+    seen = {lab.finding for c in cases for lab in c.labels}
+    assert len(seen) >= 12
+    assert any(len(c.labels) >= 2 for c in cases)
+
+
+def test_sizes_follow_the_contract():
+    assert _case(1, "tiny").acquisition["shape"] == (16, 64, 64)
+    assert _case(1, "demo").acquisition["shape"] == (64, 128, 128)
+    full = _case(1, "full").acquisition
+    assert full["shape"][1:] == (512, 512) and 40 <= full["shape"][0] <= 400
+    assert 0.6 <= full["pixel_spacing"] <= 0.9 and 1 <= full["slice_thickness"] <= 5
+
+
+def test_phantom_hu_and_anatomy():
+    ph = render(_case(2, "demo", normal=True))
+    hu = ph.hu
+    assert hu.shape == (64, 128, 128) and hu.dtype == np.int16
+    assert hu[:, 0, 0].mean() < -950  # air outside the body
+    mid = hu[40]
+    lungish = ((mid > -950) & (mid < -700)).mean()
+    assert lungish > 0.1  # lung parenchyma present
+    assert (hu > 300).any()  # bone
+    assert ph.lesions == [] and ph.labels == []
+
+
+def test_nodule_is_rendered_at_its_recorded_centre():
+    case = _case(5, "demo", findings=["nodule"], prior_nodule=False)
+    nod = case.labels[0]
+    nod.size_mm, nod.attributes["density"] = 20.0, "solid"
+    ph = render(case)
+    les = ph.lesions[0]
+    z, y, x = (int(round(c / s)) for c, s in zip(les["center_zyx_mm"], ph.spacing))
+    assert les["finding"] == "nodule" and les["radius_mm"] == 10.0
+    assert ph.hu[z, y, x] > -200  # soft tissue where the lung would be ~ -850
+    assert "below_resolution" not in ph.labels[0].attributes
+
+
+def test_below_resolution_marks_small_findings():
+    assert below_resolution(6.0, (10.0, 5.5, 5.5))
+    assert not below_resolution(20.0, (5.0, 2.7, 2.7))
+    case = _case(7, "tiny", findings=["nodule"], prior_nodule=False)
+    case.labels[0].size_mm = 5.0
+    assert render(case).labels[0].attributes.get("below_resolution") is True
+
+
+def test_every_generated_finding_renders_a_lesion():
+    for i, name in enumerate(["mass", "consolidation", "ground_glass_opacity", "atelectasis", "emphysema",
+                              "pleural_effusion", "pneumothorax", "cardiomegaly", "pericardial_effusion",
+                              "lymphadenopathy", "hiatal_hernia", "fracture", "bone_lesion"]):
+        ph = render(_case(20 + i, "tiny", findings=[name], prior_nodule=False, lobectomy=False))
+        assert {les["finding"] for les in ph.lesions} == {name}, name  # bilateral effusion: one per side
+        les = ph.lesions[0]
+        assert les["radius_mm"] > 0 and all(np.isfinite(les["center_zyx_mm"]))
+
+
+def test_contrast_allergy_changes_image_and_technique():
+    hu_c = render(_case(9, "tiny", normal=True, contrast_allergy=False, has_history=True)).hu
+    case_n = _case(9, "tiny", normal=True, contrast_allergy=True, has_history=True)
+    hu_n = render(case_n).hu
+    assert hu_c.max() > 0 and (hu_c > 180).sum() > (hu_n > 180).sum()  # enhanced blood pool
+    tech = write_sections(case_n, np.random.default_rng(0))["technique"]
+    assert "without intravenous contrast" in tech
+
+
+def test_dicom_series_is_valid_and_deterministic(tmp_path):
+    case = _case(4, "tiny")
+    ph = render(case)
+    paths = write_series(case, ph.hu, ph.spacing, tmp_path / "a")
+    write_series(case, ph.hu, ph.spacing, tmp_path / "b")
+    assert len(paths) == 16
+    assert all(p.read_bytes() == (tmp_path / "b" / p.name).read_bytes() for p in paths)
+    ds = pydicom.dcmread(paths[0])
+    assert ds.file_meta.MediaStorageSOPClassUID == pydicom.uid.CTImageStorage
+    assert ds.Modality == "CT" and list(ds.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    assert ds.RescaleIntercept == -1024 and ds.RescaleSlope == 1 and ds.BitsAllocated == 16
+    assert str(ds.PatientName) == "SYNTHETIC^PATIENT"
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert len({pydicom.dcmread(p).SOPInstanceUID for p in paths}) == 16
+    # Our fast writer produces exactly what pydicom's own save_as writes for the same dataset.
+    ref = tmp_path / "ref.dcm"
+    ds.save_as(ref, enforce_file_format=True)
+    assert ref.read_bytes() == paths[0].read_bytes()
+    # Sorted by position the stored slices are the phantom (z ascending = inferior first).
+    dss = sorted((pydicom.dcmread(p) for p in paths), key=lambda d: float(d.ImagePositionPatient[2]))
+    vol = np.stack([d.pixel_array.astype(np.int32) - 1024 for d in dss])
+    assert np.array_equal(vol, ph.hu)
+
+
+def test_loader_reads_the_series(tmp_path):
+    study = pytest.importorskip("data.study")
+    case = _case(6, "tiny")
+    ph = render(case)
+    write_series(case, ph.hu, ph.spacing, tmp_path)
+    s = study.load_study(tmp_path)
+    assert s.shape == ph.hu.shape
+    assert np.allclose(s.spacing_mm, ph.spacing, atol=1e-3)
+
+
+def test_history_length_and_fact_offsets():
+    case = _case(11, "tiny", prior_nodule=True, malignancy=True, lobectomy=True, contrast_allergy=True, has_history=True)
+    for target in (300, 5000, 30000):
+        text, facts = write_history(case, np.random.default_rng(1), target)
+        n = approx_tokens(text)
+        assert target <= n <= target * 1.15 + 400
+        kinds = {f.kind for f in facts}
+        assert {"indication", "prior_nodule", "malignancy", "lobectomy", "contrast_allergy", "distractor"} <= kinds
+        for f in facts:
+            assert text[f.char_offset:f.char_offset + len(f.text)] == f.text
+    offsets = [f.char_offset for f in write_history(case, np.random.default_rng(2), 30000)[1]]
+    assert max(offsets) - min(offsets) > 5000  # planted at different depths
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_planted_facts_reach_the_report_and_distractors_do_not(split):
+    for i in range(40):
+        rng = np.random.default_rng(100 + i)
+        case = sample_case(rng, f"f{i}", 100 + i, split, "tiny", force={
+            "has_history": True, "prior_nodule": i % 2 == 0, "malignancy": i % 3 == 0, "lobectomy": i % 4 == 0,
+            "contrast_allergy": i % 5 == 0})
+        _, facts = write_history(case, np.random.default_rng(i), 400)
+        sections = write_sections(case, np.random.default_rng(i))
+        report = format_report(sections)
+        for f in facts:
+            if f.kind == "distractor":
+                assert f.must_not_appear.lower() not in report.lower()
+            else:
+                assert f.expect_in_report.lower() in sections[f.section].lower(), (f.kind, f.expect_in_report)
+
+
+def test_prior_nodule_phrase_example():
+    case = _case(12, "tiny", prior_nodule=True, has_history=True)
+    case.prior_nodule_mm, case.labels[-1].size_mm = 6.0, 9.0
+    nod = case.present("nodule")
+    nod.size_mm = 9.0
+    text = format_report(write_sections(case, np.random.default_rng(0)))
+    assert "increased from 6 mm to 9 mm" in text
+    assert case.prior_date in text
+
+
+def test_reserved_templates_are_test_only():
+    for key, opts in T.items():
+        tr, te = set(variants(opts, "train")), set(variants(opts, "test"))
+        if len(opts) >= 3:
+            assert tr and te and not (tr & te), key
+            assert tr | te == set(opts)
+    assert pool_of("test") == "test" and pool_of("val") == "train"
+    lung_train, lung_test = set(variants(T["lungs_normal"], "train")), set(variants(T["lungs_normal"], "test"))
+    for i in range(30):
+        case = sample_case(np.random.default_rng(i), "n", i, "test", "tiny",
+                           force={"normal": True, "prior_nodule": False, "lobectomy": False})
+        lungs = parse_report(format_report(write_sections(case, np.random.default_rng(i))))["findings"].splitlines()[0]
+        assert any(s in lungs for s in lung_test) and not any(s in lungs for s in lung_train)
+
+
+def test_no_history_no_prior_facts():
+    case = _case(13, "tiny", has_history=False)
+    assert case.prior_nodule_mm is None and case.cancer is None and case.contrast
+
+
+@pytest.mark.skipif(not dictation.available(), reason="no eSpeak NG (pip install espeakng-loader) on this machine")
+def test_dictation_audio_is_16k_and_deterministic():
+    a = dictation.synthesize("Sixty year old man with cough.", np.random.default_rng(0))
+    b = dictation.synthesize("Sixty year old man with cough.", np.random.default_rng(0))
+    c = dictation.synthesize("Sixty year old man with cough.", np.random.default_rng(1))
+    assert a.dtype == np.float32 and 0.8 < len(a) / dictation.SAMPLE_RATE < 10
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.abs(a).max() <= 1.0
+
+
+@pytest.mark.integration
+def test_dataset_is_identical_for_any_worker_count(tmp_path):
+    cfg = DatasetConfig(n=4, seed=5, size="tiny", history_tokens=(200, 800), audio=dictation.available())
+    m1 = write_dataset(tmp_path / "w1", cfg, workers=1, progress=False)
+    m2 = write_dataset(tmp_path / "w2", cfg, workers=2, progress=False)
+    assert m1.read_bytes() == m2.read_bytes()
+    files1 = sorted(p.relative_to(tmp_path / "w1") for p in (tmp_path / "w1").rglob("*") if p.is_file())
+    files2 = sorted(p.relative_to(tmp_path / "w2") for p in (tmp_path / "w2").rglob("*") if p.is_file())
+    assert files1 == files2
+    assert all((tmp_path / "w1" / f).read_bytes() == (tmp_path / "w2" / f).read_bytes() for f in files1)
+    entry = json.loads(m1.read_text().splitlines()[0])
+    assert [lab["finding"] for lab in entry["labels"]] == list(FINDING_NAMES)
+    ref = json.loads((tmp_path / "w1" / entry["study"] / "reference.json").read_text())
+    assert ref["sections"] == entry["sections"] and ref["labels"] == entry["labels"]
+    assert (tmp_path / "w1" / entry["study"] / "reference.txt").read_text() == entry["report"]
+    assert re.match(r"syn\d{5}$", entry["id"])

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from data.errors import MedreportError
+from data.report_format import SECTION_KEYS, format_report
+from data.synthetic.findings import sample_case
+from data.synthetic.histories import write_history
+from data.synthetic.reports import write_sections
+from data.tokenizer import ReportTokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    texts = []
+    for i in range(60):
+        case = sample_case(np.random.default_rng(i), "k", i, "train", "tiny")
+        texts.append(format_report(write_sections(case, np.random.default_rng(i))))
+        if i < 5:
+            texts.append(write_history(case, np.random.default_rng(i), 2000)[0])
+    return texts
+
+
+@pytest.fixture(scope="module")
+def tok(corpus):
+    return ReportTokenizer.train(corpus, vocab_size=1500)
+
+
+def test_special_ids_distinct(tok):
+    ids = [tok.bos_id, tok.eos_id, tok.pad_id, tok.report_id, tok.unk_id, *tok.section_ids]
+    assert len(set(ids)) == len(ids) == 5 + len(SECTION_KEYS)
+    assert tok.vocab_size <= 1500
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(max_size=200))
+def test_roundtrip_any_text(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_report_roundtrip_and_sequence(tok, corpus):
+    case = sample_case(np.random.default_rng(99), "k", 99, "test", "tiny")
+    sections = write_sections(case, np.random.default_rng(1))
+    ids = tok.encode_report(sections)
+    assert [i for i in ids if i in tok.section_ids] == list(tok.section_ids)
+    assert tok.decode_report(ids) == sections
+    seq = tok.encode_sequence("History text.", sections)
+    assert seq[0] == tok.bos_id and seq[-1] == tok.eos_id and tok.report_id in seq
+    assert tok.decode_report(seq[seq.index(tok.report_id):] + [tok.section_ids[0], 42]) == sections  # stops at EOS
+    assert "[SEC_" not in tok.decode(ids)
+    # Special-token text inside a report is not turned into a marker by accident.
+    assert tok.decode(tok.encode("a [BOS] b")) == "a [BOS] b"
+
+
+def test_save_load(tok, tmp_path):
+    tok.save(tmp_path / "t")
+    tok2 = ReportTokenizer.load(tmp_path / "t")
+    text = "Small right pleural effusion, 9 mm nodule."
+    assert tok2.encode(text) == tok.encode(text)
+    assert tok2.section_ids == tok.section_ids and tok2.eos_id == tok.eos_id
+    with pytest.raises(MedreportError, match="no tokenizer"):
+        ReportTokenizer.load(tmp_path / "missing")
+
+
+def test_history_tokens_are_compact(tok, corpus):
+    history = corpus[1]
+    ids = tok.encode(history)
+    assert len(ids) < len(history) / 2  # BPE merges, not bytes
