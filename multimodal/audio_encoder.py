@@ -28,7 +28,7 @@ class AudioEncoderConfig:
     dim: int = 256
     max_tokens: int = 64  # time tokens after pooling (longer dictations are average-pooled down)
     channels_last: bool = True
-    n_mels: int = 64  # what the preprocessing should produce
+    n_mels: int = 64  # what the preprocessing should produce (matches data.audio.AudioConfig presets)
     hop_s: float = 0.01  # frame hop, for the time position in seconds
 
     @classmethod
@@ -36,7 +36,7 @@ class AudioEncoderConfig:
         presets = {
             "tiny": cls(channels=(8, 16, 32, 64), stem_width=8, output_stride=16, dim=64, max_tokens=16, n_mels=32),
             "demo": cls(channels=(8, 16, 32, 64), stem_width=8, dim=256, max_tokens=32, n_mels=64),
-            "full": cls(channels=None, stem_width=64, dim=512, max_tokens=64, n_mels=128),
+            "full": cls(channels=None, stem_width=64, dim=512, max_tokens=64, n_mels=80),
         }
         if name not in presets:
             raise KeyError(f"unknown audio-encoder preset {name!r}; choose one of {sorted(presets)}")

@@ -8,7 +8,9 @@ Steps (all in width ``FusionConfig.dim``):
 2. ``n_layers`` rounds of cross-attention in both directions: image <-> history summary and
    audio <-> history summary. Every key set starts with a learned per-modality *null* token, so
    attention is well defined when a modality is absent (it then reads the null token only).
-3. Attention pooling: ``n_fused`` learned queries pool each modality separately.
+3. Attention pooling: ``n_fused`` learned queries pool each modality separately, plus a
+   token-wise max of the modality (projected, added to every pooled token) so that evidence
+   confined to a few tokens is not diluted while attention is still uniform.
 4. Gates: a small MLP scores each modality from its mean token; a softmax over the modalities
    *present in that study* gives the gate weights (an absent modality gets exactly 0, the
    others renormalise). fused = sum_m gate_m * pooled_m, projected to the decoder width.
@@ -43,7 +45,7 @@ class FusionConfig:
     def preset(cls, name: str) -> "FusionConfig":
         presets = {
             "tiny": cls(dim=64, n_heads=2, n_layers=1, n_fused=8, n_history_tokens=8),
-            "demo": cls(dim=256, n_heads=4, n_layers=2, n_fused=32, n_history_tokens=32),
+            "demo": cls(dim=256, n_heads=4, n_layers=1, n_fused=32, n_history_tokens=32),  # 1 layer: CPU budget
             "full": cls(dim=512, n_heads=8, n_layers=3, n_fused=64, n_history_tokens=64),
         }
         if name not in presets:
@@ -108,7 +110,11 @@ class Fusion(nn.Module):
         )
         self.pool_queries = nn.Parameter(torch.zeros(cfg.n_fused, D))
         nn.init.trunc_normal_(self.pool_queries, std=0.02)
-        self.pool = block()
+        self.pool = CrossAttentionBlock(D, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, query_residual=False)
+        # Max-pooled companion: a finding often lives in a handful of tokens (one lesion in one slab);
+        # attention pooling starts near-uniform and dilutes it ~N-fold, so learning is slow. A
+        # token-wise max (multiple-instance learning) carries the strongest evidence from step one.
+        self.max_proj = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D))
         self.gate_mlp = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D // 2), nn.GELU(), nn.Linear(D // 2, 1))
         self.gate_bias = nn.Parameter(torch.zeros(len(MODALITIES)))
         self.out = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, out_dim))
@@ -153,7 +159,9 @@ class Fusion(nn.Module):
         pooled, scores = [], []
         for i, (t, m) in enumerate(zip((img, aud, hist), (img_m, aud_m, hist_m))):
             p, _ = self.pool(q, *self._with_null(i, t, m))  # [B, F, D]
-            pooled.append(p)
+            mx = t.masked_fill(~m[..., None], float("-inf")).amax(1)  # [B, D]
+            mx = torch.where(m.any(1, keepdim=True), mx, torch.zeros_like(mx))  # absent: 0
+            pooled.append(p + self.max_proj(mx)[:, None, :])
             mf = m[..., None].to(t.dtype)
             mean = (t * mf).sum(1) / mf.sum(1).clamp_min(1)  # [B, D]
             scores.append(self.gate_mlp(mean).squeeze(-1) + self.gate_bias[i])  # [B]

@@ -3,8 +3,9 @@
 A CT study arrives as slabs of adjacent slices rendered in three HU windows (lung, mediastinum,
 bone) as the three input channels; a 2D radiograph is a study of one slab. All valid slabs of
 the batch go through the backbone as ONE ``[n_valid, 3, H, W]`` pass (channels_last), padded
-slabs are never computed. Each slab's last-stage feature map is pooled to a fixed
-``grid x grid`` and every cell becomes a token, carrying
+slabs are never computed. Each slab's last-stage feature map is max-pooled to a fixed
+``grid x grid`` (max, not mean: a small lesion should not be averaged away with its cell) and
+every cell becomes a token, carrying
 
 * the slab's z position (mm, relative to the study's centre, sinusoidal -> linear), and
 * its in-plane cell position (learned table, grid x grid).
@@ -44,7 +45,7 @@ class ImageEncoderConfig:
     @classmethod
     def preset(cls, name: str) -> "ImageEncoderConfig":
         presets = {
-            "tiny": cls(channels=(8, 16, 32, 64), stem_width=8, output_stride=16, grid=2, dim=64,
+            "tiny": cls(channels=(8, 16, 32, 64), stem_width=8, output_stride=8, grid=4, dim=64,
                         image_size=64, max_slabs=8),
             "demo": cls(channels=(16, 32, 64, 128), stem_width=16, grid=4, dim=256,
                         image_size=128, max_slabs=16),
@@ -90,7 +91,7 @@ class ImageEncoder(nn.Module):
         """Valid-slab feature maps -> padded tokens [B, S*G*G, D] and mask [B, S*G*G]."""
         B, S = slab_mask_BS.shape
         G = self.cfg.grid
-        pooled = F.adaptive_avg_pool2d(feats_VChw, G)  # [V, C, G, G]
+        pooled = F.adaptive_max_pool2d(feats_VChw, G)  # [V, C, G, G]
         cells = rearrange(pooled, "v c gh gw -> v (gh gw) c")  # [V, G*G, C]
         tok = self.norm(self.proj(cells)) + self.cell_pos  # [V, G*G, D]
         # Slab z relative to the study centre (mean over valid slabs), so only geometry matters.

@@ -76,8 +76,12 @@ def create_resnet_backbone(
 class CrossAttentionBlock(nn.Module):
     """Pre-norm cross-attention + MLP: queries attend to a key/value set (with padding mask)."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 2.0, dropout: float = 0.0):
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 2.0, dropout: float = 0.0,
+                 query_residual: bool = True):
         super().__init__()
+        # Pooling blocks (learned queries shared by all studies) drop the query residual: otherwise
+        # the study-independent query dominates the output and the pooled content is diluted.
+        self.query_residual = query_residual
         self.norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, n_heads, dropout=dropout, batch_first=True)
@@ -93,6 +97,6 @@ class CrossAttentionBlock(nn.Module):
         out, weights = self.attn(
             self.norm_q(q_BQD), kv, kv, key_padding_mask=~kv_mask_BN, need_weights=need_weights
         )
-        x = q_BQD + out
+        x = q_BQD + out if self.query_residual else out
         x = x + self.mlp(self.norm_mlp(x))
         return x, weights

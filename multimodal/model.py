@@ -1,0 +1,461 @@
+"""``ReportModel``: image + audio encoders, history summary, fusion, decoder and finding heads.
+
+Training: ``model(inputs)`` returns the losses (decoder LM loss on the report tokens, finding-head
+loss, MoE balance loss) and their weighted sum ``loss``. Inference: ``generate_report`` returns
+report token ids, calibrated finding probabilities, modality gates and Grad-CAM evidence.
+Checkpoints: ``save_pretrained`` / ``from_pretrained`` (safetensors weights + JSON config +
+tokenizer JSON; nothing pickled).
+
+Shape legend: B batch, S slabs, H/W slab size, M mel bins, T frames or tokens, L history tokens,
+F fused tokens, D width, K findings, V valid slabs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from core.decoder import Decoder
+from core.generate import GenerationConfig, generate
+from data.errors import MedreportError
+from multimodal.audio_encoder import AudioEncoder
+from multimodal.evidence import Evidence, evidence_from_maps, gradcam_maps
+from multimodal.fusion import MODALITIES, Fusion, HistorySummary
+from multimodal.heads import SIDES, FindingHeads, FindingLabels, HeadsOutput, heads_loss
+from multimodal.image_encoder import ImageEncoder
+from multimodal.presets import ModelConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "medreport-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+class CheckpointError(MedreportError):
+    """A model directory is missing, incomplete, or holds files that are not what they claim."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class StudyInputs:
+    """One study's model inputs as arrays (what ``data.preprocess`` produces)."""
+
+    pixels: np.ndarray  # float32 (S, 3, H, W) in [0, 1]
+    z_mm: np.ndarray  # (S,) slab centres, mm
+    z_index_range: np.ndarray | None = None  # int (S, 2) original slice ranges [start, stop)
+    mel: np.ndarray | None = None  # float32 (1, M, T) or (M, T) log-mel; None = no dictation
+    history_ids: Sequence[int] | None = None  # record token ids (no special tokens); None = no history
+
+    @classmethod
+    def from_slabs(cls, slabs, mel: np.ndarray | None = None, history_ids: Sequence[int] | None = None) -> "StudyInputs":
+        """From a ``data.preprocess.Slabs`` (pixels, z_mm, z_index_range)."""
+        return cls(slabs.pixels, slabs.z_mm, slabs.z_index_range, mel, history_ids)
+
+
+@dataclass
+class ModelInputs:
+    """A padded batch. Masks: True = valid."""
+
+    slabs: torch.Tensor  # [B, S, 3, H, W]
+    slab_mask: torch.Tensor  # [B, S] bool
+    z_mm: torch.Tensor  # [B, S]
+    z_index_range: torch.Tensor | None = None  # [B, S, 2] long
+    mel: torch.Tensor | None = None  # [B, 1, M, T]
+    audio_present: torch.Tensor | None = None  # [B] bool
+    audio_lengths: torch.Tensor | None = None  # [B] frames
+    history_ids: torch.Tensor | None = None  # [B, L] long
+    history_mask: torch.Tensor | None = None  # [B, L] bool
+    ids: torch.Tensor | None = None  # [B, T] decoder sequence [BOS] history [REPORT] report [EOS]
+    lm_labels: torch.Tensor | None = None  # [B, T] = ids where a token is to be predicted, else -100
+    labels: FindingLabels | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.slabs.shape[0]
+
+    def to(self, device: torch.device | str) -> "ModelInputs":
+        def mv(x):
+            if x is None:
+                return None
+            if isinstance(x, FindingLabels):
+                return FindingLabels(*(None if t is None else t.to(device) for t in (x.present_BK, x.side_BK, x.location_BK)))
+            return x.to(device)
+
+        return ModelInputs(**{k: mv(v) for k, v in self.__dict__.items()})
+
+
+def collate(studies: Sequence[StudyInputs]) -> ModelInputs:
+    """Pad a list of studies into a batch (slabs, audio frames and history tokens padded at the end)."""
+    B = len(studies)
+    S = max(s.pixels.shape[0] for s in studies)
+    C, H, W = studies[0].pixels.shape[1:]
+    slabs = torch.zeros(B, S, C, H, W)
+    slab_mask = torch.zeros(B, S, dtype=torch.bool)
+    z_mm = torch.zeros(B, S)
+    zr = torch.zeros(B, S, 2, dtype=torch.long)
+    for b, s in enumerate(studies):
+        n = s.pixels.shape[0]
+        if s.pixels.shape[1:] != (C, H, W):
+            raise ValueError("all studies of a batch need the same slab size (C, H, W)")
+        slabs[b, :n] = torch.as_tensor(s.pixels, dtype=torch.float32)
+        slab_mask[b, :n] = True
+        z_mm[b, :n] = torch.as_tensor(np.asarray(s.z_mm, dtype=np.float32))
+        zr[b, :n] = torch.as_tensor(
+            np.asarray(s.z_index_range) if s.z_index_range is not None else np.stack([np.arange(n), np.arange(n) + 1], 1)
+        )
+    mels = [None if s.mel is None else np.asarray(s.mel, dtype=np.float32).reshape(-1, np.shape(s.mel)[-1]) for s in studies]
+    mel = present = lengths = None
+    if any(m is not None for m in mels):
+        M = next(m.shape[0] for m in mels if m is not None)
+        T = max(m.shape[1] for m in mels if m is not None)
+        mel = torch.zeros(B, 1, M, T)
+        present = torch.zeros(B, dtype=torch.bool)
+        lengths = torch.zeros(B, dtype=torch.long)
+        for b, m in enumerate(mels):
+            if m is not None:
+                mel[b, 0, :, : m.shape[1]] = torch.as_tensor(m)
+                present[b] = True
+                lengths[b] = m.shape[1]
+    hist = hmask = None
+    if any(s.history_ids is not None and len(s.history_ids) for s in studies):
+        L = max(len(s.history_ids or ()) for s in studies)
+        hist = torch.zeros(B, L, dtype=torch.long)
+        hmask = torch.zeros(B, L, dtype=torch.bool)
+        for b, s in enumerate(studies):
+            n = len(s.history_ids or ())
+            if n:
+                hist[b, :n] = torch.as_tensor(list(s.history_ids), dtype=torch.long)
+                hmask[b, :n] = True
+    return ModelInputs(slabs, slab_mask, z_mm, zr, mel, present, lengths, hist, hmask)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class Encoded:
+    fused_BFD: torch.Tensor
+    mask_BF: torch.Tensor
+    gates_BM: torch.Tensor  # [B, 3] in MODALITIES order
+    feats_VChw: torch.Tensor | None = None  # image backbone maps (kept for evidence)
+    study_of_row_V: torch.Tensor | None = None
+
+
+@dataclass
+class ModelOutput:
+    losses: dict[str, torch.Tensor]
+    heads: HeadsOutput
+    gates_BM: torch.Tensor
+    logits_BTV: torch.Tensor | None = None
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.losses["loss"]
+
+
+@dataclass
+class ReportPrediction:
+    """One study's inference result."""
+
+    token_ids: list[int]
+    finding_probs: dict[str, float]  # calibrated presence probability per finding
+    side_probs: dict[str, dict[str, float]]
+    location: dict[str, str]  # most likely coarse location per finding
+    gates: dict[str, float]  # modality gate weights (image / audio / history)
+    evidence: dict[str, Evidence] = field(default_factory=dict)  # per finding (those reported)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class ReportModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer  # optional; saved with the checkpoint (not a module)
+        self.image_encoder = ImageEncoder(cfg.image)
+        self.audio_encoder = AudioEncoder(cfg.audio)
+        self.decoder = Decoder(cfg.decoder)
+        self.history_summary = HistorySummary(cfg.fusion.n_history_tokens)
+        d_dec = cfg.decoder.d_model
+        self.fusion = Fusion(cfg.fusion, cfg.image.dim, cfg.audio.dim, d_dec, d_dec)
+        self.heads = FindingHeads(cfg.heads, d_dec)
+
+    @property
+    def finding_names(self) -> tuple[str, ...]:
+        return tuple(self.cfg.heads.finding_names)
+
+    # -- encoding
+    def encode(self, x: ModelInputs, keep_features: bool = False) -> Encoded:
+        B = x.batch_size
+        dev = x.slabs.device
+        feats = rows = None
+        if bool(x.slab_mask.any()):
+            feats = self.image_encoder.backbone_features(x.slabs, x.slab_mask)  # [V, C, h, w]
+            img = self.image_encoder.tokens_from_features(feats, x.slab_mask, x.z_mm)
+            rows = x.slab_mask.nonzero()[:, 0]  # [V] study of each valid slab
+        else:
+            img = self.image_encoder(x.slabs, x.slab_mask, x.z_mm)
+        if x.mel is not None and x.audio_present is not None and bool(x.audio_present.any()):
+            aud = self.audio_encoder(x.mel, x.audio_present, x.audio_lengths)
+        else:
+            aud = (torch.zeros(B, 1, self.cfg.audio.dim, device=dev), torch.zeros(B, 1, dtype=torch.bool, device=dev))
+        if x.history_ids is not None and x.history_ids.shape[1] > 0:
+            hmask = x.history_mask if x.history_mask is not None else torch.ones_like(x.history_ids, dtype=torch.bool)
+            emb = self.decoder.tok_embeddings(x.history_ids)  # [B, L, D_dec]
+            hist = self.history_summary(emb, hmask)  # bounded: [B, n, D_dec]
+        else:
+            d = self.cfg.decoder.d_model
+            hist = (torch.zeros(B, 1, d, device=dev), torch.zeros(B, 1, dtype=torch.bool, device=dev))
+        fused, mask, gates = self.fusion(img, aud, hist)
+        if not keep_features:
+            feats = rows = None
+        return Encoded(fused, mask, gates, feats, rows)
+
+    # -- training
+    def forward(self, x: ModelInputs) -> ModelOutput:
+        enc = self.encode(x)
+        heads = self.heads(enc.fused_BFD, enc.mask_BF)
+        zero = enc.fused_BFD.new_zeros(())
+        losses: dict[str, torch.Tensor] = {}
+        logits = None
+        total = zero
+        if x.labels is not None:
+            hl = heads_loss(heads, x.labels, self.cfg.heads)
+            losses.update(hl)
+            total = total + self.cfg.heads_weight * hl["heads"]
+        if x.ids is not None:
+            out = self.decoder(x.ids, enc.fused_BFD, enc.mask_BF)
+            logits = out.logits
+            losses["aux"] = out.aux_loss
+            total = total + self.cfg.aux_weight * out.aux_loss
+            if x.lm_labels is not None:
+                lm = F.cross_entropy(  # position t predicts token t+1
+                    logits[:, :-1].flatten(0, 1).float(), x.lm_labels[:, 1:].flatten(), ignore_index=-100
+                )
+                losses["lm"] = lm
+                total = total + self.cfg.lm_weight * lm
+        losses["loss"] = total
+        return ModelOutput(losses, heads, enc.gates_BM, logits)
+
+    # -- inference
+    @torch.inference_mode()
+    def predict_findings(self, x: ModelInputs) -> tuple[HeadsOutput, torch.Tensor]:
+        """Heads output and gates [B, 3] (eval mode, no grad)."""
+        was = self.training
+        self.eval()
+        try:
+            enc = self.encode(x)
+            return self.heads(enc.fused_BFD, enc.mask_BF), enc.gates_BM
+        finally:
+            self.train(was)
+
+    def generate_report(
+        self,
+        x: ModelInputs,
+        prefixes: list[list[int]] | None = None,
+        gen: GenerationConfig | None = None,
+        evidence: bool = True,
+        evidence_threshold: float = 0.5,
+        evidence_findings: Sequence[str] | None = None,
+    ) -> list[ReportPrediction]:
+        """Report tokens, calibrated finding probabilities, gates and Grad-CAM evidence per study.
+
+        prefixes: per study ``[BOS] history [REPORT]`` ids; if None they are built from
+        ``x.history_ids`` with the model's tokenizer (whose EOS / section ids also fill ``gen``
+        when it is None).
+        Evidence is computed for ``evidence_findings`` if given, else for every finding whose
+        probability reaches ``evidence_threshold``.
+        """
+        if prefixes is None or gen is None:
+            if self.tokenizer is None:
+                raise ValueError("give prefixes and gen, or attach a tokenizer (model.tokenizer)")
+            tok = self.tokenizer
+            if prefixes is None:
+                prefixes = []
+                for b in range(x.batch_size):
+                    hist = [] if x.history_ids is None else x.history_ids[b][x.history_mask[b]].tolist()
+                    prefixes.append([tok.bos_id] + hist + [tok.report_id])
+            if gen is None:
+                gen = GenerationConfig(eos_id=tok.eos_id, section_ids=list(tok.section_ids), pad_id=tok.pad_id)
+        was = self.training
+        self.eval()
+        try:
+            if evidence and bool(x.slab_mask.any()):
+                with torch.enable_grad():
+                    enc = self.encode(x, keep_features=True)
+                    heads = self.heads(enc.fused_BFD, enc.mask_BF)
+            else:
+                with torch.inference_mode():
+                    enc = self.encode(x)
+                    heads = self.heads(enc.fused_BFD, enc.mask_BF)
+            with torch.inference_mode():
+                ctx, cmask = enc.fused_BFD.detach(), enc.mask_BF
+                token_ids = generate(self.decoder, prefixes, ctx, cmask, gen or GenerationConfig())
+            probs = heads.presence_probs.detach().cpu()
+            side = torch.softmax(heads.side_logits_BK4.detach(), -1).cpu()
+            loc = heads.location_logits_BKL.detach().argmax(-1).cpu()
+            names = self.finding_names
+            preds = []
+            for b in range(x.batch_size):
+                preds.append(ReportPrediction(
+                    token_ids=token_ids[b],
+                    finding_probs={n: float(probs[b, k]) for k, n in enumerate(names)},
+                    side_probs={n: {s: float(side[b, k, i]) for i, s in enumerate(SIDES)} for k, n in enumerate(names)},
+                    location={n: self.cfg.heads.locations[int(loc[b, k])] for k, n in enumerate(names)},
+                    gates={m: float(enc.gates_BM[b, i].detach()) for i, m in enumerate(MODALITIES)},
+                ))
+            if evidence and enc.feats_VChw is not None:
+                wanted = list(evidence_findings) if evidence_findings is not None else [
+                    n for k, n in enumerate(names) if bool((probs[:, k] >= evidence_threshold).any())
+                ]
+                for n in wanted:
+                    k = names.index(n)
+                    ev = self._finding_evidence(enc, heads, k, x)
+                    for b in range(x.batch_size):
+                        if evidence_findings is not None or probs[b, k] >= evidence_threshold:
+                            preds[b].evidence[n] = ev[b]
+            return preds
+        finally:
+            self.train(was)
+
+    def _finding_evidence(self, enc: Encoded, heads: HeadsOutput, k: int, x: ModelInputs) -> list[Evidence]:
+        score = heads.presence_logits_BK[:, k].sum()  # studies independent in eval mode
+        cam = gradcam_maps(enc.feats_VChw, score, enc.study_of_row_V, x.batch_size)
+        return evidence_from_maps(cam, x.slab_mask, tuple(x.slabs.shape[-2:]), x.z_index_range)
+
+    def finding_evidence(self, x: ModelInputs, findings: Sequence[str]) -> dict[str, list[Evidence]]:
+        """Grad-CAM evidence per finding name -> one Evidence per study of the batch."""
+        was = self.training
+        self.eval()
+        try:
+            with torch.enable_grad():
+                enc = self.encode(x, keep_features=True)
+                heads = self.heads(enc.fused_BFD, enc.mask_BF)
+                return {n: self._finding_evidence(enc, heads, self.finding_names.index(n), x) for n in findings}
+        finally:
+            self.train(was)
+
+    def sentence_evidence(self, x: ModelInputs, ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> list[Evidence]:
+        """Grad-CAM evidence for generated sentences of ONE study (batch of 1).
+
+        ids: the full decoder sequence (prefix + generated tokens); spans: [start, stop) token
+        positions of each sentence in ``ids``. A sentence's score is the sum of its tokens'
+        log-probabilities given the image (teacher-forced)."""
+        if x.batch_size != 1:
+            raise ValueError("sentence_evidence takes one study")
+        was = self.training
+        self.eval()
+        try:
+            with torch.enable_grad():
+                enc = self.encode(x, keep_features=True)
+                if enc.feats_VChw is None:
+                    return []
+                ids_1T = torch.as_tensor([list(ids)], dtype=torch.long, device=x.slabs.device)
+                logp = torch.log_softmax(self.decoder(ids_1T, enc.fused_BFD, enc.mask_BF).logits.float(), -1)
+                tok_lp = logp[0, :-1].gather(-1, ids_1T[0, 1:, None])[:, 0]  # [T-1]: log p(ids[t+1])
+                out = []
+                for i, (a, c) in enumerate(spans):
+                    score = tok_lp[max(a - 1, 0): max(c - 1, 0)].sum()
+                    cam = gradcam_maps(enc.feats_VChw, score, enc.study_of_row_V, 1, retain_graph=True)
+                    out.extend(evidence_from_maps(cam, x.slab_mask, tuple(x.slabs.shape[-2:]), x.z_index_range))
+                return out
+        finally:
+            self.train(was)
+
+    # -- checkpoints
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.cfg.to_dict()}
+        (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        # save_model handles the tied embedding / lm_head weights (save_file would refuse them).
+        save_model(self, str(d / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        if tok is not None:
+            tok.save(d / TOKENIZER_DIR)
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "ReportModel":
+        d = Path(directory)
+        cfg = read_config(d)
+        cfg.image.weights_file = cfg.audio.weights_file = None  # the checkpoint carries all weights
+        weights = d / WEIGHTS_FILE
+        _check_safetensors(weights)
+        model = cls(cfg)
+        try:
+            missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+        except RuntimeError as exc:  # shape mismatch: config and weights disagree
+            raise CheckpointError(
+                f"{weights.name} does not match {CONFIG_FILE} in {d} ({str(exc).splitlines()[0][:200]}): "
+                "the two files come from different models; re-export the checkpoint with save_pretrained"
+            ) from None
+        except Exception as exc:  # safetensors' own error: truncated / damaged data
+            raise CheckpointError(f"{weights.name} in {d} could not be read ({exc}); the file is damaged") from None
+        missing, unexpected = sorted(missing), sorted(unexpected)
+        if missing:
+            log.warning("checkpoint %s lacks %d tensors (left at init): %s", d.name, len(missing), ", ".join(missing[:10]))
+        if unexpected:
+            log.warning("checkpoint %s has %d unexpected tensors (ignored): %s", d.name, len(unexpected), ", ".join(unexpected[:10]))
+        if (d / TOKENIZER_DIR).is_dir():
+            from data.tokenizer import ReportTokenizer  # data helper's JSON tokenizer
+
+            model.tokenizer = ReportTokenizer.load(d / TOKENIZER_DIR)
+        return model.to(device).eval()
+
+
+def read_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig of a saved model directory (checks that it is a medreport model)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"model directory {d} not found: give the folder written by save_pretrained / training")
+    path = d / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{d} has no {CONFIG_FILE}: it is not a medreport model directory")
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path.name} in {d} is not valid JSON ({exc}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
+        raise CheckpointError(f"{path.name} in {d} is not a medreport model config (no '\"format\": \"{FORMAT}\"')")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"model format version {meta['format_version']} is newer than this medreport; upgrade it")
+    try:
+        return ModelConfig.from_dict(meta["config"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path.name} in {d} holds an invalid model config: {exc}") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse anything that is not a medreport safetensors file, before parsing tensors."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no {path.name}: the checkpoint is incomplete")
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path.name} is a pickled PyTorch file, not safetensors; medreport never loads pickles. "
+            "Convert it with safetensors.torch.save_model on a trusted machine"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type for a bad header
+        raise CheckpointError(f"{path.name} is not a valid safetensors file ({exc}); the file is damaged or truncated") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path.name} is a safetensors file but not a medreport model (metadata format={meta.get('format')!r})")

@@ -1,0 +1,158 @@
+"""Fusion (missing-modality combinations, gates, bounded history) and finding heads / calibration."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from multimodal.fusion import MODALITIES, Fusion, FusionConfig, HistorySummary
+from multimodal.heads import (FindingHeads, FindingLabels, HeadsConfig, coarse_location,
+                              expected_calibration_error, fit_temperature, heads_loss, labels_to_targets)
+
+D_IMG, D_AUD, D_HIST, D_OUT = 32, 24, 16, 40
+
+
+@pytest.fixture(scope="module")
+def fusion():
+    torch.manual_seed(0)
+    return Fusion(FusionConfig.preset("tiny"), D_IMG, D_AUD, D_HIST, D_OUT).eval()
+
+
+def _mods(B, img, aud, hist, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    def one(n, d, present):
+        return torch.randn(B, n, d, generator=g), torch.full((B, n), present, dtype=torch.bool)
+    return one(12, D_IMG, img), one(5, D_AUD, aud), one(8, D_HIST, hist)
+
+
+@pytest.mark.parametrize("img,aud,hist", list(itertools.product([True, False], repeat=3)))
+def test_every_missing_modality_combination(fusion, img, aud, hist):
+    fused, mask, gates = fusion(*_mods(2, img, aud, hist))
+    assert fused.shape == (2, fusion.cfg.n_fused, D_OUT) and mask.shape == (2, fusion.cfg.n_fused)
+    assert torch.isfinite(fused).all() and mask.all()
+    present = torch.tensor([img, aud, hist])
+    assert torch.all(gates[:, ~present] == 0)  # absent modality: gate exactly 0
+    if present.any():
+        torch.testing.assert_close(gates.sum(1), torch.ones(2))  # present ones renormalise
+    else:
+        assert torch.all(gates == 0)
+
+
+def test_absent_modality_content_is_ignored(fusion):
+    """With audio masked, changing the (masked) audio values changes nothing."""
+    img, aud, hist = _mods(2, True, False, True)
+    out1, _, _ = fusion(img, aud, hist)
+    aud2 = (aud[0] * 100 + 3, aud[1])
+    out2, _, _ = fusion(img, aud2, hist)
+    torch.testing.assert_close(out1, out2)
+
+
+def test_partial_audio_in_batch_and_gates_per_study(fusion):
+    img, (at, am), hist = _mods(2, True, True, True)
+    am = am.clone()
+    am[1] = False  # second study has no dictation
+    _, _, gates = fusion(img, (at, am), hist)
+    assert gates[0, MODALITIES.index("audio")] > 0 and gates[1, MODALITIES.index("audio")] == 0
+
+
+def test_fusion_backward_reaches_every_input(fusion):
+    f = Fusion(FusionConfig.preset("tiny"), D_IMG, D_AUD, D_HIST, D_OUT)
+    (it, im), (at, am), (ht, hm) = _mods(2, True, True, True)
+    for t in (it, at, ht):
+        t.requires_grad_(True)
+    fused, _, gates = f((it, im), (at, am), (ht, hm))
+    (fused.sum() + gates.sum()).backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (it, at, ht))
+
+
+def test_history_summary_is_bounded_and_exact():
+    hs = HistorySummary(4)
+    emb = torch.arange(10, dtype=torch.float32)[None, :, None].repeat(2, 1, 3)  # token i has value i
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    s, m = hs(emb, mask)
+    assert s.shape == (2, 4, 3) and m.all()
+    # 10 tokens in 4 blocks: [0,1,2], [3,4], [5,6,7], [8,9] -> means
+    torch.testing.assert_close(s[0, :, 0], torch.tensor([1.0, 3.5, 6.0, 8.5]))
+    assert float(s[1, :, 0].max()) <= 5.0  # padding never leaks in
+    long = torch.randn(1, 100_000, 8)
+    s2, m2 = hs(long, torch.ones(1, 100_000, dtype=torch.bool))
+    assert s2.shape == (1, 4, 8)  # bounded however long the record
+    short, ms = hs(torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool))
+    assert ms.sum() == 2  # fewer tokens than blocks: empty blocks are masked
+
+
+def test_heads_shapes_and_loss_ignores_unknown():
+    torch.manual_seed(0)
+    cfg = HeadsConfig()
+    heads = FindingHeads(cfg, 32)
+    K, L = cfg.num_findings, len(cfg.locations)
+    out = heads(torch.randn(3, 6, 32), torch.ones(3, 6, dtype=torch.bool))
+    assert out.presence_logits_BK.shape == (3, K)
+    assert out.side_logits_BK4.shape == (3, K, 4) and out.location_logits_BKL.shape == (3, K, L)
+    assert ((out.presence_probs > 0) & (out.presence_probs < 1)).all()
+    unknown = FindingLabels(torch.full((3, K), -1.0))
+    assert heads_loss(out, unknown, cfg)["heads"] == 0
+    labels = FindingLabels(torch.zeros(3, K), torch.full((3, K), -100), torch.full((3, K), -100))
+    labels.side_BK[0, 0] = 2
+    labels.location_BK[0, 0] = 1
+    losses = heads_loss(out, labels, cfg)
+    assert losses["presence"] > 0 and losses["side"] > 0 and losses["location"] > 0
+    losses["heads"].backward()
+    assert heads.presence.weight.grad is not None
+
+
+def test_coarse_location():
+    assert coarse_location("T3") == "upper thoracic spine"
+    assert coarse_location("T11") == "lower thoracic spine"
+    assert coarse_location("L2") == "lumbar spine"
+    assert coarse_location("right upper lobe") == "right upper lobe"
+    assert coarse_location(None) == "unspecified"
+
+
+def test_temperature_scaling_reduces_ece():
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 2, 20_000)
+    labels = (rng.random(true_logit.shape) < 1 / (1 + np.exp(-true_logit))).astype(np.float32)
+    over = true_logit * 3.0  # over-confident model
+    t = fit_temperature(over, labels)
+    assert 2.5 < t < 3.5
+    before = expected_calibration_error(1 / (1 + np.exp(-over)), labels)
+    after = expected_calibration_error(1 / (1 + np.exp(-over / t)), labels)
+    assert after < before / 3
+    under = true_logit / 2.0  # under-confident: T < 1
+    assert fit_temperature(under, labels) < 0.7
+    # unknown labels (-1) are ignored
+    lab2 = labels.copy()
+    lab2[:100] = -1
+    assert abs(fit_temperature(over, lab2) - t) < 0.2
+
+
+def test_stored_temperature_calibrates_probs():
+    heads = FindingHeads(HeadsConfig(), 16)
+    x = torch.randn(2, 4, 16)
+    m = torch.ones(2, 4, dtype=torch.bool)
+    p1 = heads(x, m).presence_probs
+    heads.temperature.fill_(4.0)
+    p4 = heads(x, m).presence_probs
+    assert ((p4 - 0.5).abs() <= (p1 - 0.5).abs() + 1e-6).all()
+
+
+def test_labels_to_targets():
+    cfg = HeadsConfig()
+    names = list(cfg.finding_names)
+    t = labels_to_targets([
+        [{"finding": "nodule", "present": True, "side": "left", "location": "left upper lobe"},
+         {"finding": "pneumothorax", "present": None},
+         {"finding": "fracture", "present": True, "side": None, "location": "L1"},
+         {"finding": "not_a_finding", "present": True}],
+        [],
+    ], cfg)
+    n, p, f = names.index("nodule"), names.index("pneumothorax"), names.index("fracture")
+    assert t.present_BK[0, n] == 1 and t.present_BK[0, p] == -1 and t.present_BK[1].sum() == 0
+    assert t.side_BK[0, n] == 1 and t.side_BK[0, f] == 0 and t.side_BK[1].max() == -100
+    assert cfg.locations[int(t.location_BK[0, n])] == "left upper lobe"
+    assert cfg.locations[int(t.location_BK[0, f])] == "lumbar spine"
+    assert labels_to_targets([[]], cfg, unlisted_as_absent=False).present_BK.min() == -1

@@ -1,0 +1,220 @@
+"""ReportModel: shapes through every path, missing modalities, generation, evidence, checkpoints."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from core.generate import GenerationConfig
+from data.errors import MedreportError
+from multimodal.heads import FindingLabels
+from multimodal.model import CheckpointError, ReportModel, StudyInputs, collate, read_config
+from multimodal.presets import PRESETS, ModelConfig
+
+V = 96
+
+
+def _study(rng, n_slabs=3, audio=True, history=True, T=80):
+    return StudyInputs(
+        pixels=rng.random((n_slabs, 3, 64, 64), dtype=np.float32),
+        z_mm=np.arange(n_slabs) * 5.0,
+        z_index_range=np.stack([np.arange(n_slabs) * 2, np.arange(n_slabs) * 2 + 2], 1),
+        mel=rng.standard_normal((1, 32, T)).astype(np.float32) if audio else None,
+        history_ids=list(rng.integers(5, V, 30)) if history else None,
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ReportModel(ModelConfig.preset("tiny", vocab_size=V)).eval()
+
+
+def _with_targets(x, T=24):
+    B = x.batch_size
+    x.ids = torch.randint(4, V, (B, T))
+    x.lm_labels = x.ids.clone()
+    x.lm_labels[:, : T // 2] = -100  # history prefix is not predicted
+    return x
+
+
+def test_training_forward_backward(model):
+    rng = np.random.default_rng(0)
+    m = ReportModel(ModelConfig.preset("tiny", vocab_size=V))
+    x = _with_targets(collate([_study(rng), _study(rng, n_slabs=1, audio=False, T=50)]))
+    K = len(m.finding_names)
+    x.labels = FindingLabels(torch.randint(0, 2, (2, K)).float())
+    out = m(x)
+    assert out.logits_BTV.shape == (2, 24, V)
+    assert out.heads.presence_logits_BK.shape == (2, K)
+    assert out.gates_BM.shape == (2, 3)
+    for k in ("loss", "lm", "heads", "aux"):
+        assert torch.isfinite(out.losses[k]), k
+    out.loss.backward()
+    for name in ("image_encoder.backbone.conv1.weight", "audio_encoder.backbone.conv1.weight",
+                 "fusion.pool_queries", "decoder.tok_embeddings.weight", "heads.presence.weight"):
+        g = dict(m.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("audio,history,n_slabs", [
+    (True, True, 3), (False, True, 3), (True, False, 3), (False, False, 3),
+    (False, False, 1),  # radiograph only
+    (True, True, 1),
+])
+def test_missing_modality_combinations(model, audio, history, n_slabs):
+    rng = np.random.default_rng(1)
+    x = collate([_study(rng, n_slabs, audio, history)])
+    heads, gates = model.predict_findings(x)
+    assert torch.isfinite(heads.presence_logits_BK).all()
+    assert (gates[0, 1] > 0) == audio and (gates[0, 2] > 0) == history and gates[0, 0] > 0
+    torch.testing.assert_close(gates.sum(1), torch.ones(1))
+
+
+def test_mixed_batch_matches_single_studies(model):
+    rng = np.random.default_rng(2)
+    a, b = _study(rng, 3, True, True), _study(rng, 1, False, False, T=40)
+    batch, _ = model.predict_findings(collate([a, b]))
+    sa, _ = model.predict_findings(collate([a]))
+    sb, _ = model.predict_findings(collate([b]))
+    torch.testing.assert_close(batch.presence_logits_BK[0], sa.presence_logits_BK[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch.presence_logits_BK[1], sb.presence_logits_BK[0], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_report_with_evidence(model):
+    rng = np.random.default_rng(3)
+    x = collate([_study(rng), _study(rng, 2, audio=False)])
+    preds = model.generate_report(x, [[1, 5, 6, 2], [1, 2]], GenerationConfig(max_new_tokens=6, eos_id=3),
+                                  evidence_findings=["nodule", "pleural_effusion"])
+    assert len(preds) == 2
+    p = preds[0]
+    assert 1 <= len(p.token_ids) <= 6
+    assert set(p.finding_probs) == set(model.finding_names)
+    assert all(0 < v < 1 for v in p.finding_probs.values())
+    assert abs(sum(p.side_probs["nodule"].values()) - 1) < 1e-5
+    assert set(p.gates) == {"image", "audio", "history"} and preds[1].gates["audio"] == 0
+    ev = p.evidence["nodule"]
+    assert ev.heatmap_SHW.shape == (3, 64, 64) and ev.heatmap_SHW.dtype == np.float32
+    assert 0 <= ev.heatmap_SHW.min() and ev.heatmap_SHW.max() <= 1
+    assert preds[1].evidence["nodule"].heatmap_SHW[2:].max() == 0  # padded slab stays cold
+    for s, z in zip(ev.key_slabs, ev.key_slices):
+        lo, hi = x.z_index_range[0, s].tolist()
+        assert lo <= z < hi
+    assert not any(prm.grad is not None for prm in model.parameters())  # evidence never touches .grad
+
+
+def test_sentence_evidence(model):
+    rng = np.random.default_rng(4)
+    x = collate([_study(rng)])
+    ids = [1, 5, 6, 2, 10, 11, 12, 13, 14, 15]
+    ev = model.sentence_evidence(x, ids, [(4, 7), (7, 10)])
+    assert len(ev) == 2 and ev[0].heatmap_SHW.shape == (3, 64, 64)
+    assert not np.allclose(ev[0].heatmap_SHW, ev[1].heatmap_SHW)
+
+
+def test_save_load_identical_outputs(model, tmp_path, caplog):
+    rng = np.random.default_rng(5)
+    model.heads.temperature.fill_(1.7)
+    x = _with_targets(collate([_study(rng), _study(rng, 1, False, True)]))
+    d = model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
+    with caplog.at_level(logging.WARNING):
+        loaded = ReportModel.from_pretrained(d)
+    assert "lacks" not in caplog.text and "unexpected" not in caplog.text
+    with torch.inference_mode():
+        o1, o2 = model(x), loaded(x)
+    torch.testing.assert_close(o1.logits_BTV, o2.logits_BTV, rtol=0, atol=0)
+    torch.testing.assert_close(o1.heads.presence_probs, o2.heads.presence_probs, rtol=0, atol=0)
+    assert float(loaded.heads.temperature) == pytest.approx(1.7)
+    assert loaded.finding_names == model.finding_names  # self-describing
+    model.heads.temperature.fill_(1.0)
+
+
+def test_tokenizer_saved_loaded_and_used_for_prefixes(tmp_path):
+    from data.tokenizer import ReportTokenizer
+
+    texts = ["no focal consolidation. small left pleural effusion.", "history of smoking and cough"] * 20
+    tok = ReportTokenizer.train(texts, vocab_size=300, min_frequency=1)
+    torch.manual_seed(0)
+    m = ReportModel(ModelConfig.preset("tiny", vocab_size=tok.vocab_size), tokenizer=tok).eval()
+    d = m.save_pretrained(tmp_path / "m")
+    loaded = ReportModel.from_pretrained(d)
+    assert loaded.tokenizer is not None and loaded.tokenizer.vocab_size == tok.vocab_size
+    assert loaded.tokenizer.encode("pleural effusion") == tok.encode("pleural effusion")
+    rng = np.random.default_rng(6)
+    st = _study(rng, history=False)
+    st.history_ids = tok.encode("history of cough")
+    x = collate([st])
+    gen = GenerationConfig(max_new_tokens=8, eos_id=tok.eos_id, section_ids=list(tok.section_ids), pad_id=tok.pad_id)
+    p1 = m.generate_report(x, None, gen, evidence=False)[0]  # prefix built from the tokenizer
+    p2 = m.generate_report(x, [[tok.bos_id] + list(st.history_ids) + [tok.report_id]], gen, evidence=False)[0]
+    assert p1.token_ids == p2.token_ids and len(p1.token_ids) > 0
+    assert p1.evidence == {}
+
+
+def test_missing_and_unexpected_keys_are_logged(model, tmp_path, caplog):
+    from safetensors.torch import load_file
+    d = model.save_pretrained(tmp_path / "m")
+    sd = load_file(str(d / "model.safetensors"))
+    sd.pop("heads.presence.bias")
+    sd["extra.weight"] = torch.zeros(2)
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "medreport-model", "format_version": "1"})
+    with caplog.at_level(logging.WARNING):
+        ReportModel.from_pretrained(d)
+    assert "heads.presence.bias" in caplog.text and "extra.weight" in caplog.text
+
+
+def test_checkpoint_refusals(model, tmp_path):
+    d = model.save_pretrained(tmp_path / "m")
+    w = d / "model.safetensors"
+    good = w.read_bytes()
+    with pytest.raises(CheckpointError, match="not found"):
+        ReportModel.from_pretrained(tmp_path / "nope")
+    # a pickle / torch.save zip under the right name
+    torch.save({"x": torch.zeros(1)}, str(w))
+    with pytest.raises(CheckpointError, match="pickled"):
+        ReportModel.from_pretrained(d)
+    w.write_bytes(b"\x80\x04\x95 pickle bytes")
+    with pytest.raises(CheckpointError, match="pickled"):
+        ReportModel.from_pretrained(d)
+    w.write_bytes(b"garbage that is no safetensors header at all")
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        ReportModel.from_pretrained(d)
+    w.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(CheckpointError):
+        ReportModel.from_pretrained(d)
+    save_file({"a": torch.zeros(1)}, str(w))  # safetensors, but not ours
+    with pytest.raises(CheckpointError, match="not a medreport model"):
+        ReportModel.from_pretrained(d)
+    w.write_bytes(good)
+    cfg = d / "config.json"
+    text = cfg.read_text()
+    cfg.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        ReportModel.from_pretrained(d)
+    cfg.write_text(json.dumps({"format": "something-else", "config": {}}))
+    with pytest.raises(CheckpointError, match="not a medreport model config"):
+        read_config(d)
+    meta = json.loads(text)
+    meta["config"]["fusion"]["dim"] = 32  # config disagrees with the weights
+    cfg.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do(es)? not match"):
+        ReportModel.from_pretrained(d)
+    assert issubclass(CheckpointError, MedreportError)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_configs_roundtrip(name):
+    cfg = ModelConfig.preset(name, vocab_size=500)
+    again = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert cfg.decoder.d_model > 0 and cfg.heads.num_findings > 0
+
+
+def test_unknown_preset():
+    with pytest.raises(KeyError, match="tiny"):
+        ModelConfig.preset("huge")
