@@ -91,7 +91,8 @@ def read_reports(path: str | Path) -> dict[str, str]:
     for f in sorted(p.glob("*.txt")):
         out[f.stem] = f.read_text(encoding="utf-8")
     for d in sorted(x for x in p.iterdir() if x.is_dir()):
-        for name in ("report.txt", "report.json", "reference.txt", "reference.json"):
+        # report.json first: report.txt carries the notice banner and findings table around the report.
+        for name in ("report.json", "report.txt", "reference.json", "reference.txt"):
             f = d / name
             if f.is_file():
                 out[d.name] = f.read_text(encoding="utf-8") if f.suffix == ".txt" else _report_text(json.loads(f.read_text(encoding="utf-8")))

@@ -1,0 +1,78 @@
+"""`medreport generate INPUT --out DIR`: reports for a manifest or a folder of study folders."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from data.errors import MedreportError
+
+NAME = "generate"
+HELP = "generate reports for a manifest (JSONL) or a folder of study folders (resumable, shardable with torchrun)"
+DEFAULT_MODEL = Path("models") / "demo"
+
+
+class ModelNotFoundError(MedreportError):
+    """No model directory was given and the default one does not exist."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", type=Path, help="manifest .jsonl (paths relative to it) or a folder of study folders")
+    p.add_argument("--out", required=True, type=Path, help="output folder: OUT/<id>/report.{txt,json,...}, summary.json, predictions.jsonl")
+    p.add_argument("--model", type=Path, default=None, help=f"model directory (default: {DEFAULT_MODEL} if it exists)")
+    p.add_argument("--formats", default="txt,json", help="comma list of txt,json,fhir,sr (json is always written)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N studies of the input")
+    p.add_argument("--quantize", action="store_true", help="int8 dynamic quantization of the decoder's Linear layers")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="report length cap in tokens")
+    p.add_argument("--max-history-tokens", type=int, default=None, help="history budget (default 100000; longer records keep the newest)")
+    p.add_argument("--no-evidence", action="store_true", help="skip Grad-CAM key slices (faster)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def resolve_model_dir(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    repo_default = Path(__file__).resolve().parents[2] / DEFAULT_MODEL
+    for cand in (DEFAULT_MODEL, repo_default):
+        if cand.is_dir():
+            return cand
+    raise ModelNotFoundError(f"no model given and {DEFAULT_MODEL} does not exist: run `make demo-model` "
+                             "to train the demo model, or pass --model DIR")
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    from app.export import FORMATS
+
+    wanted = [f.strip().lower() for f in text.split(",") if f.strip()]
+    bad = [f for f in wanted if f not in FORMATS]
+    if bad:
+        raise MedreportError(f"unknown format(s) {', '.join(bad)}: choose from {', '.join(FORMATS)}")
+    return tuple(dict.fromkeys(wanted + ["json"]))  # report.json marks a study as done
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from app.batch import rank_from_env, read_batch_input, run_batch
+    from app.pipeline import PipelineConfig, ReportPipeline
+
+    formats = parse_formats(args.formats)
+    items = read_batch_input(args.input)
+    model_dir = resolve_model_dir(args.model)
+    cfg = PipelineConfig(quantize=args.quantize, evidence=not args.no_evidence)
+    if args.max_new_tokens is not None:
+        cfg = dataclasses.replace(cfg, max_new_tokens=args.max_new_tokens)
+    if args.max_history_tokens is not None:
+        cfg = dataclasses.replace(cfg, max_history_tokens=args.max_history_tokens)
+    pipe = ReportPipeline.from_dir(model_dir, cfg)
+    rank, world = rank_from_env()
+    s = run_batch(pipe, items, args.out, formats, limit=args.limit, rank=rank, world_size=world,
+                  show_progress=not args.no_progress)
+    if rank == 0:
+        mean = f"{s.mean_seconds_per_study:.2f} s/study" if s.mean_seconds_per_study is not None else "-"
+        print(f"{s.total} studies: {s.done} done, {s.skipped} skipped (already done), {s.failed} failed; {mean}")
+        for f in s.failures[:20]:
+            print(f"  failed {f['id']}: {f['error']}")
+        if len(s.failures) > 20:
+            print(f"  ... {len(s.failures) - 20} more in {args.out / 'summary.json'}")
+        print(f"wrote {args.out / 'summary.json'} and {args.out / 'predictions.jsonl'}")
+    return 0 if s.failed == 0 else 1

@@ -1,0 +1,391 @@
+"""The one path a study travels at inference: files -> ``Study`` -> model inputs -> ``Report``.
+
+    pipe = ReportPipeline.from_dir("models/demo")            # model + tokenizer loaded once
+    report = pipe.run("examples/studies/syn00000")           # folder: companions found by name
+    report = pipe.run(files, history_text=..., audio_path=..., progress=lambda stage, f: ...)
+
+Stages (named in ``progress(stage, fraction)`` calls and in ``provenance.timings_s``):
+``loading`` (study, slabs, dictation log-mel, history tokens), ``encoding`` (image/audio/history
+encoders, fusion, finding heads), ``generating`` (decoder), ``evidence`` (Grad-CAM key slices).
+
+History policy: a record longer than ``PipelineConfig.max_history_tokens`` (100,000 by default,
+the decoder's budget in contracts.md) keeps its **most recent** tokens: records are
+chronological and the newest notes matter most. The report states how many tokens were cut.
+
+Runs on CPU in fp32; ``quantize=True`` swaps the decoder's Linear layers (except the MoE
+router, whose argmax decides routing) for int8 dynamic-quantized ones
+(``torch.ao.quantization.quantize_dynamic``). Nothing here logs patient data, paths or UIDs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from app import __version__
+from app.report import PRESENT_THRESHOLD, UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
+from core.generate import GenerationConfig, generate
+from data.errors import AudioError, HistoryError, MedreportError
+from data.study import COMPANION_SUFFIXES, Study, StudyFiles, find_study_files, load_study
+from multimodal.fusion import MODALITIES
+from multimodal.model import WEIGHTS_FILE, ReportModel, StudyInputs, collate
+
+log = logging.getLogger(__name__)
+
+STAGES = ("loading", "encoding", "generating", "evidence")
+_STAGE_SPAN = {"loading": (0.0, 0.2), "encoding": (0.2, 0.35), "generating": (0.35, 0.8), "evidence": (0.8, 1.0)}
+# SOP classes of the images a key slice points at (the Study does not keep the class; by modality).
+SOP_CLASS_BY_MODALITY = {
+    "CT": "1.2.840.10008.5.1.4.1.1.2",
+    "MR": "1.2.840.10008.5.1.4.1.1.4",
+    "CR": "1.2.840.10008.5.1.4.1.1.1",
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+    "PT": "1.2.840.10008.5.1.4.1.1.128",
+}
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+
+Progress = Callable[[str, float], None]
+
+
+class PipelineError(MedreportError):
+    """The pipeline was given something it cannot run on."""
+
+
+@dataclass
+class PipelineConfig:
+    max_history_tokens: int = 100_000  # longer records keep their most recent tokens
+    max_new_tokens: int = 320
+    strategy: str = "greedy"  # core.generate: "greedy" | "beam" | "sample"
+    num_beams: int = 4
+    no_repeat_ngram_size: int = 0
+    seed: int | None = 0
+    evidence: bool = True
+    evidence_threshold: float = UNCERTAIN_BAND[0]  # Grad-CAM for findings at or above (present + uncertain)
+    max_evidence_findings: int = 5  # the most probable ones; each costs one backward pass
+    n_key_slices: int = 3
+    quantize: bool = False  # int8 dynamic quantization of the decoder's Linear layers
+
+    def generation(self, tokenizer) -> GenerationConfig:
+        return GenerationConfig(
+            max_new_tokens=self.max_new_tokens, eos_id=tokenizer.eos_id, strategy=self.strategy,
+            num_beams=self.num_beams, no_repeat_ngram_size=self.no_repeat_ngram_size,
+            section_ids=list(tokenizer.section_ids), seed=self.seed, pad_id=tokenizer.pad_id,
+        )
+
+
+@dataclass
+class StudyParts:
+    """A study given as parts (batch manifests, the UI): images plus optional companions."""
+
+    images: str | Path | Sequence[str | Path] | Study
+    history_path: str | Path | None = None
+    history_text: str | None = None
+    audio_path: str | Path | None = None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def quantize_decoder(model: ReportModel) -> ReportModel:
+    """int8 dynamic quantization of the decoder's Linear layers (router kept fp32), in place."""
+    with warnings.catch_warnings():  # torch.ao.quantization warns that it moves to torchao (not installed here)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    spec = {name: default_dynamic_qconfig for name, m in model.decoder.named_modules()
+            if isinstance(m, nn.Linear) and not name.endswith("router")}
+    with warnings.catch_warnings():  # deprecation notices of torch.ao (still supported in this torch)
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model.decoder = quantize_dynamic(model.decoder, spec, dtype=torch.qint8)
+    return model
+
+
+def truncate_history(ids: list[int], limit: int) -> tuple[list[int], int]:
+    """Keep the most recent ``limit`` tokens; returns (kept ids, number cut from the start)."""
+    if limit < 0:
+        raise ValueError("max_history_tokens must be >= 0")
+    cut = max(0, len(ids) - limit)
+    return (ids[cut:] if cut else ids), cut
+
+
+class ReportPipeline:
+    """A loaded model + tokenizer and the code that turns one study into a ``Report``."""
+
+    def __init__(self, model: ReportModel, tokenizer=None, config: PipelineConfig | None = None,
+                 model_name: str = "model", checkpoint_sha256: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        if self.tokenizer is None:
+            raise PipelineError("the model has no tokenizer: save it with save_pretrained(dir, tokenizer)")
+        self.config = config or PipelineConfig()
+        self.model_name = model_name
+        self.checkpoint_sha256 = checkpoint_sha256
+        if self.config.quantize:
+            quantize_decoder(self.model)
+        cfg = model.cfg
+        self.n_slabs = cfg.image.max_slabs
+        self.size_hw = (cfg.image.image_size, cfg.image.image_size)
+        self.audio_config = _audio_config(cfg)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, config: PipelineConfig | None = None, quantize: bool | None = None) -> "ReportPipeline":
+        """Load a ``save_pretrained`` directory once (CPU, fp32)."""
+        d = Path(model_dir)
+        model = ReportModel.from_pretrained(d, device="cpu")
+        model.float()
+        config = config or PipelineConfig()
+        if quantize is not None:
+            config = dataclasses.replace(config, quantize=quantize)
+        return cls(model, model.tokenizer, config, model_name=d.resolve().name, checkpoint_sha256=sha256_file(d / WEIGHTS_FILE))
+
+    # ------------------------------------------------------------------------------ inputs
+    def _resolve(self, source, history_text, history_path, audio_path) -> tuple[Study, str | None, str | None, Path | None, list[str]]:
+        """(study, history text, history source kind, audio path, warnings)."""
+        from data.history import read_history
+
+        warnings: list[str] = []
+        companion_history = companion_audio = None
+        if isinstance(source, StudyParts):
+            history_text = history_text if history_text is not None else source.history_text
+            history_path = history_path or source.history_path
+            audio_path = audio_path or source.audio_path
+            source = source.images
+        if isinstance(source, Study):
+            study = source
+        elif isinstance(source, StudyFiles):
+            if not source.images:
+                raise PipelineError("the study has no image files")
+            study = load_study(source.images)
+            companion_history, companion_audio = source.history, source.dictation
+        elif isinstance(source, (list, tuple)):
+            paths = [Path(p) for p in source]
+            for p in paths:
+                stem, suf = p.name.lower().rsplit(".", 1)[0] if "." in p.name else p.name.lower(), p.suffix.lower()
+                if stem == "history" and suf in COMPANION_SUFFIXES["history"]:
+                    companion_history = companion_history or p
+                elif stem == "dictation" and suf in COMPANION_SUFFIXES["dictation"]:
+                    companion_audio = companion_audio or p
+            study = load_study(paths)
+        else:
+            path = Path(source)
+            study = load_study(path)
+            if path.is_dir():
+                sf = find_study_files(path)
+                companion_history, companion_audio = sf.history, sf.dictation
+        history_kind = None
+        text = None
+        if history_text is not None and history_text.strip():
+            text, history_kind = history_text, "text"
+        else:
+            hp = history_path or companion_history
+            if hp is not None:
+                try:
+                    text, history_kind = read_history(hp), "file"
+                except HistoryError as exc:
+                    warnings.append(f"history not used: {exc}")
+        return study, text, history_kind, (Path(audio_path) if audio_path else companion_audio), warnings
+
+    def prepare(self, study: Study, history: str | None, audio: Path | None, warnings: list[str]) -> tuple[StudyInputs, dict, dict]:
+        """Model inputs of one study + what the report says about history and audio."""
+        from data.audio import load_audio, log_mel
+        from data.preprocess import make_slabs
+
+        slabs = make_slabs(study, self.n_slabs, self.size_hw)
+        mel, audio_info = None, {"given": False}
+        if audio is not None:
+            ac = self.audio_config
+            try:
+                wave = load_audio(audio, ac.sample_rate, ac.max_seconds)
+                mel = log_mel(wave, ac)
+                audio_info = {"given": True, "seconds": round(len(wave) / ac.sample_rate, 2), "frames": int(mel.shape[-1])}
+            except AudioError as exc:
+                warnings.append(f"dictation not used: {exc}")
+                audio_info = {"given": False, "error": str(exc)}
+        limit = self.config.max_history_tokens
+        hist_info: dict = {"given": False, "limit": limit, "message": "no patient history was given"}
+        ids = None
+        if history:
+            all_ids = self.tokenizer.encode(history)
+            ids, cut = truncate_history(all_ids, limit)
+            hist_info = {
+                "given": True, "tokens_total": len(all_ids), "tokens_used": len(ids), "tokens_cut": cut,
+                "truncated": cut > 0, "limit": limit, "policy": "keep the most recent tokens",
+                "message": (f"{len(all_ids):,} tokens; the oldest {cut:,} were cut to fit the model's limit of "
+                            f"{limit:,} tokens (the most recent {len(ids):,} were read)") if cut else
+                           f"{len(all_ids):,} tokens, all read (limit {limit:,})",
+            }
+            if cut:
+                warnings.append(f"patient history truncated: {hist_info['message']}")
+            ids = ids or None
+        inputs = StudyInputs(pixels=slabs.pixels, z_mm=slabs.z_mm, z_index_range=slabs.z_index_range, mel=mel, history_ids=ids)
+        return inputs, hist_info, audio_info
+
+    # ------------------------------------------------------------------------------ run
+    def run(self, source, history_text: str | None = None, history_path: str | Path | None = None,
+            audio_path: str | Path | None = None, progress: Progress | None = None) -> Report:
+        """Report of one study. ``source``: a study folder (companions found by name), a file, a
+        list of files, a ``StudyFiles``, a ``StudyParts`` or a loaded ``Study``. Explicit
+        ``history_text`` / ``history_path`` / ``audio_path`` take precedence over companions."""
+        cfg, model, tok = self.config, self.model, self.tokenizer
+        timings: dict[str, float] = {}
+        notify = progress or (lambda stage, fraction: None)
+
+        def stage(name: str, t0: float) -> None:
+            timings[name] = round(time.perf_counter() - t0, 4)
+            notify(name, _STAGE_SPAN[name][1])
+
+        t0 = time.perf_counter()
+        notify("loading", 0.0)
+        study, history, history_kind, audio, warnings = self._resolve(source, history_text, history_path, audio_path)
+        inputs, hist_info, audio_info = self.prepare(study, history, audio, warnings)
+        if history_kind:
+            hist_info["source"] = history_kind
+        x = collate([inputs])
+        prefix = [tok.bos_id] + list(inputs.history_ids or ()) + [tok.report_id]
+        stage("loading", t0)
+
+        t0 = time.perf_counter()
+        notify("encoding", _STAGE_SPAN["encoding"][0])
+        with torch.inference_mode():
+            enc = model.encode(x)
+            heads = model.heads(enc.fused_BFD, enc.mask_BF)
+            probs = heads.presence_probs[0].float().cpu().numpy()
+            side = torch.softmax(heads.side_logits_BK4[0].float(), -1).cpu().numpy()
+            loc = heads.location_logits_BKL[0].argmax(-1).cpu().numpy()
+            gates = {m: float(g) for m, g in zip(MODALITIES, enc.gates_BM[0].float().cpu())}
+        stage("encoding", t0)
+
+        t0 = time.perf_counter()
+        notify("generating", _STAGE_SPAN["generating"][0])
+        with torch.inference_mode():
+            token_ids = generate(model.decoder, [prefix], enc.fused_BFD, enc.mask_BF, cfg.generation(tok))[0]
+        sections = tok.decode_report(token_ids)
+        stage("generating", t0)
+
+        t0 = time.perf_counter()
+        notify("evidence", _STAGE_SPAN["evidence"][0])
+        findings = self._findings(probs, side, loc)
+        evidence = {}
+        if cfg.evidence and cfg.max_evidence_findings > 0:
+            order = np.argsort(-probs, kind="stable")
+            wanted = [model.finding_names[k] for k in order if probs[k] >= cfg.evidence_threshold][: cfg.max_evidence_findings]
+            if wanted:
+                evidence = {n: ev[0] for n, ev in model.finding_evidence(x, wanted).items()}
+        sop_uids = study.sop_uids if study.source_format.startswith("dicom") else None
+        for row in findings:
+            ev = evidence.get(row.name)
+            if ev is None:
+                continue
+            for slab, z in list(zip(ev.key_slabs, ev.key_slices))[: cfg.n_key_slices]:
+                z = int(min(max(z, 0), study.shape[0] - 1))
+                uid = sop_uids[z] if sop_uids is not None and z < len(sop_uids) else None
+                row.key_slices.append(KeySlice(z=z, slab=int(slab), score=float(ev.slab_scores[slab]), sop_instance_uid=uid))
+        stage("evidence", t0)
+
+        from data.report_format import format_report
+
+        report = Report(
+            sections=sections,
+            findings=findings,
+            gates=gates,
+            history=hist_info,
+            audio=audio_info,
+            consistency=consistency(format_report(sections), findings),
+            provenance=self._provenance(study, inputs, timings, len(token_ids)),
+            source=_source(study),
+            warnings=list(study.warnings) + warnings,
+            heatmaps={n: ev.heatmap_SHW for n, ev in evidence.items()},
+            slab_z_ranges=np.asarray(inputs.z_index_range),
+        )
+        log.info("report generated in %.2f s (%s)", sum(timings.values()),
+                 ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+        return report
+
+    # ------------------------------------------------------------------------------ pieces
+    def _findings(self, probs: np.ndarray, side: np.ndarray, loc: np.ndarray) -> list[FindingRow]:
+        from data.vocab import BY_NAME
+        from multimodal.heads import SIDES
+
+        hc = self.model.cfg.heads
+        rows = []
+        for k, name in enumerate(self.model.finding_names):
+            p = float(probs[k])
+            fd = BY_NAME.get(name)
+            s = int(np.argmax(side[k]))
+            allowed = fd.sides if fd is not None else SIDES[1:]
+            side_name = SIDES[s] if SIDES[s] != "none" and SIDES[s] in allowed else None
+            location = hc.locations[int(loc[k])]
+            if fd is not None and not fd.locations:  # the finding has no location in the vocabulary
+                location = "unspecified"
+            rows.append(FindingRow(
+                name=name, display=fd.display if fd is not None else name.replace("_", " ").capitalize(),
+                probability=p, present=p >= PRESENT_THRESHOLD, uncertain=UNCERTAIN_BAND[0] <= p <= UNCERTAIN_BAND[1],
+                side=side_name, side_probability=float(side[k, s]) if side_name else None,
+                location=None if location == "unspecified" else location,
+            ))
+        return rows
+
+    def _provenance(self, study: Study, inputs: StudyInputs, timings: dict, n_tokens: int) -> dict:
+        cfg = self.config
+        return {
+            "model": {"name": self.model_name, "preset": self.model.cfg.name, "checkpoint_sha256": self.checkpoint_sha256,
+                      "quantized_int8_decoder": cfg.quantize, "device": "cpu", "dtype": "float32"},
+            "medreport_version": __version__,
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "generation": {"strategy": cfg.strategy, "max_new_tokens": cfg.max_new_tokens, "tokens_generated": n_tokens,
+                           "num_beams": cfg.num_beams if cfg.strategy == "beam" else None,
+                           "no_repeat_ngram_size": cfg.no_repeat_ngram_size},
+            "timings_s": dict(timings),
+            "input": {  # no paths, UIDs or patient facts
+                "source_format": study.source_format, "kind": study.kind, "modality": study.modality,
+                "shape_zyx": list(study.shape), "spacing_mm": [round(float(s), 3) for s in study.spacing_mm],
+                "slabs": int(inputs.pixels.shape[0]), "slab_size": list(inputs.pixels.shape[-2:]),
+                "dictation": inputs.mel is not None, "history_tokens": len(inputs.history_ids or ()),
+            },
+        }
+
+
+def _audio_config(cfg):
+    """The log-mel front end matching the model's audio encoder (mel bins, hop)."""
+    from data.audio import AudioConfig
+
+    try:
+        ac = AudioConfig.preset(cfg.name)
+    except KeyError:
+        ac = AudioConfig()
+    hop = int(round(cfg.audio.hop_s * ac.sample_rate))
+    return dataclasses.replace(ac, n_mels=cfg.audio.n_mels, hop_length=hop or ac.hop_length)
+
+
+def _source(study: Study) -> dict:
+    """What exports need to reference the source (UIDs: written to outputs, never logged)."""
+    sop_class = SOP_CLASS_BY_MODALITY.get(study.modality)
+    if study.source_format == "dicom-multiframe" and study.modality == "CT":
+        sop_class = ENHANCED_CT
+    return {
+        "study_instance_uid": study.study_uid,
+        "series_instance_uid": study.series_uid,
+        "sop_class_uid": sop_class if study.source_format.startswith("dicom") else None,
+        "modality": study.modality,
+        "kind": study.kind,
+        "source_format": study.source_format,
+        "n_slices": study.shape[0],
+        "series_description": study.series_description,
+        "study_description": study.metadata.get("study_description"),
+    }

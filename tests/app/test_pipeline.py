@@ -1,0 +1,177 @@
+"""ReportPipeline on every kind of input: DICOM with/without history and audio, PNG views, NIfTI,
+explicit parts; history truncation; consistency; quantization. Tiny untrained model: structure only."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _model import EXAMPLES, tiny_model_dir  # noqa: E402
+
+from app.pipeline import STAGES, PipelineConfig, ReportPipeline, StudyParts, truncate_history  # noqa: E402
+from app.report import UNCERTAIN_BAND, FindingRow, Report, consistency  # noqa: E402
+from data.report_format import SECTION_KEYS  # noqa: E402
+from data.study import load_study  # noqa: E402
+from data.vocab import FINDING_NAMES  # noqa: E402
+
+STUDIES = EXAMPLES / "studies"
+CFG = PipelineConfig(max_new_tokens=12, max_evidence_findings=2, evidence_threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory) -> ReportPipeline:
+    return ReportPipeline.from_dir(tiny_model_dir(tmp_path_factory), CFG)
+
+
+def check_structure(report: Report, n_slices: int, sop_uids=None) -> dict:
+    d = json.loads(report.to_json())
+    assert d["status"] == "preliminary" and "not for clinical use" in d["notice"]
+    assert set(d["sections"]) == set(SECTION_KEYS) == set(d["generated_sections"])
+    assert [f["name"] for f in d["findings"]] == list(FINDING_NAMES)
+    for f in d["findings"]:
+        assert 0.0 <= f["probability"] <= 1.0
+        assert f["present"] == (f["probability"] >= 0.5)
+        assert f["uncertain"] == (UNCERTAIN_BAND[0] <= f["probability"] <= UNCERTAIN_BAND[1])
+    keyed = [f for f in d["findings"] if f["key_slices"]]
+    assert len(keyed) == 2  # max_evidence_findings, threshold 0: the two most probable
+    top2 = sorted(d["findings"], key=lambda f: -f["probability"])[:2]
+    assert {f["name"] for f in keyed} == {f["name"] for f in top2}
+    for f in keyed:
+        for k in f["key_slices"]:
+            assert 0 <= k["z"] < n_slices
+            assert k["sop_instance_uid"] == (sop_uids[k["z"]] if sop_uids is not None else None)
+        assert report.heatmaps[f["name"]].ndim == 3
+    assert set(d["gates"]) == {"image", "audio", "history"}
+    assert set(d["provenance"]["timings_s"]) == set(STAGES)
+    assert d["provenance"]["model"]["checkpoint_sha256"] and d["provenance"]["model"]["preset"] == "tiny"
+    prov = json.dumps(d["provenance"])
+    for uid in filter(None, [report.source["study_instance_uid"], report.source["series_instance_uid"]]):
+        assert uid not in prov  # provenance describes the input without UIDs
+    assert d["consistency"]["n"] == len(FINDING_NAMES) and 0.0 <= d["consistency"]["agreement_rate"] <= 1.0
+    assert report.report_text.startswith("CLINICAL INFORMATION:")
+    return d
+
+
+@pytest.mark.parametrize("sid, has_history, has_audio", [
+    ("syn00000", True, True),   # DICOM + history + dictation
+    ("syn00002", True, False),  # no dictation
+    ("syn00003", False, True),  # no history
+])
+def test_bundled_examples(pipe, sid, has_history, has_audio):
+    calls = []
+    report = pipe.run(STUDIES / sid, progress=lambda stage, frac: calls.append((stage, frac)))
+    study = load_study(STUDIES / sid)
+    d = check_structure(report, study.shape[0], study.sop_uids)
+    assert d["history"]["given"] is has_history and d["audio"]["given"] is has_audio
+    assert d["provenance"]["input"]["dictation"] is has_audio
+    assert report.source["study_instance_uid"] == study.study_uid
+    fr = [f for _, f in calls]
+    assert fr == sorted(fr) and fr[-1] == 1.0
+    assert [s for s in dict.fromkeys(s for s, _ in calls)] == list(STAGES)
+    if has_history:
+        assert d["history"]["tokens_cut"] == 0 and d["history"]["tokens_used"] == d["history"]["tokens_total"] > 0
+
+
+def test_history_over_limit_keeps_newest_and_says_so(tmp_path_factory):
+    small = ReportPipeline.from_dir(tiny_model_dir(tmp_path_factory),
+                                    PipelineConfig(max_new_tokens=4, evidence=False, max_history_tokens=50))
+    report = small.run(STUDIES / "syn00000")
+    h = report.history
+    assert h["truncated"] and h["tokens_used"] == 50 and h["tokens_cut"] == h["tokens_total"] - 50 > 0
+    assert f"{h['tokens_cut']:,}" in report.to_text() and "cut" in report.to_text()
+    assert any("truncated" in w for w in report.warnings)
+    assert report.provenance["input"]["history_tokens"] == 50
+
+
+def test_truncate_history_keeps_the_tail():
+    assert truncate_history(list(range(10)), 4) == ([6, 7, 8, 9], 6)
+    assert truncate_history([1, 2], 4) == ([1, 2], 0)
+    assert truncate_history([1, 2], 0) == ([], 2)
+
+
+def test_png_radiograph_views(pipe, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("frontal.png", "lateral.png"):
+        Image.fromarray(rng.integers(0, 255, (80, 70), dtype=np.uint8)).save(tmp_path / name)
+    report = pipe.run(tmp_path)
+    check_structure(report, n_slices=2)
+    assert report.source["kind"] == "radiograph" and report.source["study_instance_uid"] is None
+    assert report.provenance["input"]["slabs"] == 2
+
+
+def test_nifti_volume(pipe, tmp_path):
+    import nibabel as nib
+
+    vol = np.random.default_rng(1).normal(0, 300, (64, 64, 12)).astype(np.float32)  # (x, y, z)
+    nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 5.0, 1.0])), tmp_path / "ct.nii.gz")
+    report = pipe.run(tmp_path / "ct.nii.gz")
+    check_structure(report, n_slices=12)
+    assert report.source["source_format"] == "nifti" and not report.history["given"] and not report.audio["given"]
+
+
+def test_explicit_parts_override_companions(pipe):
+    files = sorted((STUDIES / "syn00003").glob("*.dcm"))
+    parts = StudyParts(images=files, history_text="Prior CT 2019: small left pleural effusion.",
+                       audio_path=STUDIES / "syn00000" / "dictation.wav")
+    report = pipe.run(parts)
+    assert report.history["given"] and report.history["source"] == "text"
+    assert report.history["tokens_total"] < 40
+    assert report.audio["given"]
+
+
+def test_bad_audio_is_a_warning_not_a_failure(pipe, tmp_path):
+    bad = tmp_path / "dictation.wav"
+    bad.write_bytes(b"RIFF....not audio")
+    report = pipe.run(STUDIES / "syn00002", audio_path=bad)
+    assert not report.audio["given"] and any("dictation not used" in w for w in report.warnings)
+
+
+def test_quantized_decoder_runs(tmp_path_factory):
+    q = ReportPipeline.from_dir(tiny_model_dir(tmp_path_factory), PipelineConfig(max_new_tokens=6, evidence=False),
+                                quantize=True)
+    kinds = {type(m).__module__ for m in q.model.decoder.modules()}
+    assert any("quantized" in k for k in kinds)
+    report = q.run(STUDIES / "syn00002")
+    assert report.provenance["model"]["quantized_int8_decoder"] is True
+    assert set(report.sections) == set(SECTION_KEYS)
+
+
+def _row(name, p):
+    return FindingRow(name=name, display=name, probability=p, present=p >= 0.5, uncertain=0.3 <= p <= 0.7)
+
+
+def test_consistency_flags_each_disagreement():
+    text = ("FINDINGS:\nThere is a small right pleural effusion. No pneumothorax. Cannot exclude a nodule.\n\n"
+            "IMPRESSION:\nRight pleural effusion.\n")
+    rows = [_row("pleural_effusion", 0.9), _row("pneumothorax", 0.8), _row("nodule", 0.2), _row("cardiomegaly", 0.1)]
+    c = consistency(text, rows)
+    by = {r["finding"]: r for r in c["per_finding"]}
+    assert by["pleural_effusion"]["agree"] and by["pleural_effusion"]["text"] == "present"
+    assert not by["pneumothorax"]["agree"] and by["pneumothorax"]["text"] == "absent"
+    assert not by["nodule"]["agree"] and by["nodule"]["text"] == "uncertain"
+    assert by["cardiomegaly"]["agree"] and by["cardiomegaly"]["text"] == "not mentioned"
+    assert c["agreement_rate"] == 0.5
+    assert {d["finding"] for d in c["disagreements"]} == {"pneumothorax", "nodule"}
+    assert all(d["message"] for d in c["disagreements"])
+
+
+def test_edits_keep_the_generated_original_and_heatmaps_save(pipe, tmp_path):
+    report = pipe.run(STUDIES / "syn00002")
+    edited = report.with_edits({"impression": "No acute abnormality."})
+    assert edited.edited and not report.edited
+    d = edited.to_dict()
+    assert d["final_sections"]["impression"] == "No acute abnormality."
+    assert d["generated_sections"] == report.sections
+    assert d["sections"] == d["final_sections"] and "No acute abnormality." in d["report"]
+    with pytest.raises(ValueError):
+        report.with_edits({"summary": "x"})
+    path = report.save_heatmaps(tmp_path / "heat.npz")
+    with np.load(path) as z:
+        names = [k for k in z.files if k.startswith("heatmap_")]
+        assert len(names) == 2 and z["slab_z_ranges"].shape == (z[names[0]].shape[0], 2)
