@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.medreport-installed
 PYTEST_ARGS ?=
 
-.PHONY: install serve test test-fast bench dataset clean
+.PHONY: install serve test test-fast bench demo-model clean
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ bench: install
 	$(BIN)/python -m bench.attention
 	$(BIN)/python -m bench.moe
 	$(BIN)/python -m bench.decode
+	$(BIN)/python -m bench.model
+	$(BIN)/python -m bench.data
+
+# Build the synthetic dataset (if missing), train the demo preset on this CPU, evaluate, write models/demo/.
+demo-model: install
+	$(BIN)/medreport demo-model
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -127,7 +127,7 @@ def build_app(examples_dir: Path = DEFAULT_EXAMPLES):
                 )
             with gr.Column(scale=2):
                 image = gr.Image(label="Slice", type="numpy", image_mode="L", height=420)
-                z = gr.Slider(0, 0, value=0, step=1, label="Slice (z)")
+                z = gr.Slider(0, 1, value=0, step=1, label="Slice (z)")
                 window = gr.Radio(list(VIEW_WINDOWS), value="lung", label="Window")
                 facts = gr.JSON(label="Study facts (de-identified) and the series used")
         load_btn.click(_on_load, inputs=[files, example], outputs=[state, facts, z, image])

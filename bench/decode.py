@@ -1,0 +1,71 @@
+"""Decode benchmark: prefill time and per-token decode time of the `demo` decoder (KV cache:
+ring buffer for the local window, stored compressed summaries, selected blocks gathered from the
+raw cache) at 1K, 10K and 100K tokens of context.
+
+    python -m bench.decode [--quick] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from bench.common import machine, peak_memory_bytes, print_table, write_json
+from core.decoder import Decoder, DecoderConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=8000)
+    ap.add_argument("--steps", type=int, default=32, help="decode steps timed per context length")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = DecoderConfig.preset("demo", vocab_size=args.vocab)
+    torch.manual_seed(0)
+    dec = Decoder(cfg).eval()
+    sizes = [1000, 4000] if args.quick else [1000, 10_000, 100_000]
+    ctx = torch.randn(1, 32, cfg.d_model)  # 32 fused multimodal tokens
+    rows = []
+    for T in sizes:
+        ids = torch.randint(0, args.vocab, (1, T))
+        lengths = torch.tensor([T])
+        state = {}
+
+        def prefill():
+            state["out"] = dec.prefill(ids, lengths, ctx, None, capacity=T + args.steps + 8)
+
+        t0 = time.perf_counter()
+        mem = peak_memory_bytes(prefill)
+        prefill_s = time.perf_counter() - t0
+        logits, cache = state["out"]
+        tok = logits.argmax(-1)
+        for _ in range(3):  # warm-up steps
+            tok = dec.step(tok, cache).argmax(-1)
+        per = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            tok = dec.step(tok, cache).argmax(-1)
+            per.append(time.perf_counter() - t)
+        per.sort()
+        rows.append({"context": T, "prefill_s": prefill_s, "prefill_extra_mem_gb": None if mem is None else mem / 1e9,
+                     "decode_ms_median": 1e3 * per[len(per) // 2], "decode_ms_min": 1e3 * per[0]})
+        print_table(rows[-1:], list(rows[-1]))
+    print()
+    print_table(rows, list(rows[0]))
+    by = {r["context"]: r for r in rows}
+    payload = {"config": dataclasses.asdict(cfg), "machine": machine(),
+               "note": "measured on a shared 2-core machine under other processes' load; per-token = median of steps",
+               "decode_ratio_100k_over_1k": (by[100_000]["decode_ms_median"] / by[1000]["decode_ms_median"])
+               if 100_000 in by else None,
+               "rows": rows}
+    write_json("decode", payload, quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""Report decoder: pre-norm blocks of block-sparse self-attention, cross-attention to the fused
+multimodal tokens, and a Mixture-of-Experts feed-forward.
+
+The history is the decoder's prefix (``[BOS] history [REPORT] report [EOS]``); the fused image and
+audio tokens (context, width == d_model) enter every layer through cross-attention.
+
+Legend: B batch, T tokens, F context tokens, D width, H heads, d head dim, L layers, E experts, V vocab.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from core.attention import AttentionCache, AttentionConfig, BlockSparseAttention
+from core.moe import MoE, MoEConfig
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int = 8000
+    d_model: int = 256
+    n_layers: int = 4
+    cross_heads: int = 4
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    grad_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attention, dict):
+            self.attention = AttentionConfig.from_dict(self.attention)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig.from_dict(self.moe)
+        if self.attention.d_model != self.d_model or self.moe.d_model != self.d_model:
+            raise ValueError("attention.d_model and moe.d_model must equal d_model")
+        if self.d_model % self.cross_heads:
+            raise ValueError("d_model must be divisible by cross_heads")
+
+    @classmethod
+    def preset(cls, name: str, vocab_size: int, **overrides) -> "DecoderConfig":
+        """``tiny`` (tests), ``demo`` (CPU-trained demo, the pinned benchmark config), ``full``."""
+        if name == "tiny":
+            att = AttentionConfig(d_model=64, n_heads=2, head_dim=32, block_size=16, window_blocks=1, global_blocks=1,
+                                  compress_block=32, select_topk=1, chunk_blocks=8)
+            moe = MoEConfig(d_model=64, n_experts=4, top_k=2, d_expert=64)
+            cfg = dict(d_model=64, n_layers=2, cross_heads=2, attention=att, moe=moe)
+        elif name == "demo":
+            att = AttentionConfig(d_model=256, n_heads=4, head_dim=64, block_size=64, window_blocks=1, global_blocks=1,
+                                  compress_block=256, select_topk=1, chunk_blocks=32)
+            moe = MoEConfig(d_model=256, n_experts=16, top_k=2, d_expert=128)
+            cfg = dict(d_model=256, n_layers=4, cross_heads=4, attention=att, moe=moe)
+        elif name == "full":
+            att = AttentionConfig(d_model=1024, n_heads=16, head_dim=64, block_size=64, window_blocks=2, global_blocks=1,
+                                  compress_block=256, select_topk=2, chunk_blocks=16)
+            moe = MoEConfig(d_model=1024, n_experts=16, top_k=2, d_expert=1024, n_shared=1)
+            cfg = dict(d_model=1024, n_layers=16, cross_heads=16, attention=att, moe=moe)
+        else:
+            raise ValueError(f"unknown decoder preset {name!r}: use 'tiny', 'demo' or 'full'")
+        cfg.update(overrides)
+        return cls(vocab_size=vocab_size, **cfg)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor  # [B,T,V]
+    hidden: torch.Tensor  # [B,T,D] final-norm hidden states
+    aux_loss: torch.Tensor  # scalar, MoE balance (summed over layers)
+    expert_load: torch.Tensor  # [L,E] fraction of routed assignments per expert
+
+
+class CrossAttention(nn.Module):
+    """Queries from the decoder, keys/values from the fused context; rows without any valid
+    context token get a zero update."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.h = n_heads
+        self.wq = nn.Linear(d_model, d_model, bias=False)
+        self.wkv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.wo = nn.Linear(d_model, d_model, bias=False)
+
+    def context_kv(self, ctx_BFD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, Fn, D = ctx_BFD.shape
+        k, v = self.wkv(ctx_BFD).view(B, Fn, 2, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # each [B,H,F,d]
+        return k, v
+
+    def forward(self, x_BTD: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_BF: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        q = self.wq(x_BTD).view(B, T, self.h, D // self.h).transpose(1, 2)  # [B,H,T,d]
+        bias = torch.zeros(mask_BF.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask_BF, torch.finfo(q.dtype).min)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :])  # [B,H,T,d]
+        o = o * mask_BF.any(-1).to(o.dtype)[:, None, None, None]
+        return self.wo(o.transpose(1, 2).reshape(B, T, D))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = BlockSparseAttention(cfg.attention)
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.xattn = CrossAttention(cfg.d_model, cfg.cross_heads)
+        self.norm3 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.moe = MoE(cfg.moe)
+
+    def forward(self, x, ctx_k=None, ctx_v=None, ctx_mask=None):
+        x = x + self.attn(self.norm1(x))
+        if ctx_k is not None:
+            x = x + self.xattn(self.norm2(x), ctx_k, ctx_v, ctx_mask)
+        y, aux = self.moe(self.norm3(x))
+        return x + y, aux["aux_loss"], aux["expert_load"]
+
+
+@dataclass
+class DecoderCache:
+    attn: list[AttentionCache]
+    ctx: list[tuple[torch.Tensor, torch.Tensor] | None]
+    ctx_mask: torch.Tensor | None
+
+    def reorder(self, idx_B: torch.Tensor, shared_prefix: int = 0) -> None:
+        for c in self.attn:
+            c.reorder(idx_B, shared_prefix)
+        self.ctx = [None if kv is None else (kv[0].index_select(0, idx_B), kv[1].index_select(0, idx_B)) for kv in self.ctx]
+        if self.ctx_mask is not None:
+            self.ctx_mask = self.ctx_mask.index_select(0, idx_B)
+
+    @property
+    def length(self) -> torch.Tensor:
+        return self.attn[0].length
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+        for blk in self.layers:  # scaled residual projections (GPT-2)
+            nn.init.normal_(blk.attn.wo.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+            nn.init.normal_(blk.xattn.wo.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.requires_grad:
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None and not isinstance(m, nn.Embedding):
+                nn.init.zeros_(m.bias)
+
+    def _context(self, blk: DecoderBlock, ctx_BFD, mask_BF):
+        if ctx_BFD is None:
+            return None, None
+        if ctx_BFD.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"context width {ctx_BFD.shape[-1]} != decoder d_model {self.cfg.d_model}")
+        return blk.xattn.context_kv(ctx_BFD)
+
+    @staticmethod
+    def _mask(ctx_BFD, mask_BF):
+        if ctx_BFD is None:
+            return None
+        if mask_BF is None:
+            return torch.ones(ctx_BFD.shape[:2], dtype=torch.bool, device=ctx_BFD.device)
+        return mask_BF.bool()
+
+    def forward(self, ids_BT: torch.Tensor, context_BFD: torch.Tensor | None = None,
+                context_mask_BF: torch.Tensor | None = None) -> DecoderOutput:
+        x = self.tok_embeddings(ids_BT)  # [B,T,D]
+        mask = self._mask(context_BFD, context_mask_BF)
+        aux_total, loads = x.new_zeros(()), []
+        for blk in self.layers:
+            k, v = self._context(blk, context_BFD, mask)
+            if self.cfg.grad_checkpoint and torch.is_grad_enabled():
+                x, aux, load = checkpoint(blk, x, k, v, mask, use_reentrant=False)
+            else:
+                x, aux, load = blk(x, k, v, mask)
+            aux_total = aux_total + aux
+            loads.append(load)
+        h = self.norm(x)
+        return DecoderOutput(self.lm_head(h), h, aux_total, torch.stack(loads))
+
+    def update_router_biases(self, expert_load_LE: torch.Tensor) -> None:
+        """After an optimiser step, for MoE balance="bias" (DeepSeek-V3); a no-op for "aux"."""
+        if self.cfg.moe.balance == "bias":
+            for blk, load in zip(self.layers, expert_load_LE):
+                blk.moe.update_bias(load)
+
+    # -- generation (used by core.generate)
+    @torch.no_grad()
+    def prefill(self, ids_BT: torch.Tensor, lengths_B: torch.Tensor, context_BFD=None, context_mask_BF=None,
+                capacity: int | None = None) -> tuple[torch.Tensor, DecoderCache]:
+        """Run right-padded prefixes; -> (logits at each row's last real token [B,V], cache)."""
+        B, T = ids_BT.shape
+        cap = capacity or T
+        x = self.tok_embeddings(ids_BT)
+        mask = self._mask(context_BFD, context_mask_BF)
+        caches, ctxs = [], []
+        for blk in self.layers:
+            k, v = self._context(blk, context_BFD, mask)
+            a, cache = blk.attn.prefill(blk.norm1(x), lengths_B, cap)
+            x = x + a
+            if k is not None:
+                x = x + blk.xattn(blk.norm2(x), k, v, mask)
+            x = x + blk.moe(blk.norm3(x))[0]
+            caches.append(cache)
+            ctxs.append(None if k is None else (k, v))
+        last = x[torch.arange(B, device=x.device), (lengths_B - 1).clamp(min=0)]  # [B,D]
+        return self.lm_head(self.norm(last)), DecoderCache(caches, ctxs, mask)
+
+    @torch.no_grad()
+    def step(self, ids_B: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+        """Feed one token per row; -> next-token logits [B,V]."""
+        x = self.tok_embeddings(ids_B)[:, None]  # [B,1,D]
+        for blk, ac, kv in zip(self.layers, cache.attn, cache.ctx):
+            x = x + blk.attn.step(blk.norm1(x), ac)
+            if kv is not None:
+                x = x + blk.xattn(blk.norm2(x), kv[0], kv[1], cache.ctx_mask)
+            x = x + blk.moe(blk.norm3(x))[0]
+        return self.lm_head(self.norm(x[:, 0]))

@@ -1,0 +1,197 @@
+"""Batched generation with the decoder's KV cache: greedy, beam search (n-gram blocking) and nucleus
+sampling, EOS / max length, and an optional constraint that keeps section markers in order.
+
+Legend: B prefixes, W beams, V vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.decoder import Decoder
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    eos_id: int | None = None
+    strategy: str = "greedy"  # "greedy" | "beam" | "sample"
+    num_beams: int = 4
+    no_repeat_ngram_size: int = 0
+    top_p: float = 0.9
+    temperature: float = 1.0
+    section_ids: list[int] | None = None  # ordered section-marker ids: emitted in order, each once
+    seed: int | None = None
+    length_penalty: float = 1.0
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("greedy", "beam", "sample"):
+            raise ValueError("strategy must be 'greedy', 'beam' or 'sample'")
+
+
+class _RowState:
+    """Per-row constraint state: generated tokens, n-gram table, last section marker index."""
+
+    def __init__(self, cfg: GenerationConfig):
+        self.cfg = cfg
+        self.tokens: list[int] = []
+        self.ngrams: dict[tuple[int, ...], set[int]] = {}
+        self.last_section = -1
+
+    def copy(self) -> "_RowState":
+        s = _RowState(self.cfg)
+        s.tokens = list(self.tokens)
+        s.ngrams = {k: set(v) for k, v in self.ngrams.items()}
+        s.last_section = self.last_section
+        return s
+
+    def push(self, tok: int) -> None:
+        self.tokens.append(tok)
+        n = self.cfg.no_repeat_ngram_size
+        if n > 0 and len(self.tokens) >= n:
+            self.ngrams.setdefault(tuple(self.tokens[-n:-1]), set()).add(tok)
+        if self.cfg.section_ids and tok in self.cfg.section_ids:
+            self.last_section = max(self.last_section, self.cfg.section_ids.index(tok))
+
+    def banned(self) -> list[int]:
+        out: list[int] = []
+        n = self.cfg.no_repeat_ngram_size
+        if n > 0 and len(self.tokens) >= n - 1:
+            out.extend(self.ngrams.get(tuple(self.tokens[len(self.tokens) - n + 1:]), ()))
+        if self.cfg.section_ids:
+            out.extend(self.cfg.section_ids[: self.last_section + 1])
+        return out
+
+
+def _mask_banned(logits_BV: torch.Tensor, states: list[_RowState]) -> torch.Tensor:
+    rows, cols = [], []
+    for r, st in enumerate(states):
+        b = st.banned()
+        rows.extend([r] * len(b))
+        cols.extend(b)
+    if rows:
+        logits_BV = logits_BV.clone()
+        logits_BV[rows, cols] = float("-inf")
+    return logits_BV
+
+
+def _nucleus(logits_BV: torch.Tensor, top_p: float, temperature: float, gen: torch.Generator | None) -> torch.Tensor:
+    probs = (logits_BV / max(temperature, 1e-6)).softmax(-1)
+    sp, si = probs.sort(-1, descending=True)
+    drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
+    sp = sp.masked_fill(drop, 0.0)
+    pick = torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=gen)  # [B,1]
+    return si.gather(1, pick)[:, 0]
+
+
+@torch.no_grad()
+def generate(dec: Decoder, prefixes: list[list[int]], context_BFD: torch.Tensor | None = None,
+             context_mask_BF: torch.Tensor | None = None, cfg: GenerationConfig | None = None) -> list[list[int]]:
+    """New tokens per prefix (EOS included when emitted).  Prefixes may differ in length."""
+    cfg = cfg or GenerationConfig()
+    if not prefixes or any(len(p) == 0 for p in prefixes):
+        raise ValueError("every prefix needs at least one token (e.g. [BOS])")
+    was_training = dec.training
+    dec.eval()
+    try:
+        if cfg.strategy == "beam":
+            return _beam(dec, prefixes, context_BFD, context_mask_BF, cfg)
+        return _greedy_or_sample(dec, prefixes, context_BFD, context_mask_BF, cfg)
+    finally:
+        dec.train(was_training)
+
+
+def _prefill(dec, prefixes, ctx, mask, cfg):
+    device = dec.tok_embeddings.weight.device
+    lengths = torch.tensor([len(p) for p in prefixes], device=device)
+    T = int(lengths.max())
+    ids = torch.full((len(prefixes), T), cfg.pad_id, dtype=torch.long, device=device)  # right-padded
+    for n, p in enumerate(prefixes):
+        ids[n, : len(p)] = torch.tensor(p, device=device)
+    return dec.prefill(ids, lengths, ctx, mask, capacity=T + cfg.max_new_tokens + 1)
+
+
+def _greedy_or_sample(dec, prefixes, ctx, mask, cfg):
+    logits, cache = _prefill(dec, prefixes, ctx, mask, cfg)
+    gen = None
+    if cfg.strategy == "sample" and cfg.seed is not None:
+        gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
+    states = [_RowState(cfg) for _ in prefixes]
+    done = [False] * len(prefixes)
+    for _ in range(cfg.max_new_tokens):
+        logits = _mask_banned(logits.float(), states)
+        nxt = _nucleus(logits, cfg.top_p, cfg.temperature, gen) if cfg.strategy == "sample" else logits.argmax(-1)
+        for r, tok in enumerate(nxt.tolist()):
+            if not done[r]:
+                states[r].push(tok)
+                done[r] = tok == cfg.eos_id
+        if all(done):
+            break
+        logits = dec.step(nxt, cache)
+    return [s.tokens for s in states]
+
+
+def _beam(dec, prefixes, ctx, mask, cfg):
+    B, W = len(prefixes), cfg.num_beams
+    logits, cache = _prefill(dec, prefixes, ctx, mask, cfg)
+    shared = int(min(len(p) for p in prefixes))  # cache positions identical across a row's beams
+    expand = torch.arange(B, device=logits.device).repeat_interleave(W)
+    cache.reorder(expand)
+    logits = logits.index_select(0, expand)
+    scores = torch.full((B, W), float("-inf"), device=logits.device)
+    scores[:, 0] = 0.0  # beams start identical: keep one alive
+    states = [_RowState(cfg) for _ in range(B * W)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(cfg.max_new_tokens):
+        logp = _mask_banned(logits.float(), states).log_softmax(-1)  # [B*W,V]
+        V = logp.shape[-1]
+        cand = (scores.reshape(-1, 1) + logp).reshape(B, W * V)
+        top_s, top_i = cand.topk(min(2 * W, W * V), dim=-1)  # [B,2W]
+        new_scores = torch.full((B, W), float("-inf"), device=logits.device)
+        src = torch.arange(B * W, device=logits.device).reshape(B, W).clone()
+        toks = torch.full((B, W), cfg.pad_id, dtype=torch.long, device=logits.device)
+        new_states: list[_RowState] = list(states)
+        for b in range(B):
+            if done[b]:
+                continue
+            k = 0
+            for s, i in zip(top_s[b].tolist(), top_i[b].tolist()):
+                if s == float("-inf"):
+                    break
+                beam, tok = divmod(i, V)
+                row = b * W + beam
+                if tok == cfg.eos_id:
+                    hyp = states[row].tokens + [tok]
+                    finished[b].append((s / len(hyp) ** cfg.length_penalty, hyp))
+                    continue
+                st = states[row].copy()
+                st.push(tok)
+                new_states[b * W + k] = st
+                new_scores[b, k], src[b, k], toks[b, k] = s, row, tok
+                k += 1
+                if k == W:
+                    break
+            best_running = new_scores[b].max().item()
+            if len(finished[b]) >= W:
+                worst_kept = sorted(f[0] for f in finished[b])[-W]
+                if best_running / (step + 1) ** cfg.length_penalty <= worst_kept or best_running == float("-inf"):
+                    done[b] = True
+            elif best_running == float("-inf"):
+                done[b] = True
+        if all(done):
+            break
+        states, scores = new_states, new_scores
+        idx = src.reshape(-1)
+        cache.reorder(idx, shared_prefix=shared)
+        logits = dec.step(toks.reshape(-1), cache)
+    for b in range(B):
+        if len(finished[b]) < W:  # out of length: running beams count as hypotheses
+            for k in range(W):
+                s = scores[b, k].item()
+                if s > float("-inf"):
+                    toks_k = states[b * W + k].tokens
+                    finished[b].append((s / max(len(toks_k), 1) ** cfg.length_penalty, toks_k))
+    return [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]

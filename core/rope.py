@@ -1,0 +1,25 @@
+"""Rotary position embedding (RoPE).
+
+Base 500,000 (as Llama 3 uses for 128K contexts) keeps the slowest rotation's wavelength
+(2*pi*base^((d-2)/d) ~ 2.3M positions at d=64) far above 100K tokens, so positions across a
+whole 100K-token record stay distinguishable; the local branch only ever compares nearby
+positions, where any base works.  Legend: B batch, H heads, T tokens, d head dim.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape positions.shape + (head_dim // 2,), computed on the fly (no max-length cache)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
+    ang = positions.to(torch.float64)[..., None] * inv_freq  # [..., d/2]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x_BHTd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. cos/sin: [T, d/2] or [B, T, d/2] (per-sequence positions during decode)."""
+    if cos.dim() == 3:  # [B, T, d/2] -> [B, 1, T, d/2]
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x_BHTd.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
