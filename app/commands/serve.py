@@ -13,11 +13,16 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None,
+                   help="model directory (save_pretrained); default models/demo when present, else viewer only")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth", default=None, help="user:password, or a file with one user:password per line")
     p.add_argument("--examples", type=Path, default=None, help="folder of example studies (default: the bundled sample)")
-    p.add_argument("--max-file-size", default="2gb", help="largest upload accepted (default 2gb)")
+    p.add_argument("--max-file-size", default="500mb", help="largest upload accepted (default 500mb)")
+    p.add_argument("--concurrency", type=int, default=2, help="reports generated at once (default 2)")
+    p.add_argument("--session-ttl", type=int, default=3600,
+                   help="seconds after which a session's files are deleted at the latest (default 3600)")
 
 
 def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
@@ -38,11 +43,35 @@ def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
     return pairs
 
 
-def run(args: argparse.Namespace) -> int:
-    from app.ui import DEFAULT_EXAMPLES, build_app
+def resolve_model_dir(model: Path | None) -> Path | None:
+    """An explicit ``--model`` must exist; without one, ``models/demo`` when present, else None."""
+    from app.ui import DEFAULT_MODEL_DIR
 
-    app = build_app(examples_dir=args.examples or DEFAULT_EXAMPLES)
+    if model is not None:
+        if not Path(model).is_dir():
+            raise MedreportError(f"--model {model}: no such model directory (train one with `make demo-model`)")
+        return Path(model)
+    return DEFAULT_MODEL_DIR if DEFAULT_MODEL_DIR.is_dir() else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from app.ui import DEFAULT_EXAMPLES, NO_MODEL_MESSAGE, UIConfig, build_app, launch_kwargs, warm_up
+
+    model_dir = resolve_model_dir(args.model)
+    cfg = UIConfig(model_dir=model_dir, examples_dir=args.examples or DEFAULT_EXAMPLES,
+                   concurrency_limit=args.concurrency, session_ttl_s=args.session_ttl)
+    pipe = None
+    if model_dir is not None:  # load the model now, not on the first click
+        import threading
+
+        from app.pipeline import ReportPipeline
+
+        pipe = ReportPipeline.from_dir(model_dir)
+        threading.Thread(target=warm_up, args=(pipe, cfg.examples_dir), daemon=True, name="ui-warm-up").start()
+    app = build_app(cfg.examples_dir, config=cfg, pipeline=pipe)
     print(f"medreport UI on http://{args.host}:{args.port}  (demo: synthetic data, not for clinical use)")
-    app.launch(server_name=args.host, server_port=args.port, auth=parse_auth(args.auth), share=False,
-               max_file_size=args.max_file_size, footer_links=[])
+    if model_dir is None:
+        print(NO_MODEL_MESSAGE)
+    app.launch(server_name=args.host, server_port=args.port, auth=parse_auth(args.auth),
+               max_file_size=args.max_file_size, **launch_kwargs())
     return 0

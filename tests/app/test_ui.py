@@ -1,11 +1,42 @@
-"""UI handlers as plain functions, and the Blocks app builds (app/ui.py)."""
+"""UI handlers as plain functions (app/ui.py), with the tiny untrained model: structure, not quality."""
 from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from app.ui import build_app, list_examples, load_for_viewer, render_slice
-from data.errors import MedreportError
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _model import EXAMPLES, tiny_model_dir  # noqa: E402
+
+from app import NOT_FOR_CLINICAL_USE  # noqa: E402
+from app.pipeline import PipelineConfig, ReportPipeline  # noqa: E402
+from app.ui import (  # noqa: E402
+    NO_HEATMAP, Session, UIConfig, build_app, cleanup_session, context_summary, example_inputs, export_report,
+    findings_table, key_slice_choices, list_examples, load_for_viewer, parse_key_slice, read_reference,
+    render_slice, run_generation, score_markdown, score_report, slab_of_z, split_companions, warm_up,
+)
+from data.errors import MedreportError  # noqa: E402
+from data.report_format import SECTION_KEYS  # noqa: E402
+
+CFG = PipelineConfig(max_new_tokens=12, max_evidence_findings=2, evidence_threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory) -> ReportPipeline:
+    return ReportPipeline.from_dir(tiny_model_dir(tmp_path_factory), CFG)
+
+
+@pytest.fixture(scope="module")
+def generated(pipe):
+    """(viewer, report, example inputs, progress stages) for example syn00000 with history + dictation."""
+    ex = example_inputs(EXAMPLES, "syn00000")
+    viewer = load_for_viewer(str(ex.study_dir))
+    stages: list[str] = []
+    report = run_generation(pipe, viewer, ex.history_text, None, ex.dictation, progress=lambda s, f: stages.append(s))
+    return viewer, report, ex, stages
 
 
 def test_examples_are_listed_and_load(repo_root):
@@ -16,6 +47,24 @@ def test_examples_are_listed_and_load(repo_root):
     # de-identified: no UID or patient field among the facts shown
     flat = repr(st.facts).lower()
     assert "patientname" not in flat and st.study.study_uid not in repr(st.facts)
+
+
+def test_example_click_fills_history_dictation_reference():
+    ex = example_inputs(EXAMPLES, "syn00001")
+    assert ex.study_dir.name == "syn00001"
+    assert ex.history_text.strip() and ex.reference_text.startswith("CLINICAL INFORMATION")
+    assert ex.dictation and Path(ex.dictation).suffix == ".wav"
+    with pytest.raises(MedreportError, match="no example study"):
+        example_inputs(EXAMPLES, "nope")
+
+
+def test_uploaded_companions_are_split(tmp_path):
+    names = ["IM1.dcm", "History.txt", "dictation.wav", "reference.json", "scan.nii.gz"]
+    imgs, hist, dic = split_companions([str(tmp_path / n) for n in names])
+    assert [p.name for p in imgs] == ["IM1.dcm", "scan.nii.gz"]
+    assert hist.name == "History.txt" and dic.name == "dictation.wav"
+    with pytest.raises(MedreportError, match="companion"):
+        load_for_viewer([str(tmp_path / "history.txt")])
 
 
 def test_windows_render_differently(repo_root):
@@ -37,6 +86,119 @@ def test_empty_and_bad_uploads_give_clear_errors(tmp_path):
         load_for_viewer([str(bad)])
 
 
-def test_app_builds(repo_root):
-    app = build_app(repo_root / "examples")
-    assert app is not None
+def test_generation_reports_stages_findings_and_context(generated):
+    viewer, report, ex, stages = generated
+    assert [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s] == ["loading", "encoding", "generating", "evidence"]
+    assert set(report.sections) == set(SECTION_KEYS) and report.status == "preliminary"
+    rows = findings_table(report)
+    assert len(rows) == len(report.findings)
+    probs = [r[1] for r in rows]
+    assert probs == sorted(probs, reverse=True) and all(0.0 <= p <= 1.0 for p in probs)
+    for row, f in zip(rows, sorted(report.findings, key=lambda r: -r.probability)):
+        assert (row[3] == "UNCERTAIN") == (0.3 <= f.probability <= 0.7)
+    md = context_summary(report)
+    assert "PRELIMINARY" in md and NOT_FOR_CLINICAL_USE in md
+    assert f"{report.history['tokens_total']:,} tokens" in md  # history contribution stated
+    assert f"weight {report.gates['audio']:.2f}" in md and "no transcript" in md  # dictation, honestly
+    assert ex.study_dir.name not in md and viewer.study.study_uid not in md
+
+
+def test_heatmap_overlay_and_key_slice_jump(generated):
+    viewer, report, _, _ = generated
+    keys = key_slice_choices(report)
+    assert keys, "evidence_threshold=0 must give key slices"
+    name, z = parse_key_slice(keys[0][1])
+    assert name in report.heatmaps and 0 <= z < viewer.study.volume.shape[0]
+    assert slab_of_z(report, z) is not None
+    plain = render_slice(viewer, z, "lung")
+    over = render_slice(viewer, z, "lung", report, name)
+    assert over.shape == (*plain.shape, 3) and over.dtype == np.uint8
+    heat = report.heatmaps[name][slab_of_z(report, z)]
+    if heat.max() > 0.05:  # a heatmap with heat must change the picture
+        assert np.abs(over.astype(int) - plain[..., None].astype(int)).max() > 0
+    assert render_slice(viewer, z, "lung", report, NO_HEATMAP).ndim == 2  # unknown finding: plain slice
+    assert parse_key_slice(None) is None and parse_key_slice("x") is None
+
+
+def test_edits_export_all_formats_and_keep_the_original(generated, tmp_path):
+    _, report, _, _ = generated
+    edited = dict(report.sections, impression="No acute cardiopulmonary abnormality (edited).")
+    paths = export_report(report, edited, tmp_path)
+    assert [p.name.split(".", 1)[1] for p in paths] == ["txt", "json", "fhir.json", "sr.dcm"]
+    data = json.loads(paths[1].read_text())
+    assert data["edited"] and data["final_sections"]["impression"].endswith("(edited).")
+    assert data["generated_sections"] == report.sections and data["status"] == "preliminary"
+    assert "(edited)." in paths[0].read_text()
+    fhir = json.loads(paths[2].read_text())
+    assert fhir["resourceType"] == "DiagnosticReport" and fhir["status"] == "preliminary"
+    import pydicom
+
+    sr = pydicom.dcmread(paths[3])
+    assert sr.Modality == "SR" and str(sr.get("PatientName", "")).strip("^") in ("", "ANONYMOUS")
+    assert report.final_sections is None  # the generated report itself is untouched
+
+
+def test_scoring_against_reference_highlights_differences(generated, tmp_path):
+    _, report, ex, _ = generated
+    ref = ex.reference_text
+    same = score_report(report, dict(report.sections, findings=ref), ref)  # not identical text: only findings
+    assert 0.0 <= same["finding_agreement"] <= 1.0 and "bleu4" in same
+    perfect = score_report(report, _sections_of(ref), ref)
+    assert perfect["bleu1"] == pytest.approx(1.0) and perfect["finding_agreement"] == 1.0
+    md = score_markdown(perfect)
+    assert "agree on every finding" in md
+    other = "FINDINGS:\nLungs and airways: Large right pneumothorax.\n\nIMPRESSION:\nRight pneumothorax."
+    diff = score_report(report, _sections_of(other), ref)
+    assert any(d["finding"] == "pneumothorax" for d in diff["findings_that_differ"])
+    assert "<mark>**pneumothorax**</mark>" in score_markdown(diff)
+    assert score_report(report, None, "  ") is None and "No reference" in score_markdown(None)
+    f = tmp_path / "ref.txt"
+    f.write_text(ref)
+    assert read_reference(str(f)) == ref and read_reference(None) == ""
+    assert read_reference(str(ex.study_dir / "reference.json")).strip()
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(MedreportError, match="not valid JSON"):
+        read_reference(str(tmp_path / "bad.json"))
+
+
+def _sections_of(text: str) -> dict[str, str]:
+    from data.report_format import parse_report
+
+    return {k: v for k, v in parse_report(text).items() if k in SECTION_KEYS}
+
+
+def test_session_folder_is_deleted_on_cleanup():
+    s = Session()
+    d = s.dir()
+    (d / "report.txt").write_text("x")
+    cleanup_session(s)
+    assert not d.exists() and s.workdir is None
+    cleanup_session(None)  # a session that never made a folder: no error
+
+
+def test_app_builds_with_and_without_model(repo_root, pipe):
+    assert build_app(repo_root / "examples") is not None  # viewer only
+    app = build_app(repo_root / "examples", pipeline=pipe, config=UIConfig(concurrency_limit=1))
+    assert "generate" in {d.api_name for d in app.fns.values()}
+
+
+def test_serve_flags(tmp_path):
+    from app.commands.serve import parse_auth, resolve_model_dir
+
+    assert parse_auth(None) is None and parse_auth("ann:secret") == [("ann", "secret")]
+    f = tmp_path / "auth.txt"
+    f.write_text("# users\nann:pw1\nbob:pw:2\n")
+    assert parse_auth(str(f)) == [("ann", "pw1"), ("bob", "pw:2")]
+    with pytest.raises(MedreportError, match="user:password"):
+        parse_auth("no-colon")
+    with pytest.raises(MedreportError, match="make demo-model"):
+        resolve_model_dir(tmp_path / "missing")
+    assert resolve_model_dir(tmp_path) == tmp_path
+
+
+def test_warm_up_runs_the_loading_stage_and_never_raises(pipe, tmp_path):
+    assert warm_up(pipe, EXAMPLES) > 0.0
+    assert warm_up(pipe, tmp_path) >= 0.0  # no examples: nothing to do
+    (tmp_path / "studies" / "broken").mkdir(parents=True)
+    (tmp_path / "studies" / "broken" / "IM1.dcm").write_bytes(b"junk")
+    assert warm_up(pipe, tmp_path) >= 0.0  # a loader error is swallowed (logged by class name only)
