@@ -12,8 +12,38 @@ import time
 
 import torch
 
-from bench.common import machine, peak_memory_bytes, print_table, write_json
+from bench.common import machine, matmul_peak_gflops, peak_memory_bytes, print_table, time_call, write_json
 from core.decoder import Decoder, DecoderConfig
+
+
+def train_step(args) -> int:
+    """Training-step time of the demo decoder: forward + backward of cross-entropy (+ MoE aux loss),
+    batch 2, 64 context tokens, at T = 512 and 2048 (best of 3 after one warm-up call)."""
+    cfg = DecoderConfig.preset("demo", vocab_size=args.vocab)
+    torch.manual_seed(0)
+    dec = Decoder(cfg)
+    ctx = torch.randn(2, 64, cfg.d_model)
+    peak = matmul_peak_gflops()
+    rows = []
+    for T in (512, 2048):
+        ids = torch.randint(0, args.vocab, (2, T))
+
+        def step():
+            out = dec(ids, ctx)
+            loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids.flatten()) + out.aux_loss
+            loss.backward()
+
+        s = time_call(step, repeats=3)
+        # dense matmul FLOPs of the step (x3 for forward + backward), attention core excluded
+        D, V, Fh, K = cfg.d_model, cfg.vocab_size, cfg.moe.d_expert, cfg.moe.top_k
+        per_tok_layer = 2 * D * (3 * D + D + 2 * D) + 2 * K * (D * 2 * Fh + Fh * D)
+        gemm = 3 * 2 * T * (cfg.n_layers * per_tok_layer + 2 * D * V)
+        rows.append({"T": T, "batch": 2, "step_s": s, "gemm_gflop": gemm / 1e9,
+                     "gemm_only_s_at_peak": gemm / (peak * 1e9), "lm_head_share": 2 * D * V / (cfg.n_layers * per_tok_layer + 2 * D * V)})
+    print_table(rows, list(rows[0]))
+    write_json("decode_train_step", {"config": dataclasses.asdict(cfg), "machine": machine(), "matmul_peak_gflops": peak,
+                                     "note": "shared 2-core machine under load", "rows": rows}, quick=args.quick)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per context length")
+    ap.add_argument("--train-step", action="store_true", help="time a demo training step (B=2, T=512/2048) instead")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.train_step:
+        return train_step(args)
     cfg = DecoderConfig.preset("demo", vocab_size=args.vocab)
     torch.manual_seed(0)
     dec = Decoder(cfg).eval()

@@ -17,7 +17,8 @@ separately normalised softmax attention, mixed per token and head by learned sig
 
 Cost per layer O(T * (L + T/c + K*c)) with L = (global + window + 1) * b local keys; no T x T
 tensor exists: queries are processed ``chunk_blocks`` blocks at a time, and under autograd each
-chunk is recomputed in backward (activation checkpointing), so memory stays linear in T.
+chunk is recomputed in backward by a custom autograd Function that adds the chunk's (chunk-sized)
+gradients into slices of dq, dk, dv, so memory and backward work stay linear in T.
 
 Legend: B batch, H heads, T tokens, N key blocks, Q query blocks in a chunk, b block size,
 d head dim, C compressed blocks, K top-k, L local keys per query block, R ring-buffer slots.
@@ -30,7 +31,6 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from core.rope import apply_rope, rope_angles
 
@@ -114,29 +114,9 @@ def _masked_softmax_rows(s: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Te
     return p * any_valid.to(p.dtype), any_valid
 
 
-def _bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask: 0 where valid, the most negative finite value elsewhere (finite so that a
-    fully masked row stays NaN-free; such rows are zeroed by the caller)."""
-    return torch.zeros(valid.shape, dtype=dtype, device=valid.device).masked_fill_(~valid, torch.finfo(dtype).min)
-
-
-def _local_keys(xb: torch.Tensor, s: int, e: int, cfg: AttentionConfig) -> torch.Tensor:
-    """Keys (or values) of the local pattern for query blocks s..e-1 -> [B, H, Q, L, d]."""
-    B, H, N, b, d = xb.shape
-    w, g, Q = cfg.window_blocks, cfg.global_blocks, e - s
-    lo = s - w
-    src = xb[:, :, max(lo, 0): e]  # [B,H,<=Q+w,b,d]
-    if lo < 0:
-        src = torch.cat([src.new_zeros(B, H, -lo, b, d), src], dim=2)  # [B,H,Q+w,b,d]
-    parts = [src[:, :, m: m + Q] for m in range(w + 1)]  # each [B,H,Q,b,d]
-    if g:
-        gl = xb[:, :, :g].reshape(B, H, 1, g, b, d).expand(B, H, Q, g, b, d)
-        parts = [gl[:, :, :, j] for j in range(g)] + parts
-    return torch.cat(parts, dim=3)  # [B,H,Q,L,d]
-
-
 def _local_valid(s: int, e: int, cfg: AttentionConfig, device) -> torch.Tensor:
-    """Validity of (query, local key) pairs for query blocks s..e-1 -> [Q, b, L] bool."""
+    """Validity of (query, local key) pairs for query blocks s..e-1 -> [Q, b, L] bool
+    (key order: the global blocks, then the window blocks oldest first, then the own block)."""
     b, w, g = cfg.block_size, cfg.window_blocks, cfg.global_blocks
     i = torch.arange(s, e, device=device)[:, None]  # [Q,1]
     ar = torch.arange(b, device=device)
@@ -150,55 +130,194 @@ def _local_valid(s: int, e: int, cfg: AttentionConfig, device) -> torch.Tensor:
     return ok & not_dup[:, None, :]
 
 
-def _chunk(q_BHQbd, kb, vb, cmp_k, cmp_v, kc, vc, kmin, kmax, gates_BHQbG, s: int, e: int, cfg: AttentionConfig):
-    """Attention output of query blocks s..e-1 -> o [B,H,Q,b,d]."""
-    B, H, Q, b, d = q_BHQbd.shape
+class _Chunk:
+    """The inputs one query chunk (blocks s..e-1) reads, cut out of the full tensors.
+
+    Every tensor here is O(chunk) in size; in backward they become autograd leaves, so the gradient
+    of a chunk is chunk-sized and is added into slices of the full gradients (no full-size
+    zero-filled gradient per chunk, which made the old checkpointed backward O(T^2/chunk))."""
+
+    def __init__(self, qb, kb, vb, cmp_k, cmp_v, kmin, kmax, gb, s: int, e: int, cfg: AttentionConfig,
+                 sel_idx: torch.Tensor | None = None):
+        B, H, N, b, d = qb.shape
+        self.s, self.e, self.lo = s, e, max(s - cfg.window_blocks, 0)
+        self.pad = self.lo - (s - cfg.window_blocks)  # window blocks before block 0 (zero keys, masked)
+        self.q = qb[:, :, s:e]  # [B,H,Q,b,d]
+        self.g = None if gb is None else gb[:, :, s:e]  # [B,H,Q,b,G]
+        self.k_win = self.v_win = self.k_glob = self.v_glob = None
+        self.cmp_k = self.cmp_v = self.ks = self.vs = self.sel_idx = self.sel_ok = None
+        if "local" in cfg.branches:
+            self.k_win, self.v_win = kb[:, :, self.lo:e], vb[:, :, self.lo:e]  # [B,H,<=Q+w,b,d]
+            gg = min(cfg.global_blocks, N)
+            self.k_glob, self.v_glob = kb[:, :, :gg], vb[:, :, :gg]  # [B,H,g,b,d]
+        if cfg.uses_compressed:
+            c = cfg.compress_block
+            C = N * b // c
+            self.ncv = min(C, ((e - 1) * b) // c)  # summaries visible to the chunk's last block
+            if "compressed" in cfg.branches:
+                self.cmp_k, self.cmp_v = cmp_k[:, :, :self.ncv], cmp_v[:, :, :self.ncv]  # [B,H,ncv,d]
+            if "selected" in cfg.branches and min(cfg.select_topk, C) > 0:
+                kk = min(cfg.select_topk, C)
+                Q = e - s
+                i_blk = torch.arange(s, e, device=qb.device)
+                cand = (torch.arange(C, device=qb.device)[None, :] + 1) * c <= i_blk[:, None] * b  # [Q,C]
+                imp = selection_scores(self.q[:, :, :, 0], kmin, kmax, cand[None].expand(B, Q, C))
+                top = imp.topk(kk, dim=-1)
+                self.sel_idx = top.indices  # [B,Q,K]
+                self.sel_ok = torch.isfinite(top.values)  # [B,Q,K]
+                kc = kb.reshape(B, H, C, c, d)  # [B,H,C,c,d] (views)
+                vc = vb.reshape(B, H, C, c, d)
+                # contiguous index_select per batch row (a memcpy per block; advanced indexing of a
+                # permuted view was ~10x slower): [H,Q*K,c,d] each -> [B,H,Q,K*c,d]
+                self.ks = torch.stack([kc[n].index_select(1, self.sel_idx[n].reshape(-1)) for n in range(B)]).view(B, H, Q, kk * c, d)
+                self.vs = torch.stack([vc[n].index_select(1, self.sel_idx[n].reshape(-1)) for n in range(B)]).view(B, H, Q, kk * c, d)
+
+    LEAVES = ("q", "g", "k_win", "v_win", "k_glob", "v_glob", "cmp_k", "cmp_v", "ks", "vs")
+
+    def leaves(self) -> list[tuple[str, torch.Tensor]]:
+        """Detach the chunk's inputs into fresh leaves that require grad (for the chunk's backward)."""
+        out = []
+        for name in self.LEAVES:
+            t = getattr(self, name)
+            if t is not None:
+                t = t.detach().requires_grad_()
+                setattr(self, name, t)
+                out.append((name, t))
+        return out
+
+
+def _chunk_out(ch: _Chunk, cfg: AttentionConfig) -> torch.Tensor:
+    """Attention output of the chunk's query blocks -> [B,H,Q,b,d] (q pre-scaled)."""
+    q = ch.q
+    B, H, Q, b, d = q.shape
+    s, e = ch.s, ch.e
     outs = {}
     if "local" in cfg.branches:
-        kl = _local_keys(kb, s, e, cfg)  # [B,H,Q,L,d]
-        vl = _local_keys(vb, s, e, cfg)
-        sc = torch.matmul(q_BHQbd, kl.transpose(-1, -2))  # [B,H,Q,b,L] (q is pre-scaled)
-        sc.add_(_bias(_local_valid(s, e, cfg, sc.device), sc.dtype))  # in place: one pass, no copy
+        w, g = cfg.window_blocks, cfg.global_blocks
+        kw, vw = ch.k_win, ch.v_win
+        if ch.pad:
+            kw = torch.cat([kw.new_zeros(B, H, ch.pad, b, d), kw], dim=2)  # [B,H,Q+w,b,d]
+            vw = torch.cat([vw.new_zeros(B, H, ch.pad, b, d), vw], dim=2)
+        G = ch.k_glob.shape[2]
+        kparts = [ch.k_glob[:, :, j: j + 1].expand(B, H, Q, b, d) for j in range(G)] + [kw[:, :, m: m + Q] for m in range(w + 1)]
+        vparts = [ch.v_glob[:, :, j: j + 1].expand(B, H, Q, b, d) for j in range(G)] + [vw[:, :, m: m + Q] for m in range(w + 1)]
+        valid = _local_valid(s, e, cfg, q.device)  # [Q,b,L]
+        if G < g:  # fewer blocks than global_blocks: the missing global keys do not exist
+            valid = torch.cat([valid[:, :, :G * b], valid[:, :, g * b:]], dim=2)
+        kl = torch.cat(kparts, dim=3)  # [B,H,Q,L,d]
+        vl = torch.cat(vparts, dim=3)
+        sc = torch.matmul(q, kl.transpose(-1, -2))  # [B,H,Q,b,L]
+        sc.masked_fill_(~valid, torch.finfo(sc.dtype).min)  # in place: the fresh matmul output
         outs["local"] = torch.matmul(sc.softmax(-1), vl)  # [B,H,Q,b,d]
     if cfg.uses_compressed:
         c = cfg.compress_block
-        C = cmp_k.shape[2]
-        ncv = min(C, ((e - 1) * b) // c)  # summaries visible to the chunk's last block
-        i_q = torch.arange(s, e, device=q_BHQbd.device).repeat_interleave(b)  # [Q*b] block of each query
-        j = torch.arange(ncv, device=q_BHQbd.device)
-        valid = (j[None, :] + 1) * c <= i_q[:, None] * b  # [Q*b, ncv]
-        q_flat = q_BHQbd.reshape(B, H, Q * b, d)  # [B,H,Q*b,d]
         if "compressed" in cfg.branches:
-            sc = torch.matmul(q_flat, cmp_k[:, :, :ncv].transpose(-1, -2))  # [B,H,Q*b,ncv]
-            p = sc.add_(_bias(valid, sc.dtype)).softmax(-1)  # rows with no valid entry: zeroed below
+            ncv = ch.ncv
+            q_flat = q.reshape(B, H, Q * b, d)  # [B,H,Q*b,d]
+            i_q = torch.arange(s, e, device=q.device).repeat_interleave(b)  # [Q*b] block of each query
+            valid = (torch.arange(ncv, device=q.device)[None, :] + 1) * c <= i_q[:, None] * b  # [Q*b,ncv]
+            sc = torch.matmul(q_flat, ch.cmp_k.transpose(-1, -2))  # [B,H,Q*b,ncv]
+            p = sc.masked_fill_(~valid, torch.finfo(sc.dtype).min).softmax(-1)
             row_ok = (i_q * b >= c).to(p.dtype)[:, None]  # [Q*b,1] any summary visible
-            outs["compressed"] = (torch.matmul(p, cmp_v[:, :, :ncv]) * row_ok).reshape(B, H, Q, b, d)
+            outs["compressed"] = (torch.matmul(p, ch.cmp_v) * row_ok).reshape(B, H, Q, b, d)
         if "selected" in cfg.branches:
-            dev = q_BHQbd.device
-            kk = min(cfg.select_topk, C)
-            if kk == 0:
-                outs["selected"] = q_BHQbd.new_zeros(B, H, Q, b, d)
+            if ch.ks is None:
+                outs["selected"] = q.new_zeros(B, H, Q, b, d)
             else:
-                with torch.no_grad():
-                    i_blk = torch.arange(s, e, device=dev)
-                    cand = (torch.arange(C, device=dev)[None, :] + 1) * c <= i_blk[:, None] * b  # [Q,C]
-                    imp = selection_scores(q_BHQbd[:, :, :, 0].detach(), kmin, kmax, cand[None].expand(B, Q, C))
-                    top = imp.topk(kk, dim=-1)
-                    idx = top.indices  # [B,Q,K]
-                    ok = torch.isfinite(top.values)  # [B,Q,K]
-                ks = torch.stack([kc[n][:, idx[n]] for n in range(B)])  # [B,H,Q,K,c,d]
-                vs = torch.stack([vc[n][:, idx[n]] for n in range(B)])
-                ks = ks.reshape(B, H, Q, kk * c, d)  # [B,H,Q,K*c,d]
-                vs = vs.reshape(B, H, Q, kk * c, d)
-                sc2 = torch.matmul(q_BHQbd, ks.transpose(-1, -2))  # [B,H,Q,b,K*c]
+                ok = ch.sel_ok  # [B,Q,K]
+                sc2 = torch.matmul(q, ch.ks.transpose(-1, -2))  # [B,H,Q,b,K*c]
                 if not bool(ok.all()):
                     valid2 = ok.repeat_interleave(c, dim=-1)[:, None, :, None, :]  # [B,1,Q,1,K*c]
-                    sc2.add_(_bias(valid2, sc2.dtype))
+                    sc2.masked_fill_(~valid2, torch.finfo(sc2.dtype).min)
                 row_ok = ok.any(-1).to(sc2.dtype)[:, None, :, None, None]  # [B,1,Q,1,1]
-                outs["selected"] = torch.matmul(sc2.softmax(-1), vs) * row_ok  # [B,H,Q,b,d]
+                outs["selected"] = torch.matmul(sc2.softmax(-1), ch.vs) * row_ok  # [B,H,Q,b,d]
     if len(cfg.branches) == 1:
         return outs[cfg.branches[0]]
-    return sum(gates_BHQbG[..., n: n + 1] * outs[name] for n, name in enumerate(cfg.branches))
+    gt = ch.g
+    return sum(gt[..., n: n + 1] * outs[name] for n, name in enumerate(cfg.branches))
+
+
+class _BlockSparseFn(torch.autograd.Function):
+    """All query chunks in one autograd node.  Each chunk's inputs are cut out as chunk-sized leaves;
+    backward runs the chunk's graph and adds the leaves' gradients into slices of dq, dk, dv,
+    d(summaries), dgates.  ``recompute``: forward keeps no graph and backward recomputes one chunk at
+    a time (memory linear in T); otherwise the chunk graphs are kept (faster at short T)."""
+
+    @staticmethod
+    def forward(ctx, qb, kb, vb, cmp_k, cmp_v, gb, kmin, kmax, cfg, recompute):
+        B, H, N, b, d = qb.shape
+        o = qb.new_empty(B, H, N, b, d)
+        ctx.cfg, ctx.recompute, ctx.sel, ctx.graphs = cfg, recompute, [], []
+        track = not recompute and any(ctx.needs_input_grad[:6])
+        for s in range(0, N, cfg.chunk_blocks):
+            e = min(N, s + cfg.chunk_blocks)
+            ch = _Chunk(qb, kb, vb, cmp_k, cmp_v, kmin, kmax, gb, s, e, cfg)
+            if track:
+                leaves = ch.leaves()
+                with torch.enable_grad():
+                    oc = _chunk_out(ch, cfg)
+                ctx.graphs.append((ch, leaves, oc))
+                o[:, :, s:e] = oc.detach()
+            else:
+                o[:, :, s:e] = _chunk_out(ch, cfg)
+            ctx.sel.append(ch.sel_idx)
+        ctx.has = (cmp_k is not None, gb is not None, kmin is not None)
+        ctx.save_for_backward(*(t for t in (qb, kb, vb, cmp_k, cmp_v, gb, kmin, kmax) if t is not None))
+        return o
+
+    @staticmethod
+    def backward(ctx, go):
+        cfg = ctx.cfg
+        saved = list(ctx.saved_tensors)
+        qb, kb, vb = saved[:3]
+        rest = saved[3:]
+        has_cmp, has_g, has_bounds = ctx.has
+        cmp_k, cmp_v = (rest.pop(0), rest.pop(0)) if has_cmp else (None, None)
+        gb = rest.pop(0) if has_g else None
+        kmin, kmax = (rest.pop(0), rest.pop(0)) if has_bounds else (None, None)
+        B, H, N, b, d = qb.shape
+        dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
+        dck = None if cmp_k is None else torch.zeros_like(cmp_k)
+        dcv = None if cmp_v is None else torch.zeros_like(cmp_v)
+        dg = None if gb is None else torch.zeros_like(gb)
+        c = cfg.compress_block
+        for n_chunk, s in enumerate(range(0, N, cfg.chunk_blocks)):
+            e = min(N, s + cfg.chunk_blocks)
+            if ctx.graphs:
+                ch, leaves, o = ctx.graphs[n_chunk]
+            else:
+                ch = _Chunk(qb, kb, vb, cmp_k, cmp_v, kmin, kmax, gb, s, e, cfg)
+                leaves = ch.leaves()
+                with torch.enable_grad():
+                    o = _chunk_out(ch, cfg)
+            grads = torch.autograd.grad(o, [t for _, t in leaves], go[:, :, s:e], allow_unused=True)
+            for (name, _), gr in zip(leaves, grads):
+                if gr is None:
+                    continue
+                if name == "q":
+                    dq[:, :, s:e] += gr
+                elif name == "g":
+                    dg[:, :, s:e] += gr
+                elif name in ("k_win", "v_win"):
+                    (dk if name == "k_win" else dv)[:, :, ch.lo:e] += gr
+                elif name in ("k_glob", "v_glob"):
+                    (dk if name == "k_glob" else dv)[:, :, :gr.shape[2]] += gr
+                elif name in ("cmp_k", "cmp_v"):
+                    (dck if name == "cmp_k" else dcv)[:, :, :gr.shape[2]] += gr
+                else:  # selected raw blocks: scatter back to their compressed-block slots
+                    C = N * b // c
+                    Q, kk = e - s, ch.sel_idx.shape[-1]
+                    full = (dk if name == "ks" else dv).view(B, H, C, c, d)  # [B,H,C,c,d]
+                    gr = gr.reshape(B, H, Q * kk, c, d)  # [B,H,Q*K,c,d]
+                    for n in range(B):
+                        full[n].index_add_(1, ch.sel_idx[n].reshape(-1), gr[n])
+        ctx.graphs = []
+        return dq, dk, dv, dck, dcv, dg, None, None, None, None
+
+
+# Under autograd, chunk graphs are kept (no recompute) while B*T is at most this many tokens:
+# ~0.5 MB per token per layer at the demo sizes, i.e. <= ~100 MB per layer here.
+KEEP_GRAPH_MAX_TOKENS = 4096
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig,
@@ -207,7 +326,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cf
     """Block-sparse attention of post-RoPE q, k, v [B, H, T, d] -> [B, H, T, d].
 
     gates: [B, H, T, len(cfg.branches)] (ignored with one branch).  cmp_weight_*: [compress_block]
-    logits of the pooling weights (None: plain mean).  Checkpointing defaults to "when grad is on".
+    logits of the pooling weights (None: plain mean).  Under autograd each query chunk is recomputed
+    in backward when ``checkpoint_chunks`` (default: when B*T > KEEP_GRAPH_MAX_TOKENS); otherwise
+    the chunks' graphs are kept from forward.
     """
     B, H, T, d = q.shape
     b = cfg.block_size
@@ -222,28 +343,20 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cf
     qb = (q * (1.0 / math.sqrt(d))).reshape(B, H, N, b, d)  # [B,H,N,b,d], softmax scale folded in
     kb = k.reshape(B, H, N, b, d)
     vb = v.reshape(B, H, N, b, d)
-    gb = gates.reshape(B, H, N, b, -1) if gates is not None else None  # [B,H,N,b,G]
-    cmp_k = cmp_v = kc = vc = kmin = kmax = None
-    C = 0
+    gb = gates.reshape(B, H, N, b, -1) if gates is not None and len(cfg.branches) > 1 else None  # [B,H,N,b,G]
+    cmp_k = cmp_v = kmin = kmax = None
     if cfg.uses_compressed:
         c = cfg.compress_block
         zero = q.new_zeros(c)
-        cmp_k = compress_kv(k, zero if cmp_weight_k is None else cmp_weight_k, c)  # [B,H,C,d]
-        cmp_v = compress_kv(v, zero if cmp_weight_v is None else cmp_weight_v, c)
-        C = cmp_k.shape[2]
-        kc = k.reshape(B, H, C, c, d)  # [B,H,C,c,d] views for selected-block gathers
-        vc = v.reshape(B, H, C, c, d)
+        if "compressed" in cfg.branches:
+            cmp_k = compress_kv(k, zero if cmp_weight_k is None else cmp_weight_k, c)  # [B,H,C,d]
+            cmp_v = compress_kv(v, zero if cmp_weight_v is None else cmp_weight_v, c)
         if "selected" in cfg.branches:
             with torch.no_grad():
                 kmin, kmax = key_bounds(k.detach(), c)  # [B,H,C,d] each
-    use_ckpt = torch.is_grad_enabled() if checkpoint_chunks is None else checkpoint_chunks
-    outs = []
-    for s in range(0, N, cfg.chunk_blocks):
-        e = min(N, s + cfg.chunk_blocks)
-        args = (qb[:, :, s:e], kb, vb, cmp_k, cmp_v, kc, vc, kmin, kmax, None if gb is None else gb[:, :, s:e], s, e, cfg)
-        outs.append(checkpoint(_chunk, *args, use_reentrant=False) if use_ckpt else _chunk(*args))
-    o = torch.cat(outs, dim=2).reshape(B, H, Tp, d)  # [B,H,Tp,d]
-    return o[:, :, :T]
+    recompute = B * T > KEEP_GRAPH_MAX_TOKENS if checkpoint_chunks is None else checkpoint_chunks
+    o = _BlockSparseFn.apply(qb, kb, vb, cmp_k, cmp_v, gb, kmin, kmax, cfg, recompute)  # [B,H,N,b,d]
+    return o.reshape(B, H, Tp, d)[:, :, :T]
 
 
 # ----------------------------------------------------------------------------- dense reference

@@ -92,17 +92,20 @@ class MoE(nn.Module):
         return w / w.sum(-1, keepdim=True), idx, probs
 
     def _expert(self, e: int, x: torch.Tensor, scale_n: torch.Tensor | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, w13: torch.Tensor | None = None,
+                w2: torch.Tensor | None = None) -> torch.Tensor:
         """Expert e on rows x [n,D]; scale_n (routing weights) is applied to the hidden [n,F]
         before the (linear) down-projection: same result, half the elements of scaling [n,D]."""
-        h13 = x @ self.w13[e]  # [n,2F]
+        w13 = self.w13[e] if w13 is None else w13  # [D,2F]
+        w2 = self.w2[e] if w2 is None else w2  # [F,D]
+        h13 = x @ w13  # [n,2F]
         if self.lora is not None:
             h13 = h13 + self.lora(e, "w13", x)
         h1, h3 = h13.chunk(2, dim=-1)
         h = F.silu(h1) * h3  # [n,F]
         if scale_n is not None:
             h = h * scale_n[:, None]
-        y = h @ self.w2[e] if out is None else torch.mm(h, self.w2[e], out=out)  # [n,D]
+        y = h @ w2 if out is None else torch.mm(h, w2, out=out)  # [n,D]
         if self.lora is not None:
             y = y + self.lora(e, "w2", h) if out is None else y.add_(self.lora(e, "w2", h))
         return y
@@ -132,7 +135,6 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)  # assignments sorted by expert
         tok = order // K  # [N*K] source token of each sorted assignment
         counts = torch.bincount(flat, minlength=E)  # [E]
-        xs = x.index_select(0, tok)  # [N*K,D] contiguous per expert
         counts_l = counts.tolist()
         M = max(counts_l)
         if cfg.dispatch == "auto":  # measured: padded wins only at decode sizes
@@ -143,23 +145,29 @@ class MoE(nn.Module):
             expert_sorted = flat[order]  # [N*K]
             starts = torch.cumsum(counts, 0) - counts  # [E]
             slot = torch.arange(N * K, device=x.device) - starts[expert_sorted]  # row within its expert
-            ys = self._experts_padded(xs, expert_sorted, slot, M)
+            ys = self._experts_padded(x.index_select(0, tok), expert_sorted, slot, M)  # [N*K,D]
             ys = ys * w_NK.reshape(-1)[order, None]  # [N*K,D] weighted
+            y = torch.zeros_like(x).index_add_(0, tok, ys)  # [N,D]
         else:
             ws = w_NK.reshape(-1)[order]  # [N*K] routing weights in sorted order
-            # Inference writes each expert's rows in place; autograd needs out-of-place + cat.
-            inplace = not (torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad
-                                                          or self.lora is not None))
-            ys = x.new_empty(N * K, x.shape[1]) if inplace else None
-            parts, start = [], 0
-            for e, n in enumerate(counts_l):
-                if n:
-                    sl = slice(start, start + n)
-                    parts.append(self._expert(e, xs[sl], ws[sl], out=ys[sl] if inplace else None))
-                start += n
-            if not inplace:
-                ys = torch.cat(parts)
-        y = torch.zeros_like(x).index_add_(0, tok, ys)  # [N,D]
+            tok_e, ws_e = tok.split(counts_l), ws.split(counts_l)
+            w13_e, w2_e = self.w13.unbind(0), self.w2.unbind(0)
+            grad = torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad or self.lora is not None)
+            if grad:
+                # split/unbind instead of slicing per expert: their backward is one cat/stack, where
+                # E slices would each build a zero-filled full-size gradient and add it up.
+                xs_e = x.index_select(0, tok).split(counts_l)  # [N*K,D] contiguous per expert
+                parts = [self._expert(e, xs_e[e], ws_e[e], w13=w13_e[e], w2=w2_e[e]) for e in range(E) if counts_l[e]]
+                y = torch.zeros_like(x).index_add_(0, tok, torch.cat(parts))  # [N,D]
+            else:
+                # Inference: gather and scatter-add one expert at a time; no [N*K,D] buffers (at 16K
+                # tokens those are >32 MB fresh mmap allocations whose page faults cost as much as
+                # the gather itself).
+                y = torch.zeros_like(x)  # [N,D]
+                for e in range(E):
+                    if counts_l[e]:
+                        y.index_add_(0, tok_e[e], self._expert(e, x.index_select(0, tok_e[e]), ws_e[e],
+                                                               w13=w13_e[e], w2=w2_e[e]))
         if self.shared is not None:
             y = y + self.shared(x)
         load_E = counts.to(x.dtype) / max(N * K, 1)

@@ -19,12 +19,13 @@ def _inputs(cfg, B, T, seed=0):
     return q, k, v, gates, wk
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-graph", "recompute"])
 @pytest.mark.parametrize("branches", CASES)
 @pytest.mark.parametrize("T", [1, 45, 160, 203])
-def test_kernel_matches_dense_reference_fp64_with_gradients(branches, T):
+def test_kernel_matches_dense_reference_fp64_with_gradients(branches, T, recompute):
     cfg = AttentionConfig(**SMALL, branches=branches)
     q, k, v, gates, wk = _inputs(cfg, 2, T)
-    out = block_sparse_attention(q, k, v, cfg, gates, wk, None)
+    out = block_sparse_attention(q, k, v, cfg, gates, wk, None, checkpoint_chunks=recompute)
     ref = dense_reference(q, k, v, cfg, gates, wk, None)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     go = torch.randn_like(out)
@@ -59,13 +60,14 @@ class _MaxNumel(TorchDispatchMode):
         return out
 
 
-def test_no_quadratic_tensor_forward_and_backward():
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-graph", "recompute"])
+def test_no_quadratic_tensor_forward_and_backward(recompute):
     cfg = AttentionConfig(d_model=32, n_heads=2, head_dim=16, block_size=16, compress_block=32, select_topk=2, chunk_blocks=4)
     T = 4096
     q, k, v = (torch.randn(1, 2, T, 16, requires_grad=True) for _ in range(3))
     gates = torch.rand(1, 2, T, 3)
     with _MaxNumel() as m:
-        out = block_sparse_attention(q, k, v, cfg, gates)
+        out = block_sparse_attention(q, k, v, cfg, gates, checkpoint_chunks=recompute)
         out.sum().backward()
     # largest tensor is linear in T (q/k/v-sized or a chunk's scores), far below T*T
     assert m.max <= 4 * 2 * T * 16, m.max
