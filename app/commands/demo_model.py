@@ -1,0 +1,136 @@
+"""``medreport demo-model``: build the synthetic demo dataset, train the demo recipe, evaluate on
+the held-out test split and write the shipped checkpoint ``models/demo/`` with its model card.
+
+Every step is skipped when its output exists (dataset manifest, finished run), so a rerun after
+an interruption continues; training itself resumes from its newest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+NAME = "demo-model"
+HELP = "build the synthetic dataset, train the demo model, evaluate it and write models/demo/"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", type=Path, default=Path("datasets/demo"), help="dataset folder (default datasets/demo)")
+    parser.add_argument("--n", type=int, default=2000, help="studies to generate when the dataset is missing (default 2000)")
+    parser.add_argument("--seed", type=int, default=1234, help="dataset seed (default 1234)")
+    parser.add_argument("--history-tokens", default="200:16000", help="record length range (default 200:16000)")
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.json"), help="training recipe")
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="training run folder (default runs/demo)")
+    parser.add_argument("--out", type=Path, default=Path("models/demo"), help="shipped model folder (default models/demo)")
+    parser.add_argument("--eval-studies", type=int, default=0, help="test studies to evaluate (0 = all)")
+    parser.add_argument("--eval-history-tokens", type=int, default=100_000,
+                        help="history tokens the decoder reads at test time (most recent kept; default 100000 = all)")
+    parser.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16, to stay under 25 MB)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
+
+
+def _make_dataset(args) -> Path:
+    from app.commands import make_dataset
+
+    manifest = args.dataset / "manifest.jsonl"
+    if manifest.is_file():
+        log.info("dataset %s exists; not rebuilt", args.dataset)
+        return manifest
+    p = argparse.ArgumentParser()
+    make_dataset.add_arguments(p)
+    argv = ["--out", str(args.dataset), "--n", str(args.n), "--seed", str(args.seed), "--size", "demo",
+            "--history-tokens", args.history_tokens] + (["--no-progress"] if args.no_progress else [])
+    t0 = time.perf_counter()
+    make_dataset.run(p.parse_args(argv))
+    log.info("dataset built in %.0f s (not counted as training time)", time.perf_counter() - t0)
+    return manifest
+
+
+def run(args: argparse.Namespace) -> int:
+    from app.train import evaluate_split, latest_checkpoint, load_config, read_metrics, train
+    from multimodal.model import ReportModel
+
+    manifest = _make_dataset(args)
+    cfg = load_config(None, args.config, args.overrides)
+    final = args.run / "final"
+    t0 = time.perf_counter()
+    if not (final / "model.safetensors").is_file():
+        resume = latest_checkpoint(args.run) is not None
+        final = train(manifest, args.run, None if resume else cfg, resume=resume, progress=not args.no_progress)
+    train_wall = time.perf_counter() - t0
+    rows = read_metrics(args.run)
+    train_seconds = max((r.get("train_s", 0.0) for r in rows), default=0.0)
+
+    model = ReportModel.from_pretrained(final)
+    metrics = evaluate_split(model, manifest, "test", max_studies=args.eval_studies,
+                             max_history_tokens=args.eval_history_tokens, batch_size=cfg.data.batch_size,
+                             predictions=args.run / "test_predictions.jsonl", progress=not args.no_progress)
+    metrics["train_wall_seconds_this_invocation"] = round(train_wall, 1)
+    metrics["train_step_seconds"] = round(train_seconds, 1)  # optimizer steps only, all invocations
+    write_shipped_model(model, args.out, fp16=not args.fp32)
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (args.out / "MODEL_CARD.md").write_text(model_card(args, cfg, metrics))
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    print(f"wrote {args.out} ({size / 2**20:.1f} MiB): test finding micro-F1 {metrics.get('finding_micro_f1', 0):.3f}, "
+          f"BLEU-4 {metrics.get('bleu4', 0):.4f}, ECE {metrics.get('ece', 0):.4f} on {metrics['n']} test studies")
+    return 0
+
+
+def write_shipped_model(model, out: Path, fp16: bool = True) -> Path:
+    """save_pretrained into ``out`` (fp16 weights unless told; loading converts back to fp32)."""
+    import copy
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    m = copy.deepcopy(model)
+    if fp16:
+        m = m.half()
+    m.save_pretrained(tmp, model.tokenizer)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def model_card(args, cfg, metrics: dict) -> str:
+    argv = sys.argv[sys.argv.index(NAME) + 1:] if NAME in sys.argv else []
+    cmd = " ".join(["medreport", NAME, *argv])
+    from collections import Counter
+
+    from data.datasets import read_manifest
+
+    splits = Counter(e.split for e in read_manifest(args.dataset / "manifest.jsonl", validate=False))
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                     for k, v in metrics.items() if not isinstance(v, (dict, list)))
+    return f"""# medreport demo model
+
+**Synthetic data — not for clinical use.** This model was trained only on computer-generated chest
+CT phantoms, synthetic patient records and synthetic reports. It has never seen a real patient and
+must not be used to read real studies.
+
+## Data
+Synthetic demo-size studies in `{args.dataset}`: {splits.get("train", 0)} train, {splits.get("val", 0)} val,
+{splits.get("test", 0)} test (test studies use reserved report templates). Built (when missing) with
+`medreport make-dataset --out {args.dataset} --n {args.n} --seed {args.seed} --size demo --history-tokens {args.history_tokens}`.
+
+## Training
+Command: `{cmd}` (recipe `{args.config}`, seed {cfg.seed}, preset `{cfg.preset}`, model overrides
+`{json.dumps(cfg.model)}`). Stages: {", ".join(f"{s.name} ({s.steps} steps, trains {'+'.join(s.train)}, "
+f"{'LM + finding loss' if s.lm else 'finding loss'})" for s in cfg.stages)}. History length curriculum
+{[list(x) for x in cfg.data.history_curriculum]} (share of a stage's steps, max tokens; crop `{cfg.data.history_crop}`).
+Finding probabilities are temperature-scaled on the validation split. Weights stored in
+{"fp32" if args.fp32 else "fp16 (loaded as fp32)"}. See docs/training.md.
+
+## Test-split metrics
+Test history policy: the most recent {args.eval_history_tokens} tokens of each record.
+
+| metric | value |
+|---|---|
+{rows}
+"""

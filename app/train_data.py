@@ -1,0 +1,306 @@
+"""Training data: a manifest -> model inputs, decoder sequences and finding labels.
+
+* :func:`load_manifest_for_training` reads and checks a manifest, listing *every* problem
+  (unreadable lines, bad entries, missing files, an empty train split) in one error.
+* :class:`StudyCache` keeps each study's preprocessed arrays (slabs, log-mel) on disk as
+  uncompressed ``.npz`` (float16 pixels, read back with ``allow_pickle=False``), so epochs after
+  the first never decode DICOM or audio again. The key covers the source files' size and mtime
+  and the preprocessing settings: editing a study or changing the model geometry re-decodes it.
+* :class:`ReportDataset` gives :class:`Example` items (``StudyInputs`` + the decoder sequence
+  ``[BOS] history [REPORT] report [EOS]`` + label indices); :func:`collate_examples` pads them
+  into ``ModelInputs`` with ``ids``, ``lm_labels`` and ``labels``.
+
+History length policy in training (the *length curriculum* sets ``max_history_tokens``): a
+record longer than the cap is cropped to the cap. ``crop="facts"`` keeps windows centred on the
+manifest's planted facts (so the report's history-derived sentences stay supported by the
+prefix) and fills the rest with the record's tail; ``crop="tail"`` keeps the most recent tokens.
+Crops are drawn from ``numpy.random.default_rng([seed, epoch, index])``: reproducible and
+independent of worker processes and of resuming. Inference never crops (the decoder reads all).
+
+Shape legend: S slabs, H/W slab size, M mel bins, T frames, K findings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from data.errors import MedreportError
+from multimodal.heads import SIDES, FindingLabels, coarse_location, side_index
+from multimodal.model import ModelInputs, StudyInputs, collate
+from multimodal.presets import ModelConfig
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+class TrainDataError(MedreportError):
+    """A manifest or study that cannot be used for training; the message lists what is wrong."""
+
+
+# ----------------------------------------------------------------------------- manifest checks
+
+
+def load_manifest_for_training(path: str | Path, max_listed: int = 20) -> list:
+    """Entries of ``path``; raise :class:`TrainDataError` listing all problems found.
+
+    Checks: the file exists and every line is a valid entry (schema, vocabulary, split), every
+    referenced study / history / audio file exists, and the train split is not empty.
+    """
+    from data.datasets import ManifestEntry, validate_entry
+
+    path = Path(path)
+    if not path.is_file():
+        hint = " (give the manifest.jsonl file, not its folder)" if path.is_dir() else ""
+        raise TrainDataError(f"manifest not found: {path}{hint}; build one with 'medreport make-dataset --out DIR'")
+    problems: list[str] = []
+    entries = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"line {n}: not valid JSON ({exc.msg})")
+                continue
+            if not isinstance(d, dict):
+                problems.append(f"line {n}: not a JSON object")
+                continue
+            bad = validate_entry(d, path.parent, check_files=True)
+            if bad:
+                problems.append(f"line {n} (id {d.get('id', '?')}): " + "; ".join(bad))
+                continue
+            entries.append(ManifestEntry.from_dict(d, path.parent))
+    if not problems and not entries:
+        problems.append("the manifest has no entries")
+    elif not problems and not any(e.split == "train" for e in entries):
+        problems.append("no entry has split 'train'")
+    if problems:
+        shown = problems[:max_listed]
+        more = f"\n  ... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
+        raise TrainDataError(
+            f"{path} cannot be used for training ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  "
+            + "\n  ".join(shown) + more + "\nFix or remove these lines (paths are relative to the manifest's folder)."
+        )
+    return entries
+
+
+# ----------------------------------------------------------------------------- preprocessing + cache
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What the encoders expect (read from the model config)."""
+
+    n_slabs: int
+    image_size: int
+    n_mels: int
+    audio: bool = True  # False: ignore dictations (image + history only)
+
+    @classmethod
+    def from_model(cls, cfg: ModelConfig, audio: bool = True) -> "PreprocessConfig":
+        return cls(cfg.image.max_slabs, cfg.image.image_size, cfg.audio.n_mels, audio)
+
+    def key(self) -> str:
+        return f"v{CACHE_VERSION}-s{self.n_slabs}-i{self.image_size}-m{self.n_mels}"
+
+
+def _stamp(p: Path | None) -> str:
+    """Size + mtime of a file or of all files under a folder (cheap change detection)."""
+    if p is None:
+        return "-"
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    return ";".join(f"{q.name}:{q.stat().st_size}:{q.stat().st_mtime_ns}" for q in files)
+
+
+class StudyCache:
+    """Preprocessed study arrays on disk (``<dir>/<settings>/<hash>.npz``); ``None`` dir = no cache."""
+
+    def __init__(self, directory: str | Path | None, pre: PreprocessConfig):
+        self.pre = pre
+        self.dir = Path(directory) / pre.key() if directory else None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, entry) -> Path:
+        audio = entry.path(entry.audio) if self.pre.audio else None
+        h = hashlib.sha1(f"{entry.id}|{_stamp(entry.study_path)}|{_stamp(audio)}".encode()).hexdigest()[:20]
+        return self.dir / f"{h}.npz"
+
+    def arrays(self, entry) -> dict[str, np.ndarray]:
+        """pixels float16 (S, 3, H, W), z_mm (S,), z_index_range (S, 2) and, with audio, mel float16 (M, T)."""
+        f = self._file(entry) if self.dir is not None else None
+        if f is not None and f.is_file():
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    return {k: z[k] for k in z.files}
+            except (OSError, ValueError) as exc:  # a torn write from a killed run: rebuild it
+                log.warning("cache file %s unreadable (%s); rebuilding", f.name, exc)
+        arrs = self._compute(entry)
+        if f is not None:
+            tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp.npz")
+            np.savez(tmp, **arrs)
+            os.replace(tmp, f)  # atomic: concurrent ranks / workers never see half a file
+        return arrs
+
+    def _compute(self, entry) -> dict[str, np.ndarray]:
+        from data.preprocess import make_slabs
+        from data.study import load_study
+
+        study = load_study(entry.study_path)
+        slabs = make_slabs(study, self.pre.n_slabs, (self.pre.image_size, self.pre.image_size))
+        out = {
+            "pixels": slabs.pixels.astype(np.float16),  # values in [0, 1]: float16 keeps ~1e-3
+            "z_mm": slabs.z_mm.astype(np.float32),
+            "z_index_range": slabs.z_index_range.astype(np.int64),
+        }
+        if self.pre.audio and entry.audio:
+            from data.audio import AudioConfig, load_audio, log_mel
+
+            acfg = AudioConfig(n_mels=self.pre.n_mels)
+            wave = load_audio(entry.path(entry.audio), acfg.sample_rate, acfg.max_seconds)
+            out["mel"] = log_mel(wave, acfg)[0].astype(np.float16)  # (M, T)
+        return out
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+@dataclass
+class Example:
+    id: str
+    study: StudyInputs
+    ids: list[int]  # [BOS] history [REPORT] report [EOS]
+    n_prefix: int  # tokens up to and including [REPORT] (not predicted)
+    present_K: np.ndarray  # 1 / 0 / -1 unknown
+    side_K: np.ndarray  # class index / -100
+    location_K: np.ndarray  # class index / -100
+
+
+def finding_targets(labels, finding_names: Sequence[str], locations: Sequence[str]) -> tuple[np.ndarray, ...]:
+    """Manifest labels -> (present_K, side_K, location_K) in head order; unknown = -1 / -100."""
+    K = len(finding_names)
+    present = np.full(K, -1, dtype=np.int64)
+    side = np.full(K, -100, dtype=np.int64)
+    loc = np.full(K, -100, dtype=np.int64)
+    index = {n: k for k, n in enumerate(finding_names)}
+    for lab in labels:
+        k = index.get(lab.finding)
+        if k is None or lab.present is None:
+            continue
+        present[k] = int(bool(lab.present))
+        if lab.present:
+            side[k] = side_index(lab.side) if lab.side in SIDES else -100
+            c = coarse_location(lab.location)
+            loc[k] = locations.index(c) if lab.location and c in locations else -100
+    return present, side, loc
+
+
+def history_text(entry) -> str | None:
+    from data.history import read_history
+
+    if entry.history:
+        return read_history(entry.path(entry.history))
+    return entry.history_text or None
+
+
+def crop_history(ids: list[int], cap: int, fact_tokens: Sequence[int], rng: np.random.Generator,
+                 mode: str = "facts", window: int = 48) -> list[int]:
+    """At most ``cap`` history tokens (the module docstring states the policy)."""
+    if len(ids) <= cap:
+        return list(ids)
+    if mode == "tail" or not fact_tokens:
+        return list(ids[len(ids) - cap:])
+    keep = np.zeros(len(ids), dtype=bool)
+    w = max(8, min(window, cap // max(1, len(fact_tokens))))
+    for t in sorted(fact_tokens):
+        a = int(np.clip(t - w // 4 - rng.integers(0, max(1, w // 4)), 0, len(ids)))
+        keep[a: a + w] = True
+        if keep.sum() >= cap:
+            break
+    rest = cap - int(keep.sum())
+    if rest > 0:  # fill with the most recent tokens not yet kept
+        free = np.flatnonzero(~keep)
+        keep[free[len(free) - rest:]] = True
+    idx = np.flatnonzero(keep)[:cap]
+    return [ids[i] for i in idx]
+
+
+class ReportDataset(torch.utils.data.Dataset):
+    """Examples of one split. ``max_history_tokens`` and ``epoch`` may be changed between epochs."""
+
+    def __init__(self, entries, tokenizer, model_cfg: ModelConfig, cache: StudyCache, *, seed: int = 0,
+                 max_history_tokens: int = 512, max_report_tokens: int = 512, crop: str = "facts"):
+        if crop not in ("facts", "tail"):
+            raise ValueError("crop must be 'facts' or 'tail'")
+        self.entries = list(entries)
+        self.tok = tokenizer
+        self.cfg = model_cfg
+        self.cache = cache
+        self.seed = seed
+        self.max_history_tokens = max_history_tokens
+        self.max_report_tokens = max_report_tokens
+        self.crop = crop
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def history_ids(self, entry, rng: np.random.Generator | None = None) -> list[int]:
+        """Tokenised, cropped history of ``entry`` (no special tokens)."""
+        text = history_text(entry)
+        if not text:
+            return []
+        enc = self.tok.tk.encode(text, add_special_tokens=False)
+        ids = enc.ids
+        facts = []
+        if len(ids) > self.max_history_tokens and self.crop == "facts":
+            starts = np.asarray([o[0] for o in enc.offsets])
+            facts = [int(np.searchsorted(starts, f.char_offset, side="right") - 1)
+                     for f in entry.facts if f.char_offset >= 0 and f.kind != "distractor"]
+        return crop_history(ids, self.max_history_tokens, facts,
+                            rng if rng is not None else np.random.default_rng(0), self.crop)
+
+    def study_inputs(self, entry, rng: np.random.Generator | None = None) -> StudyInputs:
+        a = self.cache.arrays(entry)
+        hist = self.history_ids(entry, rng)
+        return StudyInputs(
+            pixels=a["pixels"].astype(np.float32), z_mm=a["z_mm"], z_index_range=a["z_index_range"],
+            mel=a["mel"].astype(np.float32) if "mel" in a else None, history_ids=hist or None,
+        )
+
+    def __getitem__(self, i: int) -> Example:
+        e = self.entries[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        study = self.study_inputs(e, rng)
+        report = self.tok.encode_report(e.sections)[: self.max_report_tokens]
+        prefix = [self.tok.bos_id, *(study.history_ids or []), self.tok.report_id]
+        present, side, loc = finding_targets(e.labels, self.cfg.heads.finding_names, self.cfg.heads.locations)
+        return Example(e.id, study, prefix + report + [self.tok.eos_id], len(prefix), present, side, loc)
+
+
+def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInputs:
+    """Pad examples into ``ModelInputs`` with decoder ids, LM labels (report + EOS only) and labels."""
+    x = collate([ex.study for ex in examples])
+    T = max(len(ex.ids) for ex in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # [B, T] right-padded
+    lm = torch.full((len(examples), T), -100, dtype=torch.long)
+    for b, ex in enumerate(examples):
+        ids[b, : len(ex.ids)] = torch.as_tensor(ex.ids)
+        lm[b, ex.n_prefix: len(ex.ids)] = ids[b, ex.n_prefix: len(ex.ids)]
+    x.ids, x.lm_labels = ids, lm
+    x.labels = FindingLabels(
+        torch.as_tensor(np.stack([ex.present_K for ex in examples])),
+        torch.as_tensor(np.stack([ex.side_K for ex in examples])),
+        torch.as_tensor(np.stack([ex.location_K for ex in examples])),
+    )
+    return x

@@ -1,0 +1,188 @@
+"""medreport train: loss goes down, exact resume, config overrides, clear manifest errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from app.train import ConfigError, TrainStep, load_config, model_config, train
+from app.train_data import (
+    PreprocessConfig, ReportDataset, StudyCache, TrainDataError, collate_examples, crop_history,
+    load_manifest_for_training,
+)
+from data.errors import MedreportError
+from multimodal.model import ReportModel
+
+# A small, fast recipe on the bundled examples (3 train, 1 val study): tiny preset with a cheaper
+# image encoder (stride 32, 4 slabs), one decoder and fusion layer, no audio, short history caps.
+FAST = [
+    "data.batch_size=1", "data.audio=false", "data.history_curriculum=[[0,48],[0.5,64]]",
+    "data.max_report_tokens=96", "model.image.output_stride=32", "model.image.max_slabs=4",
+    "model.decoder.n_layers=1", "model.fusion.n_layers=1", "eval.every=0", "eval.bleu_studies=0", "eval.max_studies=1", "save_every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, repo_root):
+    """One tokenizer and one preprocessing cache for every run of this module."""
+    base = tmp_path_factory.mktemp("train")
+    manifest = repo_root / "examples" / "manifest.jsonl"
+    cfg = load_config(None, repo_root / "configs" / "tiny.json", FAST + ["stages.0.steps=1"])
+    from app.train import Dist, build_tokenizer
+
+    build_tokenizer(cfg, load_manifest_for_training(manifest), base / "tok_run", Dist())
+    return {"manifest": manifest, "cache": base / "cache", "tok": base / "tok_run" / "tokenizer", "base": base}
+
+
+def _cfg(shared, repo_root, *extra):
+    return load_config(None, repo_root / "configs" / "tiny.json",
+                       FAST + [f"data.cache_dir={shared['cache']}", f"data.tokenizer={shared['tok']}", *extra])
+
+
+def _train_loss(model: ReportModel, cfg, shared) -> float:
+    """Mean training loss of ``model`` over the train split (eval mode, no grad)."""
+    from data.tokenizer import ReportTokenizer
+
+    tok = ReportTokenizer.load(shared["tok"])
+    entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "train"]
+    cache = StudyCache(shared["cache"], PreprocessConfig.from_model(model.cfg, audio=False))
+    ds = ReportDataset(entries, tok, model.cfg, cache, max_history_tokens=64, max_report_tokens=96)
+    model.eval()
+    with torch.no_grad():
+        return float(np.mean([float(TrainStep(model)(collate_examples([ds[i]], tok.pad_id))["loss"]) for i in range(len(ds))]))
+
+
+def test_few_steps_lower_the_loss_and_write_the_run(shared, repo_root, tmp_path):
+    cfg = _cfg(shared, repo_root, "stages.0.steps=4", "optim.lr=3e-3", "eval.bleu_studies=1", "eval.max_new_tokens=12")
+    torch.manual_seed(cfg.seed)
+    from data.tokenizer import ReportTokenizer
+
+    init = ReportModel(model_config(cfg, ReportTokenizer.load(shared["tok"]).vocab_size))
+    before = _train_loss(init, cfg, shared)
+    run = tmp_path / "run"
+    final = train(shared["manifest"], run, cfg, progress=False)
+    model = ReportModel.from_pretrained(final)
+    after = _train_loss(model, cfg, shared)
+    assert after < before - 0.2, (before, after)
+
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["optim"]["lr"] == 3e-3
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    val = [r for r in rows if "val_loss" in r]
+    assert val and "val_finding_micro_f1" in val[-1] and "val_bleu4" in val[-1]
+    assert (run / "learning_curve.png").stat().st_size > 1000
+    fm = json.loads((run / "final_metrics.json").read_text())
+    assert fm["temperature"] > 0 and float(model.heads.temperature) == pytest.approx(fm["temperature"], rel=1e-6)
+    assert (final / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_exact_resume_matches_straight_run(shared, repo_root, tmp_path):
+    cfg = _cfg(shared, repo_root, "stages.0.steps=4")
+    train(shared["manifest"], tmp_path / "straight", cfg, progress=False)
+    assert train(shared["manifest"], tmp_path / "split", cfg, progress=False, stop_at=2) is None
+    state = torch.load(tmp_path / "split" / "checkpoints" / "step_2" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2 and set(state["rng"]) >= {"python", "numpy", "torch"} and "optimizer" in state
+    train(shared["manifest"], tmp_path / "split", None, resume=True, progress=False)
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    # the resumed run's log has every step once
+    rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_two_stage_recipe_runs_with_cached_encoder_tokens(shared, repo_root, tmp_path):
+    stages = json.dumps([
+        {"name": "encoders", "steps": 2, "train": ["image_encoder", "audio_encoder", "fusion", "heads",
+                                                   "decoder.tok_embeddings"], "lm": False},
+        {"name": "decoder", "steps": 2, "train": ["fusion", "decoder", "heads"], "lm": True, "cache_encoders": True},
+    ])
+    cfg = _cfg(shared, repo_root, f"stages={stages}")
+    final = train(shared["manifest"], tmp_path / "run", cfg, progress=False)
+    m = ReportModel.from_pretrained(final)
+    ck = ReportModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step_2")  # end of stage 1
+    # stage 2 froze the image encoder: its weights and BatchNorm statistics did not move; the decoder did
+    for (n, p), (_, q) in zip(m.image_encoder.state_dict().items(), ck.image_encoder.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert not torch.equal(m.decoder.layers[0].moe.router.weight, ck.decoder.layers[0].moe.router.weight)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert "lm" not in rows[0] and "lm" in rows[-1]
+
+
+def test_config_overrides_parse_and_reach_the_saved_config(repo_root):
+    cfg = load_config("tiny", repo_root / "configs" / "tiny.json",
+                      ["optim.lr=1e-3", "stages.0.steps=7", "data.history_crop=tail", "model.decoder.moe.n_experts=2",
+                       "optim.betas=[0.8,0.9]"])
+    assert cfg.optim.lr == 1e-3 and cfg.stages[0].steps == 7 and cfg.data.history_crop == "tail"
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert model_config(cfg, 100).decoder.moe.n_experts == 2
+    assert json.loads(json.dumps(cfg.to_dict()))["optim"]["lr"] == 1e-3
+    for bad, needle in [("optim.lrr=1", "optim.lrr"), ("optim.lr=fast", "number"), ("stages.0.steps=1.5", "integer"),
+                        ("model.decoder.n_layerz=2", "n_layerz"), ("lr", "key=value"), ("stages.3.steps=1", "entries")]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config("tiny", None, [bad])
+    assert issubclass(ConfigError, MedreportError)
+
+
+def test_bad_manifest_lists_every_problem(tmp_path, repo_root):
+    with pytest.raises(TrainDataError, match="manifest not found"):
+        load_manifest_for_training(tmp_path / "nope.jsonl")
+    lines = (repo_root / "examples" / "manifest.jsonl").read_text().splitlines()
+    good = json.loads(lines[0])
+    good["study"] = str(repo_root / "examples" / good["study"])
+    for k in ("history", "audio"):
+        good[k] = str(repo_root / "examples" / good[k])
+    missing = dict(good, id="a", study="studies/does_not_exist")
+    badsplit = dict(good, id="b", split="training")
+    (tmp_path / "m.jsonl").write_text("\n".join([json.dumps(good), json.dumps(missing), "{not json", json.dumps(badsplit)]))
+    with pytest.raises(TrainDataError) as ei:
+        load_manifest_for_training(tmp_path / "m.jsonl")
+    msg = str(ei.value)
+    assert "3 problems" in msg and "line 2" in msg and "study path not found" in msg
+    assert "line 3" in msg and "not valid JSON" in msg and "line 4" in msg and "split" in msg
+    # the CLI prints it as one message, exit status 2
+    from app.cli import main
+
+    assert main(["train", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "run")]) == 2
+
+
+def test_history_crop_keeps_fact_windows():
+    rng = np.random.default_rng(0)
+    ids = list(range(1000))
+    out = crop_history(ids, 100, [500, 900], rng, "facts")
+    assert len(out) == 100 and out == sorted(out) and 500 in out and 900 in out
+    assert crop_history(ids, 100, [500], rng, "tail") == ids[-100:]
+    assert crop_history(ids[:50], 100, [10], rng) == ids[:50]
+
+
+def test_split_evaluation_and_fp16_shipped_model(shared, repo_root, tmp_path):
+    from app.commands.demo_model import write_shipped_model
+    from app.train import evaluate_split
+    from data.tokenizer import ReportTokenizer
+
+    cfg = _cfg(shared, repo_root)
+    tok = ReportTokenizer.load(shared["tok"])
+    torch.manual_seed(0)
+    model = ReportModel(model_config(cfg, tok.vocab_size), tok).eval()
+    preds = tmp_path / "pred.jsonl"
+    m = evaluate_split(model, shared["manifest"], "test", max_new_tokens=6, batch_size=2, predictions=preds,
+                       max_history_tokens=64, progress=False)
+    assert m["n"] == 2 and {"bleu4", "finding_micro_f1", "ece", "text_finding_consistency", "facts_carried"} <= set(m)
+    assert 0 <= m["ece"] <= 1 and 0 <= m["text_finding_consistency"] <= 1
+    assert {json.loads(x)["id"] for x in preds.read_text().splitlines()} == {"syn00001", "syn00003"}
+
+    model.heads.temperature.fill_(1.7)
+    out = write_shipped_model(model, tmp_path / "demo")
+    full = tmp_path / "full"
+    model.save_pretrained(full, tok)
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
+    back = ReportModel.from_pretrained(out)
+    assert back.decoder.tok_embeddings.weight.dtype == torch.float32
+    assert float(back.heads.temperature) == pytest.approx(1.7, abs=1e-3)
+    for (n, p), (_, q) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.allclose(p.double(), q.double(), atol=2e-3, rtol=1e-2), n
