@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from app.report import atomic_write_text
+from data.datasets import iter_jsonl
 from data.errors import MedreportError
 
 log = logging.getLogger(__name__)
@@ -94,14 +95,8 @@ def _read_manifest(path: Path) -> list[BatchItem]:
     def rel(v):
         return None if v in (None, "") else (Path(v) if Path(v).is_absolute() else root / v)
 
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BatchInputError(f"{path.name} line {n} is not JSON ({exc.msg}): each line must be one object") from None
-        if not isinstance(d, dict) or "id" not in d or not d.get("study"):
+    for n, d in iter_jsonl(path, BatchInputError):
+        if "id" not in d or not d.get("study"):
             raise BatchInputError(f"{path.name} line {n}: needs 'id' and 'study' (a path relative to the manifest)")
         sid = str(d["id"])
         if sid in seen:

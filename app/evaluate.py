@@ -71,13 +71,9 @@ def read_reports(path: str | Path) -> dict[str, str]:
         raise EvaluationInputError(f"{p} does not exist: give a JSONL file of {{\"id\", \"report\"}} rows or a folder of reports")
     out: dict[str, str] = {}
     if p.is_file():
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvaluationInputError(f"{p.name} line {n} is not JSON ({exc.msg}): each line must be one {{\"id\", \"report\"}} object") from None
+        from data.datasets import iter_jsonl
+
+        for n, obj in iter_jsonl(p, EvaluationInputError):
             if "id" not in obj:
                 raise EvaluationInputError(f"{p.name} line {n} has no 'id'")
             sid = str(obj["id"])

@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from data.errors import MedreportError
 from data.report_format import SECTION_KEYS, empty_sections, format_report, parse_report
@@ -34,6 +34,24 @@ SPLITS = ("train", "val", "test")
 
 class ManifestError(MedreportError):
     """A manifest or source dataset that cannot be read as documented."""
+
+
+def iter_jsonl(path: str | Path, error: type[MedreportError] = None) -> "Iterator[tuple[int, dict]]":
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not one JSON
+    object raises ``error`` (default ManifestError) naming the file and line."""
+    error = error or ManifestError
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{path.name} line {n} is not valid JSON ({exc.msg}): each line must be one JSON object") from None
+            if not isinstance(d, dict):
+                raise error(f"{path.name} line {n} is not a JSON object: each line must be one {{...}} object")
+            yield n, d
 
 
 @dataclass
@@ -154,19 +172,12 @@ def read_manifest(path: str | Path, validate: bool = True, check_files: bool = F
         raise ManifestError(f"manifest not found: {path}")
     root = path.parent
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ManifestError(f"{path}:{n}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-            if validate:
-                problems = validate_entry(d, root, check_files=check_files)
-                if problems:
-                    raise ManifestError(f"{path}:{n}: " + "; ".join(problems))
-            out.append(ManifestEntry.from_dict(d, root))
+    for n, d in iter_jsonl(path, ManifestError):
+        if validate:
+            problems = validate_entry(d, root, check_files=check_files)
+            if problems:
+                raise ManifestError(f"{path}:{n}: " + "; ".join(problems))
+        out.append(ManifestEntry.from_dict(d, root))
     return out
 
 

@@ -36,7 +36,7 @@ def test_manifest_roundtrip_and_validation(tmp_path):
 def test_read_manifest_errors_name_the_line(tmp_path):
     p = tmp_path / "m.jsonl"
     p.write_text('{"id": "a", "split": "train", "study": "s", "report": "", "sections": {}, "labels": []}\nnot json\n')
-    with pytest.raises(ManifestError, match=r"m.jsonl:2: not valid JSON"):
+    with pytest.raises(ManifestError, match=r"m.jsonl line 2 is not valid JSON"):
         read_manifest(p)
     with pytest.raises(ManifestError, match="not found"):
         read_manifest(tmp_path / "missing.jsonl")
