@@ -414,6 +414,11 @@ def _check_decodable(ds: Any, rel: str) -> None:
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if ts is None:
         raise PixelDecodeError(f"{rel}: the file meta has no Transfer Syntax UID; re-export the series from the PACS")
+    if not ts.is_transfer_syntax:  # a corrupt or private UID: no decoder can be chosen for it
+        raise UnsupportedTransferSyntaxError(
+            f"{rel}: the Transfer Syntax UID in the file meta is not a known transfer syntax (corrupt or "
+            "private); re-export the series from the PACS uncompressed or as JPEG/JPEG 2000"
+        )
     if not ts.is_compressed:
         return
     try:
