@@ -140,6 +140,10 @@ def read_header(path: Path, rel: str) -> tuple[Any | None, str | None]:
             # Touch the attributes we rely on so parse errors surface here, not in pass 2.
             ds.get("SeriesInstanceUID")
             ds.get("Modality")
+            meta = getattr(ds, "file_meta", None)
+            if meta is not None:  # file-meta values are parsed lazily too
+                meta.get("MediaStorageSOPClassUID")
+                meta.get("TransferSyntaxUID")
         return ds, None
     except MemoryError:
         return None, "header too large to read"
