@@ -28,10 +28,10 @@ COPY data ./data
 COPY multimodal ./multimodal
 COPY examples ./examples
 COPY models ./models
-RUN pip install --upgrade pip setuptools wheel \
-    && pip install '.[ui,export]'
+RUN pip install '.[ui,export]'
 
-USER medreport
+USER 1000
 EXPOSE 7860
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=4)"
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=4)"]
 CMD ["medreport", "serve", "--host", "0.0.0.0", "--port", "7860"]
