@@ -62,11 +62,14 @@ def _report_text(obj: dict) -> str:
     raise EvaluationInputError("a report record has neither a 'report' string nor a 'sections' object")
 
 
-def read_reports(path: str | Path) -> dict[str, str]:
+def read_reports(path: str | Path, split: str | None = None) -> dict[str, str]:
     """Reports keyed by id from a JSONL file (``{"id", "report"}`` per line; manifests work too)
     or a folder: ``<id>.txt`` files, or ``<id>/`` sub-folders holding ``report.txt``,
-    ``report.json``, ``reference.txt`` or ``reference.json``."""
+    ``report.json``, ``reference.txt`` or ``reference.json``. ``split`` keeps only the JSONL
+    rows whose ``split`` field equals it (a manifest's train/val/test)."""
     p = Path(path)
+    if split is not None and not p.is_file():
+        raise EvaluationInputError(f"--split needs a JSONL file with a 'split' field (a manifest); {p} is a folder")
     if not p.exists():
         raise EvaluationInputError(f"{p} does not exist: give a JSONL file of {{\"id\", \"report\"}} rows or a folder of reports")
     out: dict[str, str] = {}
@@ -76,6 +79,8 @@ def read_reports(path: str | Path) -> dict[str, str]:
         for n, obj in iter_jsonl(p, EvaluationInputError):
             if "id" not in obj:
                 raise EvaluationInputError(f"{p.name} line {n} has no 'id'")
+            if split is not None and obj.get("split") != split:
+                continue
             sid = str(obj["id"])
             if sid in out:
                 raise EvaluationInputError(f"{p.name} line {n}: id {sid!r} appears twice; ids must be unique")
@@ -83,6 +88,8 @@ def read_reports(path: str | Path) -> dict[str, str]:
                 out[sid] = _report_text(obj)
             except EvaluationInputError as exc:
                 raise EvaluationInputError(f"{p.name} line {n}: {exc}") from None
+        if split is not None and not out:
+            raise EvaluationInputError(f"{p.name} has no rows of split {split!r}: check the name (train, val or test)")
         return out
     for f in sorted(p.glob("*.txt")):
         out[f.stem] = f.read_text(encoding="utf-8")

@@ -274,7 +274,8 @@ class ReportPipeline:
         t0 = time.perf_counter()
         notify("generating", _STAGE_SPAN["generating"][0])
         with torch.inference_mode():
-            token_ids = generate(model.decoder, [prefix], enc.fused_BFD, enc.mask_BF, cfg.generation(tok))[0]
+            ctx = model.decoder_context(enc.fused_BFD, enc.mask_BF, heads)
+            token_ids = generate(model.decoder, [prefix], *ctx, cfg.generation(tok))[0]
         sections = tok.decode_report(token_ids)
         stage("generating", t0)
 

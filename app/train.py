@@ -442,7 +442,7 @@ class TrainStep(nn.Module):
         losses = heads_loss(heads, x.labels, m.cfg.heads)
         total = m.cfg.heads_weight * losses["heads"]
         if lm and x.ids is not None:
-            out = m.decoder(x.ids, fused, mask)
+            out = m.decoder(x.ids, *m.decoder_context(fused, mask, heads))
             lm_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), x.lm_labels[:, 1:].flatten(), ignore_index=-100)
             losses.update(aux=out.aux_loss, lm=lm_loss)
             total = total + m.cfg.aux_weight * out.aux_loss + m.cfg.lm_weight * lm_loss
@@ -893,6 +893,7 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
 @torch.no_grad()
 def _cached_encoder_tokens(model: ReportModel, x: ModelInputs, ids: list[str], cache: dict) -> tuple:
     """Frozen image/audio encoder tokens, computed once per study (eval mode), re-padded per batch."""
+    x = model.visible_inputs(x)
     missing = [b for b, i in enumerate(ids) if i not in cache]
     if missing:
         sub = ModelInputs(**{k: (v[missing] if torch.is_tensor(v) else v) for k, v in x.__dict__.items()
@@ -1009,6 +1010,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     names = list(model.finding_names)
     device = next(model.parameters()).device
     hyp: dict[str, str] = {}
+    found: dict[str, dict] = {}  # predicted findings per study (the template baseline reads them)
     probs, labels, below = [], [], []
     bar = tqdm(total=len(entries), desc=f"evaluate {split}", disable=not progress)
     from core.generate import GenerationConfig
@@ -1025,6 +1027,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False)
         for e, p in zip(chunk, preds):
             hyp[e.id] = format_report(tok.decode_report(p.token_ids))
+            found[e.id] = {n: {"p": round(p.finding_probs[n], 5), "side": max(p.side_probs[n], key=p.side_probs[n].get),
+                               "location": p.location[n]} for n in names}
             probs.append([p.finding_probs[n] for n in names])
             present, _, _ = finding_targets(e.labels, names, model.cfg.heads.locations)
             labels.append(present)
@@ -1055,5 +1059,6 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     out["facts_carried"] = float(np.mean(carried)) if carried else None
     out["facts_checked"] = len(carried)
     if predictions:
-        Path(predictions).write_text("".join(json.dumps({"id": k, "report": v}) + "\n" for k, v in hyp.items()))
+        Path(predictions).write_text("".join(json.dumps({"id": k, "report": v, "findings": found[k]}) + "\n"
+                                             for k, v in hyp.items()))
     return out

@@ -45,6 +45,11 @@ class HeadsConfig:
     presence_weight: float = 1.0
     side_weight: float = 0.3
     location_weight: float = 0.3
+    # Finding context: K extra decoder-context tokens, one per finding, made from the heads' own
+    # (uncalibrated, detached) presence / side / location predictions. The decoder still writes
+    # every word; these tokens tell it compactly what the heads saw, so that its text agrees with
+    # the findings table (text-finding consistency) and it learns the mapping in few steps.
+    finding_context: bool = False
 
     @property
     def num_findings(self) -> int:
@@ -121,6 +126,24 @@ class FindingHeads(nn.Module):
         self.side = nn.Linear(dim, K * len(SIDES))
         self.location = nn.Linear(dim, K * L)
         self.register_buffer("temperature", torch.tensor(1.0))
+        if cfg.finding_context:
+            self.context_emb = nn.Parameter(torch.randn(K, dim) * 0.02)  # [K, D] which finding
+            self.context_proj = nn.Linear(1 + len(SIDES) + L, dim)  # prediction -> D
+            self.context_norm = nn.LayerNorm(dim)
+
+    def context_tokens(self, out: HeadsOutput) -> torch.Tensor | None:
+        """[B, K, D] decoder-context tokens from the predictions (None when not configured).
+
+        Inputs are detached, uncalibrated probabilities (the temperature fitted after training
+        does not change what the decoder reads)."""
+        if not self.cfg.finding_context:
+            return None
+        p_BK1 = torch.sigmoid(out.presence_logits_BK.detach().float())[..., None]  # [B, K, 1]
+        side_BK4 = torch.softmax(out.side_logits_BK4.detach().float(), -1)  # [B, K, 4]
+        loc_BKL = torch.softmax(out.location_logits_BKL.detach().float(), -1)  # [B, K, L]
+        feats = torch.cat([p_BK1, side_BK4 * p_BK1, loc_BKL * p_BK1], -1)  # [B, K, 1+4+L]
+        feats = feats.to(self.context_emb.dtype)
+        return self.context_norm(self.context_emb + self.context_proj(feats))  # [B, K, D]
 
     def forward(self, fused_BFD: torch.Tensor, mask_BF: torch.Tensor) -> HeadsOutput:
         B = fused_BFD.shape[0]

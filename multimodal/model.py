@@ -11,6 +11,8 @@ F fused tokens, D width, K findings, V valid slabs.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 from dataclasses import dataclass, field
@@ -200,7 +202,20 @@ class ReportModel(nn.Module):
         return tuple(self.cfg.heads.finding_names)
 
     # -- encoding
+    def visible_inputs(self, x: ModelInputs) -> ModelInputs:
+        """``x`` with the modalities this model does not read (``cfg.use_image`` / ``use_audio``)
+        masked out, as if the study had none."""
+        if self.cfg.use_image and self.cfg.use_audio:
+            return x
+        x = dataclasses.replace(x)
+        if not self.cfg.use_image:
+            x.slab_mask = torch.zeros_like(x.slab_mask)
+        if not self.cfg.use_audio and x.audio_present is not None:
+            x.audio_present = torch.zeros_like(x.audio_present)
+        return x
+
     def encode(self, x: ModelInputs, keep_features: bool = False) -> Encoded:
+        x = self.visible_inputs(x)
         B = x.batch_size
         dev = x.slabs.device
         feats = rows = None
@@ -226,6 +241,17 @@ class ReportModel(nn.Module):
             feats = rows = None
         return Encoded(fused, mask, gates, feats, rows)
 
+    def decoder_context(self, fused_BFD: torch.Tensor, mask_BF: torch.Tensor,
+                        heads: HeadsOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the decoder cross-attends to: the fused tokens, plus one token per finding when
+        ``heads.finding_context`` is on. -> ([B, F(+K), D], [B, F(+K)])"""
+        extra = self.heads.context_tokens(heads)  # [B, K, D] or None
+        if extra is None:
+            return fused_BFD, mask_BF
+        extra = extra.to(fused_BFD.dtype)
+        ones = torch.ones(extra.shape[:2], dtype=mask_BF.dtype, device=mask_BF.device)  # [B, K]
+        return torch.cat([fused_BFD, extra], 1), torch.cat([mask_BF, ones], 1)
+
     # -- training
     def forward(self, x: ModelInputs) -> ModelOutput:
         enc = self.encode(x)
@@ -239,7 +265,7 @@ class ReportModel(nn.Module):
             losses.update(hl)
             total = total + self.cfg.heads_weight * hl["heads"]
         if x.ids is not None:
-            out = self.decoder(x.ids, enc.fused_BFD, enc.mask_BF)
+            out = self.decoder(x.ids, *self.decoder_context(enc.fused_BFD, enc.mask_BF, heads))
             logits = out.logits
             losses["aux"] = out.aux_loss
             total = total + self.cfg.aux_weight * out.aux_loss
@@ -304,7 +330,7 @@ class ReportModel(nn.Module):
                     enc = self.encode(x)
                     heads = self.heads(enc.fused_BFD, enc.mask_BF)
             with torch.inference_mode():
-                ctx, cmask = enc.fused_BFD.detach(), enc.mask_BF
+                ctx, cmask = self.decoder_context(enc.fused_BFD.detach(), enc.mask_BF, heads)
                 token_ids = generate(self.decoder, prefixes, ctx, cmask, gen or GenerationConfig())
             probs = heads.presence_probs.detach().cpu()
             side = torch.softmax(heads.side_logits_BK4.detach(), -1).cpu()
@@ -366,7 +392,9 @@ class ReportModel(nn.Module):
                 if enc.feats_VChw is None:
                     return []
                 ids_1T = torch.as_tensor([list(ids)], dtype=torch.long, device=x.slabs.device)
-                logp = torch.log_softmax(self.decoder(ids_1T, enc.fused_BFD, enc.mask_BF).logits.float(), -1)
+                heads = self.heads(enc.fused_BFD, enc.mask_BF)
+                ctx = self.decoder_context(enc.fused_BFD, enc.mask_BF, heads)
+                logp = torch.log_softmax(self.decoder(ids_1T, *ctx).logits.float(), -1)
                 tok_lp = logp[0, :-1].gather(-1, ids_1T[0, 1:, None])[:, 0]  # [T-1]: log p(ids[t+1])
                 out = []
                 for i, (a, c) in enumerate(spans):

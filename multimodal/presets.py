@@ -34,6 +34,10 @@ class ModelConfig:
     heads_weight: float = 1.0
     aux_weight: float = 0.01
     name: str = "custom"
+    # Inputs the model reads. False makes a model blind to that modality everywhere (training,
+    # generation, the UI): the image-blind baseline is use_image=False, use_audio=False.
+    use_image: bool = True
+    use_audio: bool = True
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = DEFAULT_VOCAB_SIZE, **overrides) -> "ModelConfig":
@@ -67,7 +71,7 @@ class ModelConfig:
             fusion=build(FusionConfig, d.get("fusion", {})),
             decoder=_decoder_from_dict(d.get("decoder", {})),
             heads=build(HeadsConfig, d.get("heads", {})),
-            **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "name") if k in d},
+            **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "name", "use_image", "use_audio") if k in d},
         )
 
 

@@ -17,6 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what is scored: 'findings,impression' (default), 'all', or a comma list of sections")
     p.add_argument("--json", dest="json_out", type=Path, default=None, help="write all scores as JSON here")
     p.add_argument("--html", dest="html_out", type=Path, default=None, help="write an HTML summary with a per-finding chart here")
+    p.add_argument("--split", default=None,
+                   help="when --ref is a manifest: score only the references of this split (train, val or test)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0 to skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from app.evaluate import evaluate_reports, read_reports, render_html
 
     hyp = read_reports(args.hyp)
-    ref = read_reports(args.ref)
+    ref = read_reports(args.ref, split=args.split)
     ev = evaluate_reports(hyp, ref, sections=args.sections, bootstrap=args.bootstrap, seed=args.seed,
                           meteor=not args.no_meteor)
     print(f"{ev.n} studies scored ({ev.sections})")

@@ -124,13 +124,18 @@ def write_dataset(out: Path, cfg: DatasetConfig, workers: int | None = None, pro
     (out / "studies").mkdir(parents=True, exist_ok=True)
     if cfg.audio and not dictation.available():
         raise RuntimeError("no speech synthesizer found")
-    workers = max(1, min(workers or os.cpu_count() or 1, cfg.n))
-    jobs = [(cfg, i, str(out)) for i in range(cfg.n)]
+    reuse = _reusable_entries(out, cfg)
+    _write_config(out, cfg)
+    todo = [i for i in range(cfg.n) if f"syn{i:05d}" not in reuse]
+    if reuse:
+        log.info("reusing %d studies already written with the same settings; generating %d", cfg.n - len(todo), len(todo))
+    workers = max(1, min(workers or os.cpu_count() or 1, max(len(todo), 1)))
+    jobs = [(cfg, i, str(out)) for i in todo]
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         tqdm = None
-    bar = tqdm(total=cfg.n, unit="study", disable=not progress) if tqdm else None
+    bar = tqdm(total=len(todo), unit="study", disable=not progress) if tqdm else None
     entries: list[dict] = []
     if workers == 1:
         for j in jobs:
@@ -146,8 +151,41 @@ def write_dataset(out: Path, cfg: DatasetConfig, workers: int | None = None, pro
                     bar.update(1)
     if bar:
         bar.close()
+    by_id = {e["id"]: e for e in entries}
+    by_id.update({sid: reuse[sid] for sid in reuse if int(sid[3:]) < cfg.n})
     manifest = out / "manifest.jsonl"
-    with open(manifest, "w", encoding="utf-8") as f:
-        for e in entries:
-            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    tmp = manifest.with_suffix(".jsonl.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in range(cfg.n):
+            f.write(json.dumps(by_id[f"syn{i:05d}"], ensure_ascii=False) + "\n")
+    os.replace(tmp, manifest)
     return manifest
+
+
+_CONFIG_FILE = "dataset_config.json"
+
+
+def _config_key(cfg: DatasetConfig) -> dict:
+    """The settings that decide a study's content (``n`` only decides how many)."""
+    return {"seed": cfg.seed, "size": cfg.size, "history_tokens": list(cfg.history_tokens), "audio": cfg.audio,
+            "showcase": cfg.showcase, "normal_fraction": cfg.normal_fraction}
+
+
+def _write_config(out: Path, cfg: DatasetConfig) -> None:
+    (out / _CONFIG_FILE).write_text(json.dumps(_config_key(cfg), indent=1) + "\n", encoding="utf-8")
+
+
+def _reusable_entries(out: Path, cfg: DatasetConfig) -> dict[str, dict]:
+    """Manifest entries of an earlier run into ``out`` with the same settings, whose study folder is
+    complete: each study is a pure function of (settings, index), so growing a dataset (a larger
+    ``n``) only writes the studies that are new."""
+    manifest, conf = out / "manifest.jsonl", out / _CONFIG_FILE
+    if not (manifest.is_file() and conf.is_file()):
+        return {}
+    try:
+        if json.loads(conf.read_text(encoding="utf-8")) != _config_key(cfg):
+            return {}
+        entries = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return {}
+    return {e["id"]: e for e in entries if (out / e["study"] / "reference.json").is_file()}

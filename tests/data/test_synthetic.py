@@ -214,3 +214,21 @@ def test_dataset_is_identical_for_any_worker_count(tmp_path):
     assert ref["sections"] == entry["sections"] and ref["labels"] == entry["labels"]
     assert (tmp_path / "w1" / entry["study"] / "reference.txt").read_text() == entry["report"]
     assert re.match(r"syn\d{5}$", entry["id"])
+
+
+def test_growing_a_dataset_keeps_written_studies_and_equals_a_fresh_build(tmp_path):
+    cfg = DatasetConfig(n=2, seed=9, size="tiny", history_tokens=(200, 400), audio=False)
+    grown = tmp_path / "grown"
+    write_dataset(grown, cfg, workers=1, progress=False)
+    first = grown / "studies" / "syn00000" / "reference.txt"
+    stamp = first.stat().st_mtime_ns
+    m = write_dataset(grown, DatasetConfig(n=3, seed=9, size="tiny", history_tokens=(200, 400), audio=False),
+                      workers=1, progress=False)
+    assert first.stat().st_mtime_ns == stamp  # reused, not rewritten
+    fresh = write_dataset(tmp_path / "fresh", DatasetConfig(n=3, seed=9, size="tiny", history_tokens=(200, 400),
+                                                            audio=False), workers=1, progress=False)
+    assert m.read_bytes() == fresh.read_bytes()
+    # other settings: nothing is reused (every study rewritten)
+    write_dataset(grown, DatasetConfig(n=3, seed=10, size="tiny", history_tokens=(200, 400), audio=False),
+                  workers=1, progress=False)
+    assert first.stat().st_mtime_ns != stamp

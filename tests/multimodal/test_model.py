@@ -218,3 +218,71 @@ def test_preset_configs_roundtrip(name):
 def test_unknown_preset():
     with pytest.raises(KeyError, match="tiny"):
         ModelConfig.preset("huge")
+
+
+def test_finding_context_tokens_reach_the_decoder():
+    """heads.finding_context: the decoder reads K extra tokens made from the heads' predictions,
+    so changing a finding's presence logit changes the report logits (and nothing flows back
+    into the heads from the LM loss)."""
+    from multimodal.heads import HeadsOutput
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=V)
+    cfg.heads.finding_context = True
+    m = ReportModel(cfg).eval()
+    rng = np.random.default_rng(7)
+    x = _with_targets(collate([_study(rng)]))
+    enc = m.encode(x)
+    heads = m.heads(enc.fused_BFD, enc.mask_BF)
+    K = len(m.finding_names)
+    ctx, cmask = m.decoder_context(enc.fused_BFD, enc.mask_BF, heads)
+    assert ctx.shape == (1, enc.fused_BFD.shape[1] + K, enc.fused_BFD.shape[2]) and cmask.all()
+    base = m.decoder(x.ids, ctx, cmask).logits
+    k = m.finding_names.index("nodule")
+    logits = heads.presence_logits_BK.clone()
+    logits[0, k] = logits[0, k] + 8.0  # the heads now say "nodule"
+    flipped = HeadsOutput(logits, heads.side_logits_BK4, heads.location_logits_BKL)
+    other = m.decoder(x.ids, *m.decoder_context(enc.fused_BFD, enc.mask_BF, flipped)).logits
+    assert (other - base).abs().max() > 1e-4
+    # training: the LM loss does not reach the presence head through the context tokens
+    m.train()
+    x.labels = None
+    out = m(x)
+    out.losses["lm"].backward()
+    assert m.heads.presence.weight.grad is None or m.heads.presence.weight.grad.abs().sum() == 0
+    assert m.heads.context_proj.weight.grad.abs().sum() > 0
+    # generation and save/load carry the option
+    preds = m.generate_report(collate([_study(rng)]), [[1, 5, 2]], GenerationConfig(max_new_tokens=4, eos_id=3),
+                              evidence=False)
+    assert 1 <= len(preds[0].token_ids) <= 4
+
+
+def test_finding_context_off_by_default_keeps_context():
+    m = ReportModel(ModelConfig.preset("tiny", vocab_size=V)).eval()
+    rng = np.random.default_rng(8)
+    enc = m.encode(collate([_study(rng)]))
+    heads = m.heads(enc.fused_BFD, enc.mask_BF)
+    ctx, mask = m.decoder_context(enc.fused_BFD, enc.mask_BF, heads)
+    assert ctx is enc.fused_BFD and mask is enc.mask_BF
+
+
+def test_image_blind_model_ignores_images_and_audio(tmp_path):
+    """use_image / use_audio False (the image-blind baseline): outputs do not depend on them,
+    and the setting survives save/load."""
+    torch.manual_seed(0)
+    m = ReportModel(ModelConfig.preset("tiny", vocab_size=V, use_image=False, use_audio=False)).eval()
+    rng = np.random.default_rng(9)
+    a = _study(rng)
+    b = StudyInputs(pixels=rng.random(a.pixels.shape, dtype=np.float32), z_mm=a.z_mm, z_index_range=a.z_index_range,
+                    mel=rng.standard_normal(a.mel.shape).astype(np.float32), history_ids=a.history_ids)
+    ha, ga = m.predict_findings(collate([a]))
+    hb, _ = m.predict_findings(collate([b]))
+    torch.testing.assert_close(ha.presence_logits_BK, hb.presence_logits_BK)
+    assert ga[0, 0] == 0 and ga[0, 1] == 0 and ga[0, 2] > 0
+    m.save_pretrained(tmp_path / "blind")
+    m2 = ReportModel.from_pretrained(tmp_path / "blind")
+    assert not m2.cfg.use_image and not m2.cfg.use_audio
+    seeing = ReportModel(ModelConfig.preset("tiny", vocab_size=V)).eval()
+    sa, _ = seeing.predict_findings(collate([a]))
+    sb, _ = seeing.predict_findings(collate([b]))
+    assert not torch.allclose(sa.presence_logits_BK, sb.presence_logits_BK)
