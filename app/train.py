@@ -979,6 +979,25 @@ def _finish(model: ReportModel, tok, val_ds: ReportDataset, cfg: TrainConfig, ru
 # ============================================================================ held-out evaluation
 
 
+def facts_carried(hyp: dict[str, str], entries) -> dict:
+    """How often the planted history facts reach the report: the share of facts whose expected
+    phrase appears in the generated text (case-insensitive), and the share of studies (with a
+    history holding at least one such fact) whose every fact does."""
+    checked = [e for e in entries if (e.history or e.history_text) and e.id in hyp]
+    facts = [(e, f) for e in checked for f in e.facts if f.kind != "distractor" and f.expect_in_report]
+    hit = [f.expect_in_report.lower() in hyp[e.id].lower() for e, f in facts]
+    per_study: dict[str, bool] = {}
+    for (e, _), h in zip(facts, hit):
+        per_study[e.id] = per_study.get(e.id, True) and h
+    by_kind: dict[str, list[bool]] = {}
+    for (_, f), h in zip(facts, hit):
+        by_kind.setdefault(f.kind, []).append(h)
+    return {"facts_carried": float(np.mean(hit)) if hit else None, "facts_checked": len(hit),
+            "facts_carried_studies": float(np.mean(list(per_study.values()))) if per_study else None,
+            "facts_studies_checked": len(per_study),
+            "facts_carried_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_kind.items())}}
+
+
 def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test", max_studies: int = 0,
                    max_history_tokens: int = 100_000, batch_size: int = 4, max_new_tokens: int = 400,
                    predictions: str | Path | None = None, progress: bool = True) -> dict:
@@ -1020,6 +1039,13 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     tok = model.tokenizer
     gen = GenerationConfig(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, section_ids=list(tok.section_ids),
                            pad_id=tok.pad_id)
+    def _hist_size(e) -> int:  # batch studies of similar record length: less padding in the prefill
+        if e.history:
+            p = e.path(e.history)
+            return p.stat().st_size if p.is_file() else 0
+        return len(e.history_text or "")
+
+    entries = sorted(entries, key=_hist_size)
     for a in range(0, len(entries), batch_size):
         chunk = entries[a: a + batch_size]
         studies = [ds.study_inputs(e) for e in chunk]
@@ -1054,10 +1080,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         said = presence(label_report(hyp[e.id]))
         agree += [bool(said.get(n)) == bool(P[i, k] >= 0.5) for k, n in enumerate(names)]
     out["text_finding_consistency"] = float(np.mean(agree))
-    carried = [f.expect_in_report.lower() in hyp[e.id].lower() for e in entries if e.history or e.history_text
-               for f in e.facts if f.kind != "distractor" and f.expect_in_report]
-    out["facts_carried"] = float(np.mean(carried)) if carried else None
-    out["facts_checked"] = len(carried)
+    out.update(facts_carried(hyp, entries))
     if predictions:
         Path(predictions).write_text("".join(json.dumps({"id": k, "report": v, "findings": found[k]}) + "\n"
                                              for k, v in hyp.items()))

@@ -37,7 +37,7 @@ NO_MODEL_MESSAGE = (
     "Report generation needs a trained model: run `make demo-model` (or start with "
     "`medreport serve --model DIR`). The study viewer works without one."
 )
-FINDING_COLUMNS = ["finding", "p", "present", "uncertain", "side", "location", "key z"]
+FINDING_COLUMNS = ["finding", "p", "call", "where", "key z"]  # narrow: fits beside the report
 
 
 @dataclass
@@ -224,8 +224,9 @@ def findings_table(report: Any) -> list[list]:
     """Rows for the findings table, most probable first."""
     rows = []
     for f in sorted(report.findings, key=lambda r: -r.probability):
-        rows.append([f.display, round(float(f.probability), 3), "yes" if f.present else "no",
-                     "UNCERTAIN" if f.uncertain else "", f.side or "", f.location or "",
+        call = "UNCERTAIN" if f.uncertain else ("present" if f.present else "absent")
+        where = " ".join(dict.fromkeys(x for x in (f.side, f.location) if x))  # "right right upper lobe" -> once
+        rows.append([f.display, round(float(f.probability), 2), call, where,
                      ", ".join(str(k.z) for k in f.key_slices)])
     return rows
 
@@ -461,6 +462,14 @@ def build_app(examples_dir: Path = DEFAULT_EXAMPLES, model_dir: Path | None = No
         progress(0.0, desc="loading")
         viewer = _load(files, example)
         companions = (None, None)
+        if example and not files and not (history_text or "").strip() and not history_file:
+            # An example named without a history (the API, or a cleared box): the example study
+            # comes with its own record and dictation, as a study folder brings its companions.
+            try:
+                ex = example_inputs(cfg.examples_dir, example)
+            except MedreportError as exc:
+                raise user_error(str(exc)) from None
+            history_text, audio = ex.history_text, audio or ex.dictation
         if files:
             _, h, d = split_companions(list(files) if isinstance(files, (list, tuple)) else [files])
             companions = (h, d)
@@ -571,7 +580,8 @@ def build_app(examples_dir: Path = DEFAULT_EXAMPLES, model_dir: Path | None = No
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
             with gr.Column(scale=2):
                 table = gr.Dataframe(headers=FINDING_COLUMNS, interactive=False, elem_id="findings", max_height=420,
-                                     label="Findings (p = probability; UNCERTAIN when 0.3-0.7; key z = key slices)")
+                                     label="Findings (p = probability; UNCERTAIN when 0.3-0.7; key z = key slices)",
+                                     column_widths=["34%", "10%", "20%", "22%", "14%"], wrap=True)
                 summary = gr.Markdown(elem_id="context")
         with gr.Accordion("Study facts (de-identified) and the series used", open=False):
             facts = gr.JSON()

@@ -186,3 +186,22 @@ def test_split_evaluation_and_fp16_shipped_model(shared, repo_root, tmp_path):
     assert float(back.heads.temperature) == pytest.approx(1.7, abs=1e-3)
     for (n, p), (_, q) in zip(model.state_dict().items(), back.state_dict().items()):
         assert torch.allclose(p.double(), q.double(), atol=2e-3, rtol=1e-2), n
+
+
+def test_facts_carried_counts_facts_and_studies():
+    from types import SimpleNamespace as NS
+
+    from app.train import facts_carried
+
+    f = lambda kind, phrase: NS(kind=kind, expect_in_report=phrase)  # noqa: E731
+    entries = [
+        NS(id="a", history="h.txt", history_text=None, facts=[f("indication", "Chest pain"), f("malignancy", "known lymphoma")]),
+        NS(id="b", history=None, history_text="record", facts=[f("indication", "Cough"), f("distractor", "ignored")]),
+        NS(id="c", history=None, history_text=None, facts=[f("indication", "never checked")]),  # no history
+    ]
+    hyp = {"a": "CLINICAL INFORMATION: chest pain. IMPRESSION: no known LYMPHOMA relapse... known lymphoma.",
+           "b": "Dyspnea.", "c": "never checked"}
+    out = facts_carried(hyp, entries)
+    assert out["facts_checked"] == 3 and abs(out["facts_carried"] - 2 / 3) < 1e-9
+    assert out["facts_studies_checked"] == 2 and out["facts_carried_studies"] == 0.5
+    assert out["facts_carried_by_kind"] == {"indication": 0.5, "malignancy": 1.0}

@@ -95,7 +95,9 @@ def test_generation_reports_stages_findings_and_context(generated):
     probs = [r[1] for r in rows]
     assert probs == sorted(probs, reverse=True) and all(0.0 <= p <= 1.0 for p in probs)
     for row, f in zip(rows, sorted(report.findings, key=lambda r: -r.probability)):
-        assert (row[3] == "UNCERTAIN") == (0.3 <= f.probability <= 0.7)
+        assert (row[2] == "UNCERTAIN") == (0.3 <= f.probability <= 0.7)
+        assert row[2] in ("UNCERTAIN", "present", "absent") and len(row) == 5
+        assert row[2] != "present" or f.present
     md = context_summary(report)
     assert "PRELIMINARY" in md and NOT_FOR_CLINICAL_USE in md
     assert f"{report.history['tokens_total']:,} tokens" in md  # history contribution stated

@@ -74,6 +74,18 @@ def test_client_uploads_zip_and_receives_report(server, tmp_path):
     assert "BLEU-1" in scores
 
 
+def test_client_example_by_name_uses_its_history(server):
+    """An example named through the API with no history given reads the example's own record."""
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    out = client.predict(None, "syn00000", "", None, None, "", "lung", api_name="/generate")
+    summary = out[6]
+    assert (EXAMPLES / "studies" / "syn00000" / "history.txt").is_file()
+    assert "**History**: none given" not in summary and "tokens" in summary
+    assert "**Dictation**: none used" not in summary  # the example's dictation came along
+
+
 def test_bad_upload_is_a_clean_error(server, tmp_path):
     from gradio_client import Client, handle_file
 
