@@ -75,7 +75,8 @@ def image_features(model, entries: Sequence, cache_dir: str | Path | None = None
     from app.train_data import PreprocessConfig, StudyCache
     from multimodal.model import StudyInputs, collate
 
-    cache = StudyCache(cache_dir, PreprocessConfig.from_model(model.cfg, audio=False))
+    # audio=True: the same cache files as training (their key covers the dictation); the mel is unused
+    cache = StudyCache(cache_dir, PreprocessConfig.from_model(model.cfg))
     model.eval()
     out = []
     bar = tqdm(total=len(entries), desc="image features", disable=not progress)

@@ -214,6 +214,51 @@ def fill_cache(cache: StudyCache, entries: Sequence, workers: int = 0, progress:
     return errors
 
 
+def study_geometry(study_path: Path) -> tuple[tuple[float, float, float], tuple[int, int]]:
+    """(spacing z, y, x in mm; rows, columns) from the first DICOM header of a study folder
+    (header only: cheap). The synthetic manifest's lesion centres are in these array mm units."""
+    import pydicom
+
+    files = sorted(p for p in Path(study_path).iterdir() if p.suffix.lower() == ".dcm")
+    if not files:
+        raise TrainDataError(f"{study_path}: no .dcm file to read the geometry from")
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    px = [float(v) for v in ds.PixelSpacing]
+    thk = float(getattr(ds, "SpacingBetweenSlices", None) or ds.SliceThickness)
+    return (thk, px[0], px[1]), (int(ds.Rows), int(ds.Columns))
+
+
+def token_targets(lesions, z_index_range_S2: np.ndarray, spacing_zyx: Sequence[float], shape_yx: Sequence[int],
+                  grid: int, finding_names: Sequence[str]) -> np.ndarray:
+    """Which image tokens show which finding: float32 [S*G*G, K], 1 where the lesion's sphere
+    (centre, radius in array mm) meets the token's box (its slab's slices x its grid cell).
+
+    Tokens follow ``ImageEncoder.tokens_from_features``: slab by slab, cells row-major (y, x).
+    A dense, localised target for the image encoder (synthetic data knows where every lesion is):
+    far more signal per study than one label per finding."""
+    S, G, K = len(z_index_range_S2), grid, len(finding_names)
+    out = np.zeros((S, G, G, K), dtype=np.float32)
+    index = {n: k for k, n in enumerate(finding_names)}
+    sz, sy, sx = (float(v) for v in spacing_zyx)
+    Y, X = shape_yx
+    cy = np.arange(G + 1) * (Y / G) * sy  # [G+1] cell edges in mm
+    cx = np.arange(G + 1) * (X / G) * sx
+    for les in lesions or ():
+        k = index.get(les.finding if hasattr(les, "finding") else les["finding"])
+        if k is None:
+            continue
+        c = les.center_zyx_mm if hasattr(les, "center_zyx_mm") else les["center_zyx_mm"]
+        r = float(les.radius_mm if hasattr(les, "radius_mm") else les["radius_mm"])
+        z0 = z_index_range_S2[:, 0] * sz - sz / 2  # [S] slab extent in mm (slice centres at i * sz)
+        z1 = z_index_range_S2[:, 1] * sz - sz / 2
+        dz = np.maximum(np.maximum(z0 - c[0], c[0] - z1), 0.0)  # [S] distance from the centre to the box
+        dy = np.maximum(np.maximum(cy[:-1] - c[1], c[1] - cy[1:]), 0.0)  # [G]
+        dx = np.maximum(np.maximum(cx[:-1] - c[2], c[2] - cx[1:]), 0.0)  # [G]
+        d2 = dz[:, None, None] ** 2 + dy[None, :, None] ** 2 + dx[None, None, :] ** 2  # [S, G, G]
+        out[..., k] = np.maximum(out[..., k], (d2 <= r * r).astype(np.float32))
+    return out.reshape(S * G * G, K)
+
+
 # ----------------------------------------------------------------------------- examples
 
 
@@ -226,6 +271,7 @@ class Example:
     present_K: np.ndarray  # 1 / 0 / -1 unknown
     side_K: np.ndarray  # class index / -100
     location_K: np.ndarray  # class index / -100
+    token_targets_NK: np.ndarray | None = None  # [S*G*G, K] (heads.token_loss_weight > 0)
 
 
 def finding_targets(labels, finding_names: Sequence[str], locations: Sequence[str]) -> tuple[np.ndarray, ...]:
@@ -293,6 +339,7 @@ class ReportDataset(torch.utils.data.Dataset):
         self.max_report_tokens = max_report_tokens
         self.crop = crop
         self.epoch = 0
+        self._geometry: dict[str, tuple] = {}  # study id -> (spacing, shape), for token targets
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -327,7 +374,14 @@ class ReportDataset(torch.utils.data.Dataset):
         report = self.tok.encode_report(e.sections)[: self.max_report_tokens]
         prefix = [self.tok.bos_id, *(study.history_ids or []), self.tok.report_id]
         present, side, loc = finding_targets(e.labels, self.cfg.heads.finding_names, self.cfg.heads.locations)
-        return Example(e.id, study, prefix + report + [self.tok.eos_id], len(prefix), present, side, loc)
+        tt = None
+        if self.cfg.heads.token_loss_weight > 0 and study.z_index_range is not None:
+            if e.id not in self._geometry:
+                self._geometry[e.id] = study_geometry(e.study_path)
+            spacing, shape = self._geometry[e.id]
+            tt = token_targets(e.lesions, np.asarray(study.z_index_range), spacing, shape, self.cfg.image.grid,
+                               self.cfg.heads.finding_names)
+        return Example(e.id, study, prefix + report + [self.tok.eos_id], len(prefix), present, side, loc, tt)
 
 
 def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInputs:
@@ -345,4 +399,12 @@ def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInput
         torch.as_tensor(np.stack([ex.side_K for ex in examples])),
         torch.as_tensor(np.stack([ex.location_K for ex in examples])),
     )
+    if all(ex.token_targets_NK is not None for ex in examples):
+        # tokens are laid out slab by slab with the batch's slab padding: [B, S_max*G*G, K]
+        per_slab = examples[0].token_targets_NK.shape[0] // max(1, len(examples[0].study.pixels))
+        S = x.slab_mask.shape[1]
+        tt = torch.zeros(len(examples), S * per_slab, examples[0].token_targets_NK.shape[1])
+        for b, ex in enumerate(examples):
+            tt[b, : ex.token_targets_NK.shape[0]] = torch.from_numpy(ex.token_targets_NK)
+        x.token_targets = tt
     return x

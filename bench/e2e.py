@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=REPO / "models" / "demo")
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--runs-long", type=int, default=10, help="runs for histories over 10K tokens (each ~a minute)")
     ap.add_argument("--lengths", default="2000,100000", help="history lengths in tokens")
     ap.add_argument("--manifest", type=Path, default=None, help="dataset manifest for the int8 quality check")
     ap.add_argument("--quality-studies", type=int, default=30)
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe = ReportPipeline.from_dir(args.model, config=PipelineConfig(), quantize=quant)
             for n in lengths:
                 hist = _history_of_tokens(pipe.tokenizer, n)
-                runs = args.runs if n <= 10_000 else max(2, args.runs // (5 if args.quick else 1))
+                runs = args.runs if n <= 10_000 else max(2, min(args.runs, args.runs_long))
                 r = latency(pipe, study, hist, runs)
                 r.update(history_tokens=n, decoder="int8" if quant else "fp32")
                 rows.append(r)

@@ -50,6 +50,10 @@ class HeadsConfig:
     # every word; these tokens tell it compactly what the heads saw, so that its text agrees with
     # the findings table (text-finding consistency) and it learns the mapping in few steps.
     finding_context: bool = False
+    # Weight of a per-image-token localisation loss (0 = off): with data that knows where each
+    # lesion is (the synthetic manifest's lesion centres and radii), every image token gets a
+    # finding target, a much denser signal for the image encoder than one label per study.
+    token_loss_weight: float = 0.0
 
     @property
     def num_findings(self) -> int:

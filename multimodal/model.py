@@ -84,6 +84,7 @@ class ModelInputs:
     ids: torch.Tensor | None = None  # [B, T] decoder sequence [BOS] history [REPORT] report [EOS]
     lm_labels: torch.Tensor | None = None  # [B, T] = ids where a token is to be predicted, else -100
     labels: FindingLabels | None = None
+    token_targets: torch.Tensor | None = None  # [B, S*G*G, K] which image token shows which finding
 
     @property
     def batch_size(self) -> int:
@@ -145,6 +146,17 @@ def collate(studies: Sequence[StudyInputs]) -> ModelInputs:
     return ModelInputs(slabs, slab_mask, z_mm, zr, mel, present, lengths, hist, hmask)
 
 
+def token_loss(logits_BNK: torch.Tensor, targets_BNK: torch.Tensor, mask_BN: torch.Tensor,
+               pos_weight: float = 4.0) -> torch.Tensor:
+    """BCE of per-token finding logits against where the lesions are (positives up-weighted:
+    a lesion covers few tokens), averaged over valid tokens."""
+    n = min(logits_BNK.shape[1], targets_BNK.shape[1])
+    lg, tg = logits_BNK[:, :n].float(), targets_BNK[:, :n].to(logits_BNK.device).float()
+    w = mask_BN[:, :n, None].float() * (1 + (pos_weight - 1) * tg)  # [B, N, K]
+    bce = F.binary_cross_entropy_with_logits(lg, tg, reduction="none")
+    return (bce * w).sum() / w.sum().clamp_min(1)
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -155,6 +167,7 @@ class Encoded:
     gates_BM: torch.Tensor  # [B, 3] in MODALITIES order
     feats_VChw: torch.Tensor | None = None  # image backbone maps (kept for evidence)
     study_of_row_V: torch.Tensor | None = None
+    image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # ([B, Ni, D_img], [B, Ni]) for the token loss
 
 
 @dataclass
@@ -196,6 +209,8 @@ class ReportModel(nn.Module):
         d_dec = cfg.decoder.d_model
         self.fusion = Fusion(cfg.fusion, cfg.image.dim, cfg.audio.dim, d_dec, d_dec)
         self.heads = FindingHeads(cfg.heads, d_dec)
+        if cfg.heads.token_loss_weight > 0:  # per image token finding logits (training signal only)
+            self.token_head = nn.Linear(cfg.image.dim, cfg.heads.num_findings)
 
     @property
     def finding_names(self) -> tuple[str, ...]:
@@ -239,7 +254,7 @@ class ReportModel(nn.Module):
         fused, mask, gates = self.fusion(img, aud, hist)
         if not keep_features:
             feats = rows = None
-        return Encoded(fused, mask, gates, feats, rows)
+        return Encoded(fused, mask, gates, feats, rows, img)
 
     def decoder_context(self, fused_BFD: torch.Tensor, mask_BF: torch.Tensor,
                         heads: HeadsOutput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,6 +279,9 @@ class ReportModel(nn.Module):
             hl = heads_loss(heads, x.labels, self.cfg.heads)
             losses.update(hl)
             total = total + self.cfg.heads_weight * hl["heads"]
+        if x.token_targets is not None and hasattr(self, "token_head") and enc.image_tokens is not None:
+            losses["token"] = token_loss(self.token_head(enc.image_tokens[0]), x.token_targets, enc.image_tokens[1])
+            total = total + self.cfg.heads.token_loss_weight * losses["token"]
         if x.ids is not None:
             out = self.decoder(x.ids, *self.decoder_context(enc.fused_BFD, enc.mask_BF, heads))
             logits = out.logits

@@ -205,3 +205,49 @@ def test_facts_carried_counts_facts_and_studies():
     assert out["facts_checked"] == 3 and abs(out["facts_carried"] - 2 / 3) < 1e-9
     assert out["facts_studies_checked"] == 2 and out["facts_carried_studies"] == 0.5
     assert out["facts_carried_by_kind"] == {"indication": 0.5, "malignancy": 1.0}
+
+
+def test_token_targets_mark_the_tokens_a_lesion_touches():
+    from data.datasets import Lesion
+
+    from app.train_data import token_targets
+
+    names = ("nodule", "mass")
+    zr = np.array([[0, 4], [4, 8], [8, 12]])  # 3 slabs of 4 slices, 5 mm apart
+    # 128 x 128 pixels of 1 mm, grid 4 -> cells of 32 mm; a 5 mm nodule at slice 5, row 40, col 110
+    t = token_targets([Lesion("nodule", [25.0, 40.0, 110.0], 5.0)], zr, (5.0, 1.0, 1.0), (128, 128), 4, names)
+    assert t.shape == (3 * 16, 2) and t[:, 1].sum() == 0
+    on = np.flatnonzero(t[:, 0])
+    assert on.tolist() == [16 + 1 * 4 + 3]  # slab 1, cell row 1 (32-64 mm), cell col 3 (96-128 mm)
+    # a large sphere reaches neighbouring slabs and cells; dict lesions work too
+    t2 = token_targets([{"finding": "mass", "center_zyx_mm": [25.0, 64.0, 64.0], "radius_mm": 20.0}], zr,
+                       (5.0, 1.0, 1.0), (128, 128), 4, names)
+    assert t2[:, 1].sum() == 3 * 4  # all 3 slabs (z 5..45 mm), the 4 central cells
+    assert token_targets([], zr, (5.0, 1.0, 1.0), (128, 128), 4, names).sum() == 0
+
+
+def test_token_loss_trains_the_image_encoder():
+    import torch
+
+    from multimodal.heads import FindingLabels
+    from multimodal.model import ReportModel, StudyInputs, collate
+    from multimodal.presets import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=64)
+    cfg.heads.token_loss_weight = 0.5
+    m = ReportModel(cfg)
+    rng = np.random.default_rng(0)
+    x = collate([StudyInputs(pixels=rng.random((2, 3, 64, 64), dtype=np.float32), z_mm=np.array([0.0, 5.0]),
+                             z_index_range=np.array([[0, 1], [1, 2]]))])
+    K, G = len(m.finding_names), cfg.image.grid
+    x.labels = FindingLabels(torch.zeros(1, K))
+    x.token_targets = torch.zeros(1, 2 * G * G, K)
+    x.token_targets[0, 3, 0] = 1.0
+    out = m(x)
+    assert "token" in out.losses and torch.isfinite(out.losses["token"])
+    out.loss.backward()
+    assert m.image_encoder.backbone.conv1.weight.grad.abs().sum() > 0
+    assert m.token_head.weight.grad.abs().sum() > 0
+    off = ReportModel(ModelConfig.preset("tiny", vocab_size=64))
+    assert not hasattr(off, "token_head") and "token" not in off(x).losses

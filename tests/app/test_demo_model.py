@@ -1,0 +1,45 @@
+"""The shipped demo model (models/demo, built by `make demo-model`): size, card, metrics, and a
+report for a bundled example through the product pipeline."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app import NOT_FOR_CLINICAL_USE
+
+from ._model import EXAMPLES, REPO
+
+DEMO = REPO / "models" / "demo"
+
+
+@pytest.fixture(scope="module")
+def demo_dir():
+    assert (DEMO / "model.safetensors").is_file(), "models/demo is shipped with the repository: run `make demo-model`"
+    return DEMO
+
+
+def test_shipped_model_fits_and_says_what_it_is(demo_dir):
+    size = sum(f.stat().st_size for f in demo_dir.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20, f"models/demo is {size / 2**20:.1f} MiB (limit 25 MB)"
+    card = (demo_dir / "MODEL_CARD.md").read_text()
+    assert "not for clinical use" in card.lower() and "synthetic" in card.lower()
+    metrics = json.loads((demo_dir / "metrics.json").read_text())
+    for k in ("bleu4", "finding_micro_f1", "ece", "text_finding_consistency", "n"):
+        assert k in metrics, k
+    assert metrics["n"] >= 300  # held-out test split of at least 300 studies
+    assert 0 < metrics["train_step_seconds"] <= 3600  # trained on this CPU within the hour
+
+
+def test_shipped_model_writes_a_report_for_an_example(demo_dir):
+    from app.pipeline import PipelineConfig, ReportPipeline
+    from data.report_format import SECTION_KEYS
+
+    pipe = ReportPipeline.from_dir(demo_dir, PipelineConfig(max_evidence_findings=1))
+    study = EXAMPLES / "studies" / "syn00002"
+    rep = pipe.run(study)
+    assert set(rep.sections) == set(SECTION_KEYS)
+    assert rep.sections["findings"].strip() and rep.sections["impression"].strip()
+    assert NOT_FOR_CLINICAL_USE in rep.to_text()
+    assert rep.history.get("given")  # the example's record was read
+    assert len(rep.findings) == 15
