@@ -17,7 +17,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from bench.common import machine, matmul_peak_gflops, peak_memory_bytes, print_table, time_call, write_json
+from bench.common import machine, matmul_peak_gflops, peak_memory_bytes, print_table, time_call, write_json, load_note
 from core.attention import AttentionConfig, block_sparse_attention
 from core.decoder import DecoderConfig
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         "local_config": dataclasses.asdict(local_cfg),
         "machine": machine(),
         "matmul_peak_gflops": peak,
-        "note": "measured on a shared 2-core machine under other processes' load; timings are best-of-N",
+        "note": load_note("timings are best-of-N"),
         "speedup_vs_sdpa_16k": ratio(get(mid, "sdpa_fwd_s"), get(mid, "full_fwd_s")),
         "speedup_vs_sdpa_16k_fwd_bwd": ratio(get(mid, "sdpa_fwd_bwd_s"), get(mid, "full_fwd_bwd_s")),
         "speedup_vs_flex_100k": ratio(get(big, "flex_compiled_fwd_s"), get(big, "local_fwd_s")),

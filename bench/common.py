@@ -72,6 +72,19 @@ def machine() -> dict:
             "python": platform.python_version(), "loadavg_at_start": load}
 
 
+def load_note(detail: str = "") -> str:
+    """What the machine was doing, from the 1-minute load average now (call it at the end of a
+    run: a quiet run's own load is at most its thread count)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return detail
+    threads = torch.get_num_threads()
+    state = ("no other load (the 1-min load average is within this run's own threads)" if load <= threads + 0.5
+             else "other processes were running (1-min load average above this run's threads)")
+    return f"{state}: load average {load:.2f} with {threads} threads on {os.cpu_count()} cores" + (f"; {detail}" if detail else "")
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     def fmt(v):
         if v is None:

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from bench.common import machine, matmul_peak_gflops, peak_memory_bytes, print_table, time_call, write_json
+from bench.common import machine, matmul_peak_gflops, peak_memory_bytes, print_table, time_call, write_json, load_note
 from core.decoder import Decoder, DecoderConfig
 
 
@@ -42,7 +42,7 @@ def train_step(args) -> int:
                      "gemm_only_s_at_peak": gemm / (peak * 1e9), "lm_head_share": 2 * D * V / (cfg.n_layers * per_tok_layer + 2 * D * V)})
     print_table(rows, list(rows[0]))
     write_json("decode_train_step", {"config": dataclasses.asdict(cfg), "machine": machine(), "matmul_peak_gflops": peak,
-                                     "note": "shared 2-core machine under load", "rows": rows}, quick=args.quick)
+                                     "note": load_note("batch 2"), "rows": rows}, quick=args.quick)
     return 0
 
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, list(rows[0]))
     by = {r["context"]: r for r in rows}
     payload = {"config": dataclasses.asdict(cfg), "machine": machine(),
-               "note": "measured on a shared 2-core machine under other processes' load; per-token = median of steps",
+               "note": load_note("per-token = median of steps"),
                "decode_ratio_100k_over_1k": (by[100_000]["decode_ms_median"] / by[1000]["decode_ms_median"])
                if 100_000 in by else None,
                "rows": rows}

@@ -137,6 +137,12 @@ def run_case(name: str, folder: Path, files: list[Path], repeats: int, vol_bytes
             "ours_peak_vs_volume": mo / vol_bytes, "baseline_peak_vs_volume": mb / vol_bytes, "exact": exact}
 
 
+def _load_note(detail: str) -> str:
+    from bench.common import load_note  # imports torch: only at the end of a run
+
+    return load_note(detail)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="40 slices of 256x256, one repeat")
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['baseline_peak_mib']:>10.0f}{r['ours_peak_mib']:>10.0f}{r['ours_peak_vs_volume']:>9.2f}{str(r['exact']):>7}")
     result = {"slices": args.slices, "size": args.size, "repeats": args.repeats, "volume_mib": vol_bytes / 2**20,
               "cpus": os.cpu_count(), "python": platform.python_version(), "rows": rows,
-              "note": "measured with other processes possibly loading the CPUs; peak = tracemalloc heap peak"}
+              "note": _load_note("peak = tracemalloc heap peak")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {args.out}")

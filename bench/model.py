@@ -16,7 +16,7 @@ import dataclasses
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import machine, matmul_peak_gflops, print_table, time_call, write_json
+from bench.common import machine, matmul_peak_gflops, print_table, time_call, write_json, load_note
 from multimodal.audio_encoder import AudioEncoder, AudioEncoderConfig
 from multimodal.image_encoder import ImageEncoder, ImageEncoderConfig
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(audio, ["preset", "audio_s", "s_per_clip", "realtime_factor"])
     write_json("model", {"machine": machine(), "matmul_peak_gflops": peak, "image_encoder": rows, "audio_encoder": audio,
-                         "note": "measured on a shared 2-core machine under other load; rerun on a quiet machine"},
+                         "note": load_note("")},
                quick=args.quick)
     return 0
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench.common import machine, matmul_peak_gflops, print_table, write_json
+from bench.common import machine, matmul_peak_gflops, print_table, write_json, load_note
 from core.decoder import DecoderConfig
 from core.moe import MoE, SwiGLU, moe_reference
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": dataclasses.asdict(cfg), "machine": machine(), "matmul_peak_gflops": peak,
         "dense_hidden": cfg.top_k * cfg.d_expert + cfg.n_shared * cfg.d_expert,
         "max_abs_diff_vs_naive_fp32": exact,
-        "note": "measured on a shared 2-core machine under other processes' load; best-of-N, interleaved",
+        "note": load_note("best-of-N, interleaved"),
         "ratio_vs_dense_16k": by.get(16384, {}).get("moe_over_dense"),
         "ratio_vs_dense_1k": by.get(1024, {}).get("moe_over_dense"),
         "ratio_vs_dense_decode": by.get(16, {}).get("moe_over_dense"),

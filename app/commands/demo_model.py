@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="history tokens the decoder reads at test time (most recent kept; default 100000 = all)")
     parser.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16, to stay under 25 MB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--card-only", action="store_true",
+                        help="only rewrite OUT/MODEL_CARD.md from OUT/metrics.json (no data, training or evaluation)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
 
 
@@ -58,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
     from app.train import evaluate_split, latest_checkpoint, load_config, read_metrics, train
     from multimodal.model import ReportModel
 
+    if args.card_only:
+        cfg = load_config(None, args.config, args.overrides)
+        metrics = json.loads((args.out / "metrics.json").read_text())
+        (args.out / "MODEL_CARD.md").write_text(model_card(args, cfg, metrics))
+        print(f"wrote {args.out / 'MODEL_CARD.md'}")
+        return 0
     manifest = _make_dataset(args)
     cfg = load_config(None, args.config, args.overrides)
     final = args.run / "final"
@@ -120,7 +128,7 @@ def write_shipped_model(model, out: Path, fp16: bool = True) -> Path:
 
 
 def model_card(args, cfg, metrics: dict) -> str:
-    argv = sys.argv[sys.argv.index(NAME) + 1:] if NAME in sys.argv else []
+    argv = [a for a in (sys.argv[sys.argv.index(NAME) + 1:] if NAME in sys.argv else []) if a != "--card-only"]
     cmd = " ".join(["medreport", NAME, *argv])
     from collections import Counter
 
@@ -154,4 +162,12 @@ Test history policy: the most recent {args.eval_history_tokens} tokens of each r
 | metric | value |
 |---|---|
 {rows}
+
+## Limitations
+* Trained from scratch (no pretrained weights exist offline) in under an hour on a 2-core CPU:
+  the image encoder sees each training study about once. Read the finding F1 above before
+  trusting a finding; the probabilities are temperature-calibrated on the validation split.
+* Training histories were cropped to at most {max(c for _, c in cfg.data.history_curriculum)} tokens; longer records at
+  test time are read whole (block-sparse attention), a length the decoder was not trained on.
+* Synthetic phantoms are far simpler than real CT. **Not for clinical use.**
 """
