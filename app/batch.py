@@ -74,13 +74,16 @@ def safe_id(study_id: str) -> str:
     return s
 
 
-def read_batch_input(path: str | Path) -> list[BatchItem]:
-    """Studies of a manifest (JSONL) or a folder of study folders, in input order."""
+def read_batch_input(path: str | Path, split: str | None = None) -> list[BatchItem]:
+    """Studies of a manifest (JSONL) or a folder of study folders, in input order; ``split``
+    keeps only a manifest's rows of that split (train / val / test)."""
     path = Path(path)
     if not path.exists():
         raise BatchInputError(f"{path} does not exist: give a manifest (.jsonl) or a folder of study folders")
+    if split is not None and not path.is_file():
+        raise BatchInputError(f"--split needs a manifest (.jsonl with a 'split' field); {path} is a folder")
     if path.is_file():
-        return _read_manifest(path)
+        return _read_manifest(path, split)
     subs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
     if not subs:
         raise BatchInputError(f"{path} has no study sub-folders: put each study in its own folder "
@@ -88,7 +91,7 @@ def read_batch_input(path: str | Path) -> list[BatchItem]:
     return [BatchItem(id=p.name, study=p) for p in subs]
 
 
-def _read_manifest(path: Path) -> list[BatchItem]:
+def _read_manifest(path: Path, split: str | None = None) -> list[BatchItem]:
     root = path.parent
     items, seen = [], set()
 
@@ -102,10 +105,12 @@ def _read_manifest(path: Path) -> list[BatchItem]:
         if sid in seen:
             raise BatchInputError(f"{path.name} line {n}: id {sid!r} appears twice; ids must be unique")
         seen.add(sid)
+        if split is not None and d.get("split") != split:
+            continue
         items.append(BatchItem(id=sid, study=rel(d["study"]), history_path=rel(d.get("history")),
                                history_text=d.get("history_text"), audio_path=rel(d.get("audio"))))
     if not items:
-        raise BatchInputError(f"{path.name} has no studies")
+        raise BatchInputError(f"{path.name} has no studies" + (f" of split {split!r} (use train, val or test)" if split else ""))
     return items
 
 

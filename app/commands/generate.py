@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help=f"model directory (default: {DEFAULT_MODEL} if it exists)")
     p.add_argument("--formats", default="txt,json", help="comma list of txt,json,fhir,sr (json is always written)")
     p.add_argument("--limit", type=int, default=None, help="only the first N studies of the input")
+    p.add_argument("--split", default=None, help="with a manifest: only the studies of this split (train, val or test)")
     p.add_argument("--quantize", action="store_true", help="int8 dynamic quantization of the decoder's Linear layers")
     p.add_argument("--max-new-tokens", type=int, default=None, help="report length cap in tokens")
     p.add_argument("--max-history-tokens", type=int, default=None, help="history budget (default 100000; longer records keep the newest)")
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from app.pipeline import PipelineConfig, ReportPipeline
 
     formats = parse_formats(args.formats)
-    items = read_batch_input(args.input)
+    items = read_batch_input(args.input, split=args.split)
     model_dir = resolve_model_dir(args.model)
     cfg = PipelineConfig(quantize=args.quantize, evidence=not args.no_evidence)
     if args.max_new_tokens is not None:

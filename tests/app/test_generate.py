@@ -79,6 +79,23 @@ def test_manifest_input_and_evaluate_reads_predictions(model_dir, tmp_path, caps
     assert "bleu4" in scores
 
 
+def test_manifest_split_then_evaluate_the_same_split(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["generate", str(EXAMPLES / "manifest.jsonl"), "--split", "test", "--out", str(out), "--model",
+               str(model_dir), "--no-evidence", *FAST])
+    assert rc == 0
+    test_ids = sorted(json.loads(x)["id"] for x in (EXAMPLES / "manifest.jsonl").read_text().splitlines()
+                      if json.loads(x)["split"] == "test")
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == test_ids
+    rc = main(["evaluate", "--hyp", str(out / "predictions.jsonl"), "--ref", str(EXAMPLES / "manifest.jsonl"),
+               "--split", "test", "--bootstrap", "0", "--no-meteor", "--json", str(tmp_path / "s.json")])
+    assert rc == 0 and json.loads((tmp_path / "s.json").read_text())["missing_in_hyp"] == []
+    capsys.readouterr()
+    assert main(["generate", str(EXAMPLES / "manifest.jsonl"), "--split", "tset", "--out", str(tmp_path / "o2"),
+                 "--model", str(model_dir), *FAST]) == 2
+    assert "tset" in capsys.readouterr().err
+
+
 def test_atomic_write_leaves_no_partial_report(model_dir, tmp_path, monkeypatch):
     pipe = ReportPipeline.from_dir(model_dir, PipelineConfig(max_new_tokens=4, evidence=False))
     real_replace = os.replace
