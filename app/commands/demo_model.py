@@ -135,6 +135,10 @@ def model_card(args, cfg, metrics: dict) -> str:
     from data.datasets import read_manifest
 
     splits = Counter(e.split for e in read_manifest(args.dataset / "manifest.jsonl", validate=False))
+    f1 = metrics.get("finding_micro_f1") or 0.0
+    weak_note = (f"* **A first CPU-trained model whose image findings are not learned yet** (test finding micro-F1 "
+                 f"{f1:.2f} at p >= 0.5): its reports stay close to one generic report whatever the study. It shows "
+                 "the product working end to end, not the quality the architecture can reach.\n") if f1 < 0.5 else ""
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in metrics.items() if not isinstance(v, (dict, list)))
     return f"""# medreport demo model
@@ -164,7 +168,7 @@ Test history policy: the most recent {args.eval_history_tokens} tokens of each r
 {rows}
 
 ## Limitations
-* Trained from scratch (no pretrained weights exist offline) in under an hour on a 2-core CPU:
+{weak_note}* Trained from scratch (no pretrained weights exist offline) in under an hour on a 2-core CPU:
   the image encoder sees each training study about once. Read the finding F1 above before
   trusting a finding; the probabilities are temperature-calibrated on the validation split.
 * Training histories were cropped to at most {max(c for _, c in cfg.data.history_curriculum)} tokens; longer records at
