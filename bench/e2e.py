@@ -88,7 +88,7 @@ def quality(model_dir: Path, manifest: Path, n: int) -> dict:
         pipe = ReportPipeline.from_dir(model_dir, config=cfg, quantize=q)
         t0 = time.perf_counter()
         out[name] = {e.id: pipe.run(e.path(e.study), history_path=e.path(e.history) if e.history else None,
-                                    audio_path=e.path(e.audio) if e.audio else None).report_text() for e in entries}
+                                    audio_path=e.path(e.audio) if e.audio else None).report_text for e in entries}
         out[name + "_s"] = time.perf_counter() - t0
     ref = {e.id: e.report for e in entries}
     f, i8 = (evaluate_reports(out[k], ref, bootstrap=0, meteor=False).scores for k in ("fp32", "int8"))
@@ -140,10 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         q = next(r for r in rows if r["history_tokens"] == n and r["decoder"] == "int8")
         payload[f"p50_{n}_s"], payload[f"p95_{n}_s"] = f["p50_s"], f["p95_s"]
         payload[f"int8_speedup_{n}"] = f["p50_s"] / q["p50_s"]
+    path = write_json("e2e", payload, quick=args.quick)  # latency first: kept if the quality check fails
     if args.manifest:
         payload["int8_quality"] = quality(args.model, args.manifest, args.quality_studies)
         print(json.dumps(payload["int8_quality"], indent=1))
-    path = write_json("e2e", payload, quick=args.quick)
+        path = write_json("e2e", payload, quick=args.quick)
     print(f"wrote {path}")
     return 0
 
