@@ -40,6 +40,9 @@ class FusionConfig:
     n_history_tokens: int = 64  # bound on the history summary
     mlp_ratio: float = 2.0
     dropout: float = 0.0
+    # One extra fused token: the max over the image tokens (encoder output, before any mixing
+    # with the history), not gated. A direct image path for the heads and the decoder.
+    image_max_token: bool = False
 
     @classmethod
     def preset(cls, name: str) -> "FusionConfig":
@@ -118,6 +121,8 @@ class Fusion(nn.Module):
         self.gate_mlp = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D // 2), nn.GELU(), nn.Linear(D // 2, 1))
         self.gate_bias = nn.Parameter(torch.zeros(len(MODALITIES)))
         self.out = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, out_dim))
+        if cfg.image_max_token:
+            self.image_skip = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, out_dim))
 
     def _with_null(self, idx: int, tok_BND: torch.Tensor, mask_BN: torch.Tensor):
         """Prepend modality idx's null token (always valid) to a key set."""
@@ -174,4 +179,10 @@ class Fusion(nn.Module):
         # Always valid: with no modality at all the tokens are a learned constant (finite), which
         # keeps the decoder's cross-attention well defined (an all-masked row would give NaN).
         mask_BF = torch.ones(B, self.cfg.n_fused, dtype=torch.bool, device=fused_BFD.device)
+        if self.cfg.image_max_token:
+            t0, m0 = image
+            mx = t0.masked_fill(~m0.bool()[..., None], float("-inf")).amax(1)  # [B, D_img]
+            mx = torch.where(m0.bool().any(1, keepdim=True), mx, torch.zeros_like(mx))  # no image: 0
+            fused_BFD = torch.cat([fused_BFD, self.image_skip(mx)[:, None, :]], 1)  # [B, F+1, D]
+            mask_BF = torch.cat([mask_BF, torch.ones(B, 1, dtype=torch.bool, device=mask_BF.device)], 1)
         return fused_BFD, mask_BF, gates_BM

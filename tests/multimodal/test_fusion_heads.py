@@ -156,3 +156,27 @@ def test_labels_to_targets():
     assert cfg.locations[int(t.location_BK[0, n])] == "left upper lobe"
     assert cfg.locations[int(t.location_BK[0, f])] == "lumbar spine"
     assert labels_to_targets([[]], cfg, unlisted_as_absent=False).present_BK.min() == -1
+
+
+def test_image_max_token_is_a_direct_ungated_image_path():
+    import dataclasses
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(FusionConfig.preset("tiny"), image_max_token=True)
+    f = Fusion(cfg, D_IMG, D_AUD, D_HIST, D_OUT).eval()
+    img, aud, hist = _mods(2, True, True, True)
+    fused, mask, _ = f(img, aud, hist)
+    assert fused.shape == (2, cfg.n_fused + 1, D_OUT) and mask.all()
+    # the last token follows the strongest image token, whatever the history says
+    img2 = (img[0].clone(), img[1])
+    img2[0][0, 3] += 5.0
+    fused2, _, _ = f(img2, aud, hist)
+    assert (fused2[0, -1] - fused[0, -1]).abs().max() > 1e-3
+    torch.testing.assert_close(fused2[1, -1], fused[1, -1])
+    hist2 = (hist[0] * 0 + 1.0, hist[1])
+    fused3, _, _ = f(img, aud, hist2)
+    torch.testing.assert_close(fused3[:, -1], fused[:, -1])  # not mixed with the history
+    # no image: a finite constant token
+    noimg = (img[0], torch.zeros_like(img[1]))
+    fused4, mask4, _ = f(noimg, aud, hist)
+    assert torch.isfinite(fused4).all() and mask4.all()

@@ -286,3 +286,19 @@ def test_image_blind_model_ignores_images_and_audio(tmp_path):
     sa, _ = seeing.predict_findings(collate([a]))
     sb, _ = seeing.predict_findings(collate([b]))
     assert not torch.allclose(sa.presence_logits_BK, sb.presence_logits_BK)
+
+
+def test_model_with_image_max_token_trains_and_generates():
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=V)
+    cfg.fusion.image_max_token = True
+    m = ReportModel(cfg)
+    rng = np.random.default_rng(11)
+    x = _with_targets(collate([_study(rng), _study(rng, 2, audio=False)]))
+    x.labels = FindingLabels(torch.randint(0, 2, (2, len(m.finding_names))).float())
+    out = m(x)
+    out.loss.backward()
+    assert m.fusion.image_skip[1].weight.grad.abs().sum() > 0
+    preds = m.eval().generate_report(collate([_study(rng)]), [[1, 5, 2]], GenerationConfig(max_new_tokens=4, eos_id=3),
+                                     evidence_findings=["nodule"])
+    assert 1 <= len(preds[0].token_ids) <= 4 and "nodule" in preds[0].evidence
