@@ -103,7 +103,8 @@ class _Attributes:
     def __init__(self, train_entries: Sequence):
         self.size: dict[str, float] = {}
         self.attrs: dict[str, dict[str, str]] = {}
-        self.location: dict[tuple[str, str], str] = {}
+        self.location: dict[tuple[str, str], str] = {}  # (finding, coarse location) -> commonest location
+        self.any_location: dict[str, str] = {}  # finding -> its commonest location
         sizes: dict[str, list[float]] = {}
         attrs: dict[tuple[str, str], Counter] = {}
         locs: dict[tuple[str, str], Counter] = {}
@@ -124,6 +125,10 @@ class _Attributes:
         for (f, k), c in attrs.items():
             self.attrs.setdefault(f, {})[k] = c.most_common(1)[0][0]
         self.location = {k: c.most_common(1)[0][0] for k, c in locs.items()}
+        overall: dict[str, Counter] = {}
+        for (f, _), c in locs.items():
+            overall.setdefault(f, Counter()).update(c)
+        self.any_location = {f: c.most_common(1)[0][0] for f, c in overall.items()}
 
 
 def template_report(findings: dict, attrs: _Attributes, study_id: str = "x", threshold: float = 0.5,
@@ -143,10 +148,7 @@ def template_report(findings: dict, attrs: _Attributes, study_id: str = "x", thr
         side = f.get("side")
         side = None if side in (None, "none") else side
         coarse = f.get("location") or "unspecified"
-        loc = attrs.location.get((name, coarse)) or (coarse if coarse != "unspecified" else None)
-        if loc is None and (name, "unspecified") not in attrs.location:
-            cands = [v for (n, _), v in attrs.location.items() if n == name]
-            loc = cands[0] if cands else None
+        loc = attrs.location.get((name, coarse)) or attrs.any_location.get(name)  # None: a finding without one
         if loc in LOBE_SIDE:
             side = LOBE_SIDE[loc]
         labels.append(Label(name, True, side, loc, attrs.size.get(name), dict(attrs.attrs.get(name, {}))))
@@ -172,10 +174,7 @@ def template_reports(predictions: str | Path, train_entries: Sequence, threshold
 
 
 def write_jsonl(reports: dict[str, str], path: str | Path, extra: dict | None = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps({"id": k, "report": v, **(extra or {})}) + "\n" for k, v in reports.items()),
-                   encoding="utf-8")
-    tmp.replace(path)
-    return path
+    from app.report import atomic_write_text
+
+    return atomic_write_text(path, "".join(json.dumps({"id": k, "report": v, **(extra or {})}) + "\n"
+                                           for k, v in reports.items()))

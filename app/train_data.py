@@ -21,6 +21,7 @@ Shape legend: S slabs, H/W slab size, M mel bins, T frames, K findings.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ from multimodal.presets import ModelConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the study's spacing and volume shape are cached too (token targets)
 
 
 class TrainDataError(MedreportError):
@@ -162,6 +163,8 @@ class StudyCache:
             "pixels": slabs.pixels.astype(np.float16),  # values in [0, 1]: float16 keeps ~1e-3
             "z_mm": slabs.z_mm.astype(np.float32),
             "z_index_range": slabs.z_index_range.astype(np.int64),
+            "spacing_zyx": np.asarray(study.spacing_mm, dtype=np.float64),  # mm, as load_study measured it
+            "shape_zyx": np.asarray(study.shape, dtype=np.int64),
         }
         if self.pre.audio and entry.audio:
             from data.audio import AudioConfig, load_audio, log_mel
@@ -196,36 +199,17 @@ def fill_cache(cache: StudyCache, entries: Sequence, workers: int = 0, progress:
     errors: dict[str, str] = {}
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     bar = tqdm(total=len(todo), desc="preprocess", unit="study", disable=not progress)
-    if workers == 1:
-        results = map(_fill_one, [(cache, e) for e in todo])
+    jobs = [(cache, e) for e in todo]
+    with mp.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        results = pool.imap_unordered(_fill_one, jobs, chunksize=4) if pool else map(_fill_one, jobs)
         for sid, err in results:
             if err:
                 errors[sid] = err
             bar.update(1)
-    else:
-        with mp.get_context("fork").Pool(workers) as pool:
-            for sid, err in pool.imap_unordered(_fill_one, [(cache, e) for e in todo], chunksize=4):
-                if err:
-                    errors[sid] = err
-                bar.update(1)
     bar.close()
     for sid, err in errors.items():
         log.warning("study %s could not be preprocessed: %s", sid, err)
     return errors
-
-
-def study_geometry(study_path: Path) -> tuple[tuple[float, float, float], tuple[int, int]]:
-    """(spacing z, y, x in mm; rows, columns) from the first DICOM header of a study folder
-    (header only: cheap). The synthetic manifest's lesion centres are in these array mm units."""
-    import pydicom
-
-    files = sorted(p for p in Path(study_path).iterdir() if p.suffix.lower() == ".dcm")
-    if not files:
-        raise TrainDataError(f"{study_path}: no .dcm file to read the geometry from")
-    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    px = [float(v) for v in ds.PixelSpacing]
-    thk = float(getattr(ds, "SpacingBetweenSlices", None) or ds.SliceThickness)
-    return (thk, px[0], px[1]), (int(ds.Rows), int(ds.Columns))
 
 
 def token_targets(lesions, z_index_range_S2: np.ndarray, spacing_zyx: Sequence[float], shape_yx: Sequence[int],
@@ -339,7 +323,6 @@ class ReportDataset(torch.utils.data.Dataset):
         self.max_report_tokens = max_report_tokens
         self.crop = crop
         self.epoch = 0
-        self._geometry: dict[str, tuple] = {}  # study id -> (spacing, shape), for token targets
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -359,8 +342,9 @@ class ReportDataset(torch.utils.data.Dataset):
         return crop_history(ids, self.max_history_tokens, facts,
                             rng if rng is not None else np.random.default_rng(0), self.crop)
 
-    def study_inputs(self, entry, rng: np.random.Generator | None = None) -> StudyInputs:
-        a = self.cache.arrays(entry)
+    def study_inputs(self, entry, rng: np.random.Generator | None = None,
+                     arrays: dict[str, np.ndarray] | None = None) -> StudyInputs:
+        a = self.cache.arrays(entry) if arrays is None else arrays
         hist = self.history_ids(entry, rng)
         return StudyInputs(
             pixels=a["pixels"].astype(np.float32), z_mm=a["z_mm"], z_index_range=a["z_index_range"],
@@ -370,17 +354,15 @@ class ReportDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Example:
         e = self.entries[i]
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        study = self.study_inputs(e, rng)
+        arrays = self.cache.arrays(e)
+        study = self.study_inputs(e, rng, arrays)
         report = self.tok.encode_report(e.sections)[: self.max_report_tokens]
         prefix = [self.tok.bos_id, *(study.history_ids or []), self.tok.report_id]
         present, side, loc = finding_targets(e.labels, self.cfg.heads.finding_names, self.cfg.heads.locations)
         tt = None
-        if self.cfg.heads.token_loss_weight > 0 and study.z_index_range is not None:
-            if e.id not in self._geometry:
-                self._geometry[e.id] = study_geometry(e.study_path)
-            spacing, shape = self._geometry[e.id]
-            tt = token_targets(e.lesions, np.asarray(study.z_index_range), spacing, shape, self.cfg.image.grid,
-                               self.cfg.heads.finding_names)
+        if self.cfg.heads.token_loss_weight > 0:
+            tt = token_targets(e.lesions, arrays["z_index_range"], arrays["spacing_zyx"], arrays["shape_zyx"][1:],
+                               self.cfg.image.grid, self.cfg.heads.finding_names)
         return Example(e.id, study, prefix + report + [self.tok.eos_id], len(prefix), present, side, loc, tt)
 
 

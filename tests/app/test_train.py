@@ -251,3 +251,31 @@ def test_token_loss_trains_the_image_encoder():
     assert m.token_head.weight.grad.abs().sum() > 0
     off = ReportModel(ModelConfig.preset("tiny", vocab_size=64))
     assert not hasattr(off, "token_head") and "token" not in off(x).losses
+
+
+def test_cache_keeps_the_study_geometry_for_token_targets():
+    from app.train_data import PreprocessConfig, StudyCache
+    from data.datasets import read_manifest
+    from data.study import load_study
+
+    from ._model import EXAMPLES
+
+    e = read_manifest(EXAMPLES / "manifest.jsonl")[0]
+    a = StudyCache(None, PreprocessConfig(n_slabs=4, image_size=32, n_mels=32, audio=False)).arrays(e)
+    s = load_study(e.study_path)
+    np.testing.assert_allclose(a["spacing_zyx"], s.spacing_mm)
+    assert tuple(a["shape_zyx"]) == s.shape
+    # the dataset turns them into per-token targets when the token loss is on
+    from app.train_data import ReportDataset, collate_examples
+    from data.tokenizer import ReportTokenizer
+    from multimodal.presets import ModelConfig
+
+    cfg = ModelConfig.preset("tiny", vocab_size=64)
+    cfg.heads.token_loss_weight = 1.0
+    entries = [x for x in read_manifest(EXAMPLES / "manifest.jsonl") if x.lesions][:2]
+    tok = ReportTokenizer.train([x.report for x in entries], vocab_size=300, min_frequency=1)
+    ds = ReportDataset(entries, tok, cfg, StudyCache(None, PreprocessConfig.from_model(cfg)))
+    batch = collate_examples([ds[0], ds[1]])
+    G, K = cfg.image.grid, len(cfg.heads.finding_names)
+    assert batch.token_targets.shape == (2, batch.slab_mask.shape[1] * G * G, K)
+    assert batch.token_targets.sum() > 0  # these studies have lesions
