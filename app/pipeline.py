@@ -264,7 +264,7 @@ class ReportPipeline:
         notify("encoding", _STAGE_SPAN["encoding"][0])
         with torch.inference_mode():
             enc = model.encode(x)
-            heads = model.heads(enc.fused_BFD, enc.mask_BF)
+            heads = model.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
             probs = heads.presence_probs[0].float().cpu().numpy()
             side = torch.softmax(heads.side_logits_BK4[0].float(), -1).cpu().numpy()
             loc = heads.location_logits_BKL[0].argmax(-1).cpu().numpy()

@@ -438,7 +438,7 @@ class TrainStep(nn.Module):
             d = m.cfg.decoder.d_model
             hist = (torch.zeros(B, 1, d, device=dev), torch.zeros(B, 1, dtype=torch.bool, device=dev))
         fused, mask, _ = m.fusion(img, aud, hist)  # [B, F, D]
-        heads = m.heads(fused, mask)
+        heads = m.heads(fused, mask, img)
         losses = heads_loss(heads, x.labels, m.cfg.heads)
         total = m.cfg.heads_weight * losses["heads"]
         if lm and x.ids is not None:

@@ -208,9 +208,7 @@ class ReportModel(nn.Module):
         self.history_summary = HistorySummary(cfg.fusion.n_history_tokens)
         d_dec = cfg.decoder.d_model
         self.fusion = Fusion(cfg.fusion, cfg.image.dim, cfg.audio.dim, d_dec, d_dec)
-        self.heads = FindingHeads(cfg.heads, d_dec)
-        if cfg.heads.token_loss_weight > 0:  # per image token finding logits (training signal only)
-            self.token_head = nn.Linear(cfg.image.dim, cfg.heads.num_findings)
+        self.heads = FindingHeads(cfg.heads, d_dec, cfg.image.dim)
 
     @property
     def finding_names(self) -> tuple[str, ...]:
@@ -270,7 +268,7 @@ class ReportModel(nn.Module):
     # -- training
     def forward(self, x: ModelInputs) -> ModelOutput:
         enc = self.encode(x)
-        heads = self.heads(enc.fused_BFD, enc.mask_BF)
+        heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
         zero = enc.fused_BFD.new_zeros(())
         losses: dict[str, torch.Tensor] = {}
         logits = None
@@ -279,8 +277,10 @@ class ReportModel(nn.Module):
             hl = heads_loss(heads, x.labels, self.cfg.heads)
             losses.update(hl)
             total = total + self.cfg.heads_weight * hl["heads"]
-        if x.token_targets is not None and hasattr(self, "token_head") and enc.image_tokens is not None:
-            losses["token"] = token_loss(self.token_head(enc.image_tokens[0]), x.token_targets, enc.image_tokens[1])
+        if (x.token_targets is not None and self.cfg.heads.token_loss_weight > 0
+                and enc.image_tokens is not None):
+            losses["token"] = token_loss(self.heads.token_logits(enc.image_tokens[0]), x.token_targets,
+                                         enc.image_tokens[1])
             total = total + self.cfg.heads.token_loss_weight * losses["token"]
         if x.ids is not None:
             out = self.decoder(x.ids, *self.decoder_context(enc.fused_BFD, enc.mask_BF, heads))
@@ -304,7 +304,7 @@ class ReportModel(nn.Module):
         self.eval()
         try:
             enc = self.encode(x)
-            return self.heads(enc.fused_BFD, enc.mask_BF), enc.gates_BM
+            return self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens), enc.gates_BM
         finally:
             self.train(was)
 
@@ -342,11 +342,11 @@ class ReportModel(nn.Module):
             if evidence and bool(x.slab_mask.any()):
                 with torch.enable_grad():
                     enc = self.encode(x, keep_features=True)
-                    heads = self.heads(enc.fused_BFD, enc.mask_BF)
+                    heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
             else:
                 with torch.inference_mode():
                     enc = self.encode(x)
-                    heads = self.heads(enc.fused_BFD, enc.mask_BF)
+                    heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
             with torch.inference_mode():
                 ctx, cmask = self.decoder_context(enc.fused_BFD.detach(), enc.mask_BF, heads)
                 token_ids = generate(self.decoder, prefixes, ctx, cmask, gen or GenerationConfig())
@@ -389,7 +389,7 @@ class ReportModel(nn.Module):
         try:
             with torch.enable_grad():
                 enc = self.encode(x, keep_features=True)
-                heads = self.heads(enc.fused_BFD, enc.mask_BF)
+                heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
                 return {n: self._finding_evidence(enc, heads, self.finding_names.index(n), x) for n in findings}
         finally:
             self.train(was)
@@ -410,7 +410,7 @@ class ReportModel(nn.Module):
                 if enc.feats_VChw is None:
                     return []
                 ids_1T = torch.as_tensor([list(ids)], dtype=torch.long, device=x.slabs.device)
-                heads = self.heads(enc.fused_BFD, enc.mask_BF)
+                heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
                 ctx = self.decoder_context(enc.fused_BFD, enc.mask_BF, heads)
                 logp = torch.log_softmax(self.decoder(ids_1T, *ctx).logits.float(), -1)
                 tok_lp = logp[0, :-1].gather(-1, ids_1T[0, 1:, None])[:, 0]  # [T-1]: log p(ids[t+1])

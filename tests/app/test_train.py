@@ -248,9 +248,9 @@ def test_token_loss_trains_the_image_encoder():
     assert "token" in out.losses and torch.isfinite(out.losses["token"])
     out.loss.backward()
     assert m.image_encoder.backbone.conv1.weight.grad.abs().sum() > 0
-    assert m.token_head.weight.grad.abs().sum() > 0
+    assert m.heads.token_logits.weight.grad.abs().sum() > 0
     off = ReportModel(ModelConfig.preset("tiny", vocab_size=64))
-    assert not hasattr(off, "token_head") and "token" not in off(x).losses
+    assert not hasattr(off.heads, "token_logits") and "token" not in off(x).losses
 
 
 def test_cache_keeps_the_study_geometry_for_token_targets():

@@ -180,3 +180,31 @@ def test_image_max_token_is_a_direct_ungated_image_path():
     noimg = (img[0], torch.zeros_like(img[1]))
     fused4, mask4, _ = f(noimg, aud, hist)
     assert torch.isfinite(fused4).all() and mask4.all()
+
+
+def test_token_presence_adds_the_max_token_logit_and_ignores_padding():
+    torch.manual_seed(0)
+    cfg = HeadsConfig(token_presence=True)
+    K = cfg.num_findings
+    heads = FindingHeads(cfg, 32, image_dim=16)
+    with pytest.raises(ValueError, match="image_dim"):
+        FindingHeads(cfg, 32)
+    fused, fmask = torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.bool)
+    tok = torch.randn(2, 5, 16)
+    tmask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)  # study 1: no image
+    base = heads(fused, fmask).presence_logits_BK  # without image tokens: the trunk alone
+    out = heads(fused, fmask, (tok, tmask)).presence_logits_BK
+    r = cfg.token_pool_sharpness  # log-mean-exp over the valid tokens only
+    want = (torch.logsumexp(r * heads.token_logits(tok[0, :3]), 0) - np.log(3)) / r  # [K]
+    torch.testing.assert_close(out[0] - base[0], want * heads.token_scale)
+    torch.testing.assert_close(out[1], base[1])  # no valid image token: nothing added
+    # a padded token, however strong, changes nothing; a valid one raises its finding's logit
+    tok2 = tok.clone()
+    tok2[0, 4] = 100 * heads.token_logits.weight[0].detach()
+    torch.testing.assert_close(heads(fused, fmask, (tok2, tmask)).presence_logits_BK, out)
+    tok2[0, 1] = tok2[0, 4]
+    assert heads(fused, fmask, (tok2, tmask)).presence_logits_BK[0, 0] > out[0, 0] + 10  # ~ the max
+    # the presence loss alone trains the token layer (the MIL path)
+    loss = heads_loss(heads(fused, fmask, (tok, tmask)), FindingLabels(torch.ones(2, K)), cfg)["heads"]
+    loss.backward()
+    assert heads.token_logits.weight.grad.abs().sum() > 0 and heads.token_scale.grad is not None
