@@ -2,7 +2,11 @@
 on a synthetic find-the-fact task at 2K-8K tokens and tested on facts planted at any depth of
 inputs up to 100K tokens.
 
-    python -m bench.retrieval [--quick] [--threads N]
+    python -m bench.retrieval [--quick] [--threads N] [--steps N] [--device cuda] [--save W.safetensors]
+    python -m bench.retrieval --weights W.safetensors   # evaluate a saved model (no training)
+
+A model trained elsewhere (``--device cuda --save``, e.g. on a lent GPU) is evaluated here with
+``--weights``: the weights file carries its config, and the JSON records where it was trained.
 
 Task (passkey retrieval): random filler tokens, one fact ``FACT v`` planted at a random depth, and
 the sequence ends ``... QUERY ANS``; the model must output v (one of 32 values, chance 3%) at ANS.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -88,10 +93,13 @@ def answer_logits(dec: Decoder, ids: torch.Tensor) -> torch.Tensor:
     return out.logits[:, -1], out.aux_loss
 
 
-def train(rc: RetrievalConfig, log_every: int = 25) -> tuple[Decoder, list[dict]]:
+def train(rc: RetrievalConfig, log_every: int = 25, device: str = "cpu",
+          time_limit_s: float | None = None) -> tuple[Decoder, list[dict]]:
+    """Train the retrieval model; with ``time_limit_s`` training stops early (``rc.steps`` is then
+    set to the steps done)."""
     torch.manual_seed(rc.seed)
     gen = torch.Generator().manual_seed(rc.seed)
-    dec = build_model(rc)
+    dec = build_model(rc).to(device)
     opt = torch.optim.AdamW(dec.parameters(), lr=rc.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, rc.steps) / rc.steps)))
@@ -103,6 +111,7 @@ def train(rc: RetrievalConfig, log_every: int = 25) -> tuple[Decoder, list[dict]
         T = lengths[step % len(lengths)]
         B = max(1, rc.tokens_per_step // T)
         ids, tgt = make_batch(B, T, rc.attention.block_size, gen)
+        ids, tgt = ids.to(device), tgt.to(device)
         logits, aux = answer_logits(dec, ids)
         loss = F.cross_entropy(logits, tgt)
         opt.zero_grad(set_to_none=True)
@@ -114,12 +123,17 @@ def train(rc: RetrievalConfig, log_every: int = 25) -> tuple[Decoder, list[dict]
         history.append({"step": step, "T": T, "loss": loss.item(), "acc": acc})
         if log_every and step % log_every == 0:
             log.info("step %d T=%d loss %.3f acc %.2f (%.0fs)", step, T, loss.item(), acc, time.perf_counter() - t0)
+        if time_limit_s and time.perf_counter() - t0 > time_limit_s:
+            log.warning("time limit reached after %d of %d steps", step + 1, rc.steps)
+            rc.steps = step + 1
+            break
     return dec, history
 
 
 @torch.no_grad()
 def evaluate(dec: Decoder, rc: RetrievalConfig, lengths=None, depths=None, per_cell=None, seed: int = 1234) -> list[dict]:
     dec.eval()
+    device = next(dec.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for T in lengths or rc.eval_lengths:
@@ -129,7 +143,7 @@ def evaluate(dec: Decoder, rc: RetrievalConfig, lengths=None, depths=None, per_c
             correct = done = 0
             while done < n:
                 ids, tgt = make_batch(min(B, n - done), T, rc.attention.block_size, gen, depth=depth)
-                correct += int((answer_logits(dec, ids)[0].argmax(-1) == tgt).sum())
+                correct += int((answer_logits(dec, ids.to(device))[0].argmax(-1).cpu() == tgt).sum())
                 done += ids.shape[0]
             rows.append({"length": T, "depth": depth, "n": n, "accuracy": correct / n})
     return rows
@@ -140,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model and lengths: a smoke run")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="where to train and evaluate (cpu, cuda)")
+    ap.add_argument("--save", default=None, help="write the trained model (safetensors, config in its metadata)")
+    ap.add_argument("--weights", default=None, help="evaluate this saved model instead of training one")
+    ap.add_argument("--eval-per-cell", type=int, default=None, help="test sequences per (length, depth) cell")
+    ap.add_argument("--time-limit", type=float, default=None, help="stop training after this many seconds")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
@@ -150,21 +169,61 @@ def main(argv: list[str] | None = None) -> int:
         rc = full_config()
     if args.steps:
         rc.steps = args.steps
-    t0 = time.perf_counter()
-    dec, hist = train(rc)
-    train_s = time.perf_counter() - t0
+    if args.eval_per_cell:
+        rc.eval_per_cell = args.eval_per_cell
+    trained_on = machine()
+    if args.weights:
+        dec, saved = load_model(args.weights)
+        rc = dataclasses.replace(saved["config"], eval_per_cell=rc.eval_per_cell)
+        dec = dec.to(args.device)
+        train_s, hist, trained_on = saved["train_seconds"], saved["history"], saved["machine"]
+    else:
+        t0 = time.perf_counter()
+        dec, hist = train(rc, device=args.device, time_limit_s=args.time_limit)
+        train_s = time.perf_counter() - t0
+        if args.save:
+            save_model(args.save, dec, rc, train_s, hist, trained_on)
     rows = evaluate(dec, rc)
     print_table(rows, ["length", "depth", "n", "accuracy"])
     by_len = {}
     for r in rows:
         by_len.setdefault(r["length"], []).append(r["accuracy"])
     acc_len = {T: sum(v) / len(v) for T, v in by_len.items()}
-    payload = {"config": dataclasses.asdict(rc), "machine": machine(), "train_seconds": train_s,
+    payload = {"config": dataclasses.asdict(rc), "machine": machine(), "trained_on": trained_on,
+               "weights": args.weights, "train_seconds": train_s, "train_steps": rc.steps,
                "final_train_loss": sum(h["loss"] for h in hist[-20:]) / min(20, len(hist)),
                "accuracy_by_length": acc_len, "accuracy_100k": acc_len.get(100_000),
                "chance": 1 / N_VALUES, "rows": rows}
     write_json("retrieval", payload, quick=args.quick)
     return 0
+
+
+def save_model(path, dec: Decoder, rc: RetrievalConfig, train_s: float, hist: list[dict], trained_on: dict) -> None:
+    """The trained decoder as safetensors; config, training time and curve in the metadata."""
+    from safetensors.torch import save_model as st_save_model  # handles the tied embedding / head
+
+    meta = {"config": json.dumps(dataclasses.asdict(rc)), "train_seconds": str(train_s),
+            "history": json.dumps(hist[-50:]), "machine": json.dumps(trained_on)}
+    st_save_model(dec, str(path), metadata=meta)
+    log.info("saved %s", path)
+
+
+def load_model(path) -> tuple[Decoder, dict]:
+    """A model written by ``save_model`` -> (decoder on the CPU, {config, train_seconds, history, machine})."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model as st_load_model
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    d = json.loads(meta["config"])
+    att = AttentionConfig.from_dict(d.pop("attention"))
+    rc = RetrievalConfig(attention=att, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    dec = build_model(rc)
+    missing, unexpected = st_load_model(dec, str(path), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the retrieval model (missing {missing}, unexpected {unexpected})")
+    return dec, {"config": rc, "train_seconds": float(meta["train_seconds"]),
+                 "history": json.loads(meta["history"]), "machine": json.loads(meta["machine"])}
 
 
 def full_config() -> RetrievalConfig:

@@ -21,3 +21,21 @@ def test_retrieval_at_16x_training_length():
     rows = evaluate(dec, rc, lengths=(2048,), depths=(0.05, 0.5, 0.95), per_cell=16)
     acc = sum(r["accuracy"] for r in rows) / len(rows)
     assert acc >= 0.9, rows  # chance is 1/32
+
+
+def test_saved_retrieval_model_round_trips(tmp_path):
+    """A model trained elsewhere (--device cuda --save) is evaluated here with --weights."""
+    from bench.retrieval import load_model, save_model
+
+    rc = quick_config()
+    rc.steps = 3
+    dec, hist = train(rc, log_every=0)
+    path = tmp_path / "retrieval.safetensors"
+    save_model(path, dec, rc, 1.5, hist, {"cpu": "test"})
+    back, meta = load_model(path)
+    assert meta["config"] == rc and meta["train_seconds"] == 1.5 and meta["machine"] == {"cpu": "test"}
+    ids, _ = make_batch(2, 100, rc.attention.block_size, torch.Generator().manual_seed(1))
+    dec.eval()
+    back.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, dec(ids).logits, rtol=0, atol=0)
