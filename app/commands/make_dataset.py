@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--showcase", action="store_true",
                         help="the first 6 studies follow the fixed mix of the bundled examples/ sample")
     parser.add_argument("--normal-fraction", type=float, default=0.3, help="share of normal studies (default 0.3)")
+    parser.add_argument("--split", choices=("train", "val", "test"), default=None,
+                        help="put every study in this split (e.g. test: a fixed held-out subset with the reserved "
+                             "report templates, such as 30 studies with 100K-token records); default: 80/10/10")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -58,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     if (out / "manifest.jsonl").exists():
         log.warning("overwriting %s", out / "manifest.jsonl")
     cfg = DatasetConfig(n=args.n, seed=args.seed, size=args.size, history_tokens=tuple(args.history_tokens),
-                        audio=audio, showcase=args.showcase, normal_fraction=args.normal_fraction)
+                        audio=audio, showcase=args.showcase, normal_fraction=args.normal_fraction,
+                        split=getattr(args, "split", None))
     t0 = time.perf_counter()
     manifest = write_dataset(out, cfg, workers=args.workers, progress=not args.no_progress)
     dt = time.perf_counter() - t0

@@ -60,6 +60,13 @@ class DatasetConfig:
     audio: bool = True
     showcase: bool = False  # first len(SHOWCASE) studies follow the fixed showcase mix
     normal_fraction: float = 0.3
+    # Put every study in this split (e.g. "test": a fixed held-out subset, written with the test
+    # split's reserved report templates); None: train / val / test by seed (SPLIT_FRACTIONS).
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in (None, "train", "val", "test"):
+            raise ValueError(f"split must be train, val or test (or None for the usual mix), got {self.split!r}")
 
 
 def split_of(seed: int, index: int) -> str:
@@ -78,7 +85,7 @@ def generate_study(cfg: DatasetConfig, index: int, out: Path) -> dict:
     study_seed = int(np.random.default_rng([cfg.seed, index]).integers(0, 2**31 - 1))
     rng = np.random.default_rng(study_seed)
     force = dict(SHOWCASE[index]) if cfg.showcase and index < len(SHOWCASE) else {}
-    split = force.pop("split", None) or split_of(cfg.seed, index)
+    split = force.pop("split", None) or cfg.split or split_of(cfg.seed, index)
     sid = f"syn{index:05d}"
     case = sample_case(rng, sid, study_seed, split, cfg.size, cfg.history_tokens, cfg.normal_fraction,
                        p_no_audio=0.1 if cfg.audio else 1.0, force=force)
@@ -167,8 +174,11 @@ _CONFIG_FILE = "dataset_config.json"
 
 def _config_key(cfg: DatasetConfig) -> dict:
     """The settings that decide a study's content (``n`` only decides how many)."""
-    return {"seed": cfg.seed, "size": cfg.size, "history_tokens": list(cfg.history_tokens), "audio": cfg.audio,
-            "showcase": cfg.showcase, "normal_fraction": cfg.normal_fraction}
+    key = {"seed": cfg.seed, "size": cfg.size, "history_tokens": list(cfg.history_tokens), "audio": cfg.audio,
+           "showcase": cfg.showcase, "normal_fraction": cfg.normal_fraction}
+    if cfg.split:  # only when set: datasets written before the option existed stay reusable
+        key["split"] = cfg.split
+    return key
 
 
 def _write_config(out: Path, cfg: DatasetConfig) -> None:

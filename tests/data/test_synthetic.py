@@ -232,3 +232,20 @@ def test_growing_a_dataset_keeps_written_studies_and_equals_a_fresh_build(tmp_pa
     write_dataset(grown, DatasetConfig(n=3, seed=10, size="tiny", history_tokens=(200, 400), audio=False),
                   workers=1, progress=False)
     assert first.stat().st_mtime_ns != stamp
+
+
+def test_split_option_puts_every_study_in_one_split_with_its_templates(tmp_path):
+    with pytest.raises(ValueError, match="split"):
+        DatasetConfig(split="holdout")
+    cfg = DatasetConfig(n=4, seed=3, size="tiny", history_tokens=(200, 400), audio=False, split="test")
+    m = write_dataset(tmp_path / "t", cfg, workers=1, progress=False)
+    entries = [json.loads(line) for line in m.read_text().splitlines()]
+    assert [e["split"] for e in entries] == ["test"] * 4
+    mixed = write_dataset(tmp_path / "m", DatasetConfig(n=4, seed=3, size="tiny", history_tokens=(200, 400), audio=False),
+                          workers=1, progress=False)
+    usual = {e["id"]: e for e in map(json.loads, mixed.read_text().splitlines())}
+    assert {e["split"] for e in usual.values()} != {"test"}  # the usual mix
+    for e in entries:  # the same cases (labels), only the split (and so the template pool) differs
+        assert e["labels"] == usual[e["id"]]["labels"]
+    assert json.loads((tmp_path / "t" / "dataset_config.json").read_text())["split"] == "test"
+    assert "split" not in json.loads((tmp_path / "m" / "dataset_config.json").read_text())
