@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         by_len.setdefault(r["length"], []).append(r["accuracy"])
     acc_len = {T: sum(v) / len(v) for T, v in by_len.items()}
-    payload = {"config": dataclasses.asdict(rc), "machine": machine(), "trained_on": trained_on,
+    payload = {"config": dataclasses.asdict(rc), "machine": machine(), "device": args.device, "trained_on": trained_on,
                "weights": args.weights, "train_seconds": train_s, "train_steps": rc.steps,
                "final_train_loss": sum(h["loss"] for h in hist[-20:]) / min(20, len(hist)),
                "accuracy_by_length": acc_len, "accuracy_100k": acc_len.get(100_000),

@@ -147,7 +147,7 @@ class MoE(nn.Module):
             slot = torch.arange(N * K, device=x.device) - starts[expert_sorted]  # row within its expert
             ys = self._experts_padded(x.index_select(0, tok), expert_sorted, slot, M)  # [N*K,D]
             ys = ys * w_NK.reshape(-1)[order, None]  # [N*K,D] weighted
-            y = torch.zeros_like(x).index_add_(0, tok, ys)  # [N,D]
+            y = torch.zeros_like(x).index_add_(0, tok, ys.to(x.dtype))  # [N,D] (autocast: experts may run in bf16)
         else:
             ws = w_NK.reshape(-1)[order]  # [N*K] routing weights in sorted order
             tok_e, ws_e = tok.split(counts_l), ws.split(counts_l)
@@ -158,7 +158,7 @@ class MoE(nn.Module):
                 # E slices would each build a zero-filled full-size gradient and add it up.
                 xs_e = x.index_select(0, tok).split(counts_l)  # [N*K,D] contiguous per expert
                 parts = [self._expert(e, xs_e[e], ws_e[e], w13=w13_e[e], w2=w2_e[e]) for e in range(E) if counts_l[e]]
-                y = torch.zeros_like(x).index_add_(0, tok, torch.cat(parts))  # [N,D]
+                y = torch.zeros_like(x).index_add_(0, tok, torch.cat(parts).to(x.dtype))  # [N,D] (autocast: bf16 parts)
             else:
                 # Inference: gather and scatter-add one expert at a time; no [N*K,D] buffers (at 16K
                 # tokens those are >32 MB fresh mmap allocations whose page faults cost as much as
@@ -167,7 +167,7 @@ class MoE(nn.Module):
                 for e in range(E):
                     if counts_l[e]:
                         y.index_add_(0, tok_e[e], self._expert(e, x.index_select(0, tok_e[e]), ws_e[e],
-                                                               w13=w13_e[e], w2=w2_e[e]))
+                                                               w13=w13_e[e], w2=w2_e[e]).to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(x)
         load_E = counts.to(x.dtype) / max(N * K, 1)
