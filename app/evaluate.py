@@ -395,3 +395,39 @@ def render_html(ev: Evaluation, title: str = "medreport evaluation") -> str:
 <h2>Findings</h2><img alt="per-finding F1" src="data:image/png;base64,{img}">
 <table><tr><th>finding</th><th>precision</th><th>recall</th><th>F1</th><th>support</th><th>predicted</th></tr>{finding_rows}</table>
 </body></html>"""
+
+
+def facts_carried(hyp: dict[str, str], entries) -> dict:
+    """How often the planted history facts reach the report: the share of facts whose expected
+    phrase appears in the generated text (case-insensitive), and the share of studies (with a
+    history holding at least one such fact) whose every fact does."""
+    checked = [e for e in entries if (e.history or e.history_text) and e.id in hyp]
+    facts = [(e, f) for e in checked for f in e.facts if f.kind != "distractor" and f.expect_in_report]
+    hit = [f.expect_in_report.lower() in hyp[e.id].lower() for e, f in facts]
+    per_study: dict[str, bool] = {}
+    for (e, _), h in zip(facts, hit):
+        per_study[e.id] = per_study.get(e.id, True) and h
+    by_kind: dict[str, list[bool]] = {}
+    for (_, f), h in zip(facts, hit):
+        by_kind.setdefault(f.kind, []).append(h)
+    return {"facts_carried": float(np.mean(hit)) if hit else None, "facts_checked": len(hit),
+            "facts_carried_studies": float(np.mean(list(per_study.values()))) if per_study else None,
+            "facts_studies_checked": len(per_study),
+            "facts_carried_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_kind.items())}}
+
+
+def manifest_facts(path: str | Path, ids) -> list | None:
+    """The manifest entries of ``ids`` when ``path`` is a manifest whose studies carry planted
+    history facts (synthetic data), else None (plain report files have no facts to check)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    from data.datasets import read_manifest
+
+    try:
+        entries = read_manifest(p, validate=False)
+    except Exception:  # noqa: BLE001 - not a manifest (a plain {"id", "report"} file): nothing to check
+        return None
+    wanted = set(ids)
+    entries = [en for en in entries if en.id in wanted]
+    return entries if any(en.facts for en in entries) else None

@@ -979,25 +979,6 @@ def _finish(model: ReportModel, tok, val_ds: ReportDataset, cfg: TrainConfig, ru
 # ============================================================================ held-out evaluation
 
 
-def facts_carried(hyp: dict[str, str], entries) -> dict:
-    """How often the planted history facts reach the report: the share of facts whose expected
-    phrase appears in the generated text (case-insensitive), and the share of studies (with a
-    history holding at least one such fact) whose every fact does."""
-    checked = [e for e in entries if (e.history or e.history_text) and e.id in hyp]
-    facts = [(e, f) for e in checked for f in e.facts if f.kind != "distractor" and f.expect_in_report]
-    hit = [f.expect_in_report.lower() in hyp[e.id].lower() for e, f in facts]
-    per_study: dict[str, bool] = {}
-    for (e, _), h in zip(facts, hit):
-        per_study[e.id] = per_study.get(e.id, True) and h
-    by_kind: dict[str, list[bool]] = {}
-    for (_, f), h in zip(facts, hit):
-        by_kind.setdefault(f.kind, []).append(h)
-    return {"facts_carried": float(np.mean(hit)) if hit else None, "facts_checked": len(hit),
-            "facts_carried_studies": float(np.mean(list(per_study.values()))) if per_study else None,
-            "facts_studies_checked": len(per_study),
-            "facts_carried_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_kind.items())}}
-
-
 def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test", max_studies: int = 0,
                    max_history_tokens: int = 100_000, batch_size: int = 4, max_new_tokens: int = 400,
                    predictions: str | Path | None = None, progress: bool = True) -> dict:
@@ -1080,6 +1061,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         said = presence(label_report(hyp[e.id]))
         agree += [bool(said.get(n)) == bool(P[i, k] >= 0.5) for k, n in enumerate(names)]
     out["text_finding_consistency"] = float(np.mean(agree))
+    from app.evaluate import facts_carried
+
     out.update(facts_carried(hyp, entries))
     if predictions:
         Path(predictions).write_text("".join(json.dumps({"id": k, "report": v, "findings": found[k]}) + "\n"

@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.evaluate import evaluate_reports, read_reports, render_html
+    from app.evaluate import evaluate_reports, facts_carried, manifest_facts, read_reports, render_html
 
     hyp = read_reports(args.hyp)
     ref = read_reports(args.ref, split=args.split)
@@ -36,11 +36,17 @@ def run(args: argparse.Namespace) -> int:
         ci = ev.ci95.get(k)
         v_s = "n/a" if v is None else f"{v:.4f}"
         print(f"  {k:24s} {v_s}" + (f"   95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+    fc = {}
+    entries = manifest_facts(args.ref, set(hyp) & set(ref))
+    if entries is not None:  # synthetic manifest: planted history facts carried into the (whole) report
+        fc = facts_carried(hyp, entries)
+        print(f"  {'facts_carried':24s} {fc['facts_carried'] if fc['facts_carried'] is not None else 'n/a'}"
+              f"  (of {fc['facts_checked']} planted facts; studies with all: {fc['facts_carried_studies']})")
     for note in ev.notes:
         print(f"  note: {note}")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(ev.to_json(), indent=2))
+        args.json_out.write_text(json.dumps({**ev.to_json(), **fc}, indent=2))
     if args.html_out:
         args.html_out.parent.mkdir(parents=True, exist_ok=True)
         args.html_out.write_text(render_html(ev))

@@ -135,3 +135,26 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_cli_reports_planted_facts_when_the_reference_is_a_synthetic_manifest(tmp_path, capsys):
+    from data.synthetic.writer import DatasetConfig, write_dataset
+
+    cfg = DatasetConfig(n=6, seed=21, size="tiny", history_tokens=(300, 600), audio=False, normal_fraction=0.0)
+    manifest = write_dataset(tmp_path / "ds", cfg, workers=1, progress=False)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    with_facts = [r for r in rows if any(f["expect_in_report"] and f["kind"] != "distractor" for f in r["facts"])]
+    assert with_facts, "the generator plants facts in most histories"
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("\n".join(json.dumps({"id": r["id"], "report": r["report"]}) for r in rows))
+    bad.write_text("\n".join(json.dumps({"id": r["id"], "report": REPORT_B}) for r in rows))
+    for hyp, want in ((good, 1.0), (bad, 0.0)):
+        assert main(["evaluate", "--hyp", str(hyp), "--ref", str(manifest), "--json", str(tmp_path / "s.json"),
+                     "--bootstrap", "0", "--no-meteor"]) == 0
+        out = json.loads((tmp_path / "s.json").read_text())
+        assert out["facts_carried"] == want and out["facts_studies_checked"] == len(with_facts)
+        assert "facts_carried" in capsys.readouterr().out
+    # plain report files have no facts: nothing is claimed
+    assert main(["evaluate", "--hyp", str(good), "--ref", str(good), "--json", str(tmp_path / "p.json"),
+                 "--bootstrap", "0", "--no-meteor"]) == 0
+    assert "facts_carried" not in json.loads((tmp_path / "p.json").read_text())

@@ -191,7 +191,7 @@ def test_split_evaluation_and_fp16_shipped_model(shared, repo_root, tmp_path):
 def test_facts_carried_counts_facts_and_studies():
     from types import SimpleNamespace as NS
 
-    from app.train import facts_carried
+    from app.evaluate import facts_carried
 
     f = lambda kind, phrase: NS(kind=kind, expect_in_report=phrase)  # noqa: E731
     entries = [
