@@ -1,6 +1,7 @@
 """End-to-end report latency of the product path (``app.pipeline.ReportPipeline.run``).
 
     python -m bench.e2e [--model models/demo] [--runs 10] [--lengths 2000,100000] [--quick]
+    python -m bench.e2e --study examples/studies/syn00002 --lengths 2000 --no-int8 --name e2e_example
 
 A 64-slice demo study (a synthetic one written here, with dictation when a speech synthesizer is
 available) with a patient record of 2K and 100K tokens: load, encode, generate (and Grad-CAM
@@ -72,6 +73,7 @@ def latency(pipe, study: Path, history: str, runs: int) -> dict:
     for k, v in stages.items():
         row[f"{k}_p50_s"] = _pct(v, 50)
     row["report_tokens"] = rep.provenance["generation"]["tokens_generated"]
+    row["heatmaps"] = len(getattr(rep, "heatmaps", {}) or {})  # findings given a Grad-CAM heatmap
     return row
 
 
@@ -110,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quality-studies", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--quick", action="store_true", help="2 runs, 2K history only, 4 quality studies")
+    ap.add_argument("--study", type=Path, default=None,
+                    help="time this study (e.g. an example with findings, so that heatmaps are computed) "
+                         "instead of a freshly written synthetic one")
+    ap.add_argument("--no-int8", action="store_true", help="fp32 only")
+    ap.add_argument("--name", default="e2e", help="results file name in bench/results (default e2e)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
@@ -121,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(x) for x in args.lengths.split(",") if x]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        study = _write_study(Path(tmp) / "ds")
-        for quant in (False, True):
+        study = args.study or _write_study(Path(tmp) / "ds")
+        for quant in (False,) if args.no_int8 else (False, True):
             pipe = ReportPipeline.from_dir(args.model, config=PipelineConfig(), quantize=quant)
             for n in lengths:
                 hist = _history_of_tokens(pipe.tokenizer, n)
@@ -132,19 +139,21 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 print(f"  {r['decoder']} history {n}: p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s", flush=True)
     cols = ["decoder", "history_tokens", "p50_s", "p95_s", "loading_p50_s", "encoding_p50_s", "generating_p50_s",
-            "evidence_p50_s", "report_tokens"]
+            "evidence_p50_s", "report_tokens", "heatmaps"]
     print_table(rows, cols)
-    payload = {"model": str(args.model), "machine": machine(), "rows": rows}
+    payload = {"model": str(args.model), "study": str(args.study) if args.study else "synthetic (seed 7)",
+               "machine": machine(), "rows": rows}
     for n in lengths:
         f = next(r for r in rows if r["history_tokens"] == n and r["decoder"] == "fp32")
-        q = next(r for r in rows if r["history_tokens"] == n and r["decoder"] == "int8")
         payload[f"p50_{n}_s"], payload[f"p95_{n}_s"] = f["p50_s"], f["p95_s"]
-        payload[f"int8_speedup_{n}"] = f["p50_s"] / q["p50_s"]
-    path = write_json("e2e", payload, quick=args.quick)  # latency first: kept if the quality check fails
+        q = next((r for r in rows if r["history_tokens"] == n and r["decoder"] == "int8"), None)
+        if q is not None:
+            payload[f"int8_speedup_{n}"] = f["p50_s"] / q["p50_s"]
+    path = write_json(args.name, payload, quick=args.quick)  # latency first: kept if the quality check fails
     if args.manifest:
         payload["int8_quality"] = quality(args.model, args.manifest, args.quality_studies)
         print(json.dumps(payload["int8_quality"], indent=1))
-        path = write_json("e2e", payload, quick=args.quick)
+        path = write_json(args.name, payload, quick=args.quick)
     print(f"wrote {path}")
     return 0
 

@@ -1,6 +1,8 @@
-"""The UI end to end against a live local server (tiny untrained model): ``gradio_client`` uploads
-the sample study as a zip and receives the report; a real browser (Debian's chromium driven by
-Playwright) clicks an example, generates, checks the report sections and saves a screenshot."""
+"""The UI end to end against a live local server: ``gradio_client`` uploads the sample study as a
+zip and receives the report (tiny untrained model, fast); with the shipped demo model, as
+``make serve`` runs it, an example with findings the model has learned comes back with its
+evidence heatmap, and a real browser (Debian's chromium driven by Playwright) clicks that
+example, generates, edits, exports and saves a screenshot."""
 from __future__ import annotations
 
 import os
@@ -50,6 +52,40 @@ def server(tmp_path_factory):
         yield f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    """A live UI exactly as ``make serve`` builds it: the shipped demo model, default settings."""
+    from app.ui import UIConfig, build_app, launch_kwargs
+
+    demo = REPO / "models" / "demo"
+    assert (demo / "model.safetensors").is_file(), "models/demo is shipped with the repository"
+    app = build_app(EXAMPLES, config=UIConfig(model_dir=demo, examples_dir=EXAMPLES))
+    port = _free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               max_file_size="50mb", **launch_kwargs())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        app.close()
+
+
+HEATMAP_EXAMPLE = "syn00002"  # pleural effusion + cardiomegaly: findings the demo model has learned
+
+
+def test_demo_model_example_comes_back_with_its_heatmap(demo_server):
+    from gradio_client import Client
+
+    from app.ui import NO_HEATMAP
+
+    client = Client(demo_server, verbose=False)
+    out = client.predict(None, HEATMAP_EXAMPLE, "", None, None, "", "lung", api_name="/generate")
+    facts, _z, image, heat, jump, table, summary, scores, *sections = out
+    calls = {row[0]: row[2] for row in table["data"]}
+    assert calls.get("cardiomegaly") == "present", calls
+    assert heat not in (None, "", NO_HEATMAP), "a finding's evidence heatmap should be shown"
+    assert image and any(s.strip() for s in sections)
 
 
 def test_client_uploads_zip_and_receives_report(server, tmp_path):
@@ -117,7 +153,7 @@ def test_without_model_generate_says_how_to_get_one():
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium "
                     "(CI installs it: apt-get install -y chromium)")
-def test_browser_example_generate_screenshot(server, tmp_path):
+def test_browser_example_generate_screenshot(demo_server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
     shot = tmp_path / "ui.png"
@@ -126,9 +162,9 @@ def test_browser_example_generate_screenshot(server, tmp_path):
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.goto(server, wait_until="domcontentloaded")  # Gradio keeps a stream open: no "networkidle"
+            page.goto(demo_server, wait_until="domcontentloaded")  # Gradio keeps a stream open: no "networkidle"
             sync_api.expect(page.locator("#clinical-notice")).to_contain_text("not for clinical use", timeout=30_000)
-            page.get_by_label("syn00000").check()
+            page.get_by_label(HEATMAP_EXAMPLE).check()
             ref = page.locator("#reference textarea")
             sync_api.expect(ref).not_to_have_value("", timeout=30_000)  # the example filled its reference
             page.locator("#generate").click()
@@ -138,7 +174,8 @@ def test_browser_example_generate_screenshot(server, tmp_path):
                 assert page.locator(f"#section-{key} textarea").count() == 1
             sync_api.expect(page.locator("#context")).to_contain_text("PRELIMINARY", timeout=10_000)
             sync_api.expect(page.locator("#scores")).to_contain_text("BLEU-1", timeout=10_000)
-            assert page.locator("#findings").inner_text().strip()
+            sync_api.expect(page.locator("#findings")).to_contain_text("cardiomegaly", timeout=10_000)
+            assert "present" in page.locator("#findings").inner_text()
             page.locator("#section-impression textarea").fill("Edited by the test clinician.")
             page.locator("#export").click()
             for name in ("report.txt", "report.json", "report.fhir.json", "report.sr.dcm"):

@@ -24,3 +24,14 @@ def test_e2e_bench_quick_writes_latency_and_quality(tmp_path, tmp_path_factory, 
     assert out["int8_speedup_2000"] > 0
     q = out["int8_quality"]
     assert q["studies"] >= 1 and 0 <= q["identical_reports"] <= 1
+
+
+def test_e2e_bench_on_a_given_study_fp32_only(tmp_path, tmp_path_factory, monkeypatch):
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    model = tiny_model_dir(tmp_path_factory)
+    study = EXAMPLES / "studies" / "syn00002"
+    assert bench.e2e.main(["--model", str(model), "--quick", "--study", str(study), "--no-int8",
+                           "--name", "e2e_example"]) == 0
+    out = json.loads((tmp_path / "e2e_example_quick.json").read_text())
+    assert out["study"] == str(study) and {r["decoder"] for r in out["rows"]} == {"fp32"}
+    assert "int8_speedup_2000" not in out and out["rows"][0]["heatmaps"] >= 0
