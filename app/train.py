@@ -555,6 +555,34 @@ def micro_f1(pred: np.ndarray, labels: np.ndarray) -> float:
     return 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0
 
 
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve (Mann-Whitney, ties averaged); None without both classes."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(labels).astype(bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if not n1 or not n0:
+        return None
+    r = rankdata(np.asarray(scores, dtype=np.float64))
+    return float((r[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def per_finding_metrics(probs: np.ndarray, labels: np.ndarray, names: Sequence[str],
+                        threshold: float = 0.5) -> dict[str, dict]:
+    """Per finding: support (known positives), precision, recall and F1 at ``threshold``, and AUC.
+    probs, labels: [N, K]; labels 1/0, negative = unknown (ignored)."""
+    out = {}
+    for k, name in enumerate(names):
+        known = labels[:, k] >= 0
+        y, p = labels[known, k].astype(bool), probs[known, k]
+        pred = p >= threshold
+        tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
+        out[name] = {"support": int(y.sum()), "predicted": int(pred.sum()),
+                     "precision": tp / (tp + fp) if tp + fp else None, "recall": tp / (tp + fn) if tp + fn else None,
+                     "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None, "auc": roc_auc(p, y)}
+    return out
+
+
 def generate_reports(model: ReportModel, ds: ReportDataset, indices: Sequence[int], device: torch.device,
                      max_new_tokens: int = 256, batch_size: int = 4) -> dict[str, str]:
     """Greedy reports (formatted text) for dataset items, history cropped as the dataset says."""
@@ -1053,6 +1081,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     out["finding_micro_f1"] = micro_f1(P >= 0.5, main_Y)
     per = [micro_f1(P[:, k] >= 0.5, main_Y[:, k]) for k in range(len(names)) if (main_Y[:, k] == 1).any()]
     out["finding_macro_f1"] = float(np.mean(per)) if per else None
+    out["per_finding"] = per_finding_metrics(P, main_Y, names)
     out["below_resolution_findings"] = int(BR.sum())
     out["below_resolution_recall"] = float((P[BR] >= 0.5).mean()) if BR.any() else None
     out["ece"] = expected_calibration_error(P, Y)

@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     if args.card_only:
         cfg = load_config(None, args.config, args.overrides)
         metrics = json.loads((args.out / "metrics.json").read_text())
+        preds = args.run / "test_predictions.jsonl"
+        if "per_finding" not in metrics and preds.is_file():  # a model evaluated before the table existed
+            metrics["per_finding"] = per_finding_from_predictions(preds, args.dataset / "manifest.jsonl")
+            (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (args.out / "MODEL_CARD.md").write_text(model_card(args, cfg, metrics))
         print(f"wrote {args.out / 'MODEL_CARD.md'}")
         return 0
@@ -127,6 +131,34 @@ def write_shipped_model(model, out: Path, fp16: bool = True) -> Path:
     return out
 
 
+def per_finding_from_predictions(predictions: Path, manifest: Path) -> dict[str, dict]:
+    """Per-finding test metrics from ``test_predictions.jsonl`` (its ``findings`` probabilities)
+    and the manifest's labels (below-resolution findings left out, as in evaluate_split)."""
+    import numpy as np
+
+    from app.train import per_finding_metrics
+    from data.datasets import read_manifest
+
+    rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines() if line.strip()]
+    entries = {e.id: e for e in read_manifest(manifest, validate=False)}
+    names = list(rows[0]["findings"])
+    P = np.array([[r["findings"][n]["p"] for n in names] for r in rows])
+    Y = np.zeros_like(P)
+    for i, r in enumerate(rows):
+        for lab in entries[r["id"]].labels:
+            if lab.finding in names:
+                below = lab.present and (lab.attributes or {}).get("below_resolution")
+                Y[i, names.index(lab.finding)] = -1 if (lab.present is None or below) else float(bool(lab.present))
+    return per_finding_metrics(P, Y, names)
+
+
+def _finding_rows(per: dict) -> str:
+    def f(x):
+        return "—" if x is None else f"{x:.2f}"
+    return "\n".join(f"| {n.replace('_', ' ')} | {d['support']} | {f(d['precision'])} | {f(d['recall'])} | {f(d['f1'])} | {f(d['auc'])} |"
+                     for n, d in sorted(per.items(), key=lambda kv: -(kv[1]["auc"] or 0)))
+
+
 def model_card(args, cfg, metrics: dict) -> str:
     argv = [a for a in (sys.argv[sys.argv.index(NAME) + 1:] if NAME in sys.argv else []) if a != "--card-only"]
     cmd = " ".join(["medreport", NAME, *argv])
@@ -136,9 +168,16 @@ def model_card(args, cfg, metrics: dict) -> str:
 
     splits = Counter(e.split for e in read_manifest(args.dataset / "manifest.jsonl", validate=False))
     f1 = metrics.get("finding_micro_f1") or 0.0
-    weak_note = (f"* **A first CPU-trained model whose image findings are not learned yet** (test finding micro-F1 "
-                 f"{f1:.2f} at p >= 0.5): its reports stay close to one generic report whatever the study. It shows "
-                 "the product working end to end, not the quality the architecture can reach.\n") if f1 < 0.5 else ""
+    per = metrics.get("per_finding") or {}
+    weak = sorted(n.replace("_", " ") for n, d in per.items() if (d.get("auc") or 0) < 0.75)
+    weak_note = (f"* **A CPU-trained model that sees only some findings** (test finding micro-F1 {f1:.2f} at p >= 0.5). "
+                 "It does not detect: " + ", ".join(weak) + " (test AUC below 0.75, table above): for these its "
+                 "report says what is typical, not what is in the study.\n") if weak else ""
+    if not per and f1 < 0.5:
+        weak_note = (f"* **A CPU-trained model whose image findings are not learned yet** (test finding micro-F1 "
+                     f"{f1:.2f} at p >= 0.5): its reports stay close to one generic report whatever the study.\n")
+    per_table = ("\n## Per finding (test split, p >= 0.5)\n| finding | positives | precision | recall | F1 | AUC |\n"
+                 "|---|---|---|---|---|---|\n" + _finding_rows(per) + "\n") if per else ""
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in metrics.items() if not isinstance(v, (dict, list)))
     return f"""# medreport demo model
@@ -166,7 +205,7 @@ Test history policy: the most recent {args.eval_history_tokens} tokens of each r
 | metric | value |
 |---|---|
 {rows}
-
+{per_table}
 ## Limitations
 {weak_note}* Trained from scratch (no pretrained weights exist offline) in under an hour on a 2-core CPU:
   the image encoder sees each training study about once. Read the finding F1 above before

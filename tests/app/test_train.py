@@ -279,3 +279,41 @@ def test_cache_keeps_the_study_geometry_for_token_targets():
     G, K = cfg.image.grid, len(cfg.heads.finding_names)
     assert batch.token_targets.shape == (2, batch.slab_mask.shape[1] * G * G, K)
     assert batch.token_targets.sum() > 0  # these studies have lesions
+
+
+def test_per_finding_metrics_and_auc():
+    from app.train import per_finding_metrics, roc_auc
+
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75  # one of four pairs misordered
+    assert roc_auc([0.2, 0.2], [0, 1]) == 0.5 and roc_auc([0.1, 0.9], [1, 1]) is None
+    P = np.array([[0.9, 0.1], [0.2, 0.6], [0.7, 0.4], [0.1, 0.8]])
+    Y = np.array([[1, 0], [0, -1], [1, 0], [0, 1]], dtype=float)  # -1: unknown, ignored
+    out = per_finding_metrics(P, Y, ["a", "b"])
+    assert out["a"] == {"support": 2, "predicted": 2, "precision": 1.0, "recall": 1.0, "f1": 1.0, "auc": 1.0}
+    assert out["b"]["support"] == 1 and out["b"]["predicted"] == 1 and out["b"]["f1"] == 1.0
+    assert out["b"]["auc"] == 1.0
+
+
+def test_model_card_lists_findings_and_names_the_unlearned_ones(tmp_path):
+    import argparse
+
+    from app.commands.demo_model import model_card, per_finding_from_predictions
+    from app.train import load_config
+
+    manifest = tmp_path / "manifest.jsonl"
+    labels = lambda a, b: [{"finding": "cardiomegaly", "present": a}, {"finding": "nodule", "present": b}]  # noqa: E731
+    rows = [("s1", labels(True, True), 0.9, 0.2), ("s2", labels(False, False), 0.1, 0.3),
+            ("s3", labels(True, False), 0.8, 0.6), ("s4", labels(False, True), 0.2, 0.1)]
+    manifest.write_text("".join(json.dumps({"id": i, "split": "test", "study": f"studies/{i}", "labels": lab}) + "\n"
+                                for i, lab, *_ in rows))
+    preds = tmp_path / "test_predictions.jsonl"
+    preds.write_text("".join(json.dumps({"id": i, "report": "x", "findings": {"cardiomegaly": {"p": c}, "nodule": {"p": n}}}) + "\n"
+                             for i, _, c, n in rows))
+    per = per_finding_from_predictions(preds, manifest)
+    assert per["cardiomegaly"]["auc"] == 1.0 and per["cardiomegaly"]["f1"] == 1.0
+    assert per["nodule"]["auc"] == 0.0 and per["nodule"]["support"] == 2  # positives scored lowest
+    args = argparse.Namespace(dataset=tmp_path, n=4, seed=1, history_tokens="200:400", config="configs/demo.json",
+                              eval_history_tokens=100000, fp32=False)
+    card = model_card(args, load_config(None, "configs/demo.json"), {"finding_micro_f1": 0.6, "n": 4, "per_finding": per})
+    assert "| cardiomegaly | 2 |" in card and "does not detect: nodule" in card
+    assert "not for clinical use" in card.lower()
