@@ -176,6 +176,10 @@ def model_card(args, cfg, metrics: dict) -> str:
     if not per and f1 < 0.5:
         weak_note = (f"* **A CPU-trained model whose image findings are not learned yet** (test finding micro-F1 "
                      f"{f1:.2f} at p >= 0.5): its reports stay close to one generic report whatever the study.\n")
+    facts = metrics.get("facts_carried")
+    if facts is not None and facts < 0.5:
+        weak_note += (f"* **It rarely carries facts from the patient's record into the report** ({facts:.0%} of the "
+                      "planted history facts on the test split): read the history yourself.\n")
     per_table = ("\n## Per finding (test split, p >= 0.5)\n| finding | positives | precision | recall | F1 | AUC |\n"
                  "|---|---|---|---|---|---|\n" + _finding_rows(per) + "\n") if per else ""
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
