@@ -37,14 +37,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A live UI on 127.0.0.1 with the tiny model; yields its URL."""
-    from app.ui import UIConfig, build_app, launch_kwargs
+def _live(app):
+    """Launch a built UI on a free local port; yields its URL, closes it afterwards."""
+    from app.ui import launch_kwargs
 
-    pipe = ReportPipeline.from_dir(tiny_model_dir(tmp_path_factory),
-                                   PipelineConfig(max_new_tokens=24, max_evidence_findings=2, evidence_threshold=0.0))
-    app = build_app(EXAMPLES, pipeline=pipe, config=UIConfig(examples_dir=EXAMPLES))
     port = _free_port()
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
                max_file_size="50mb", **launch_kwargs())
@@ -52,27 +48,28 @@ def server(tmp_path_factory):
         yield f"http://127.0.0.1:{port}/"
     finally:
         app.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A live UI on 127.0.0.1 with the tiny model; yields its URL."""
+    from app.ui import UIConfig, build_app
+
+    pipe = ReportPipeline.from_dir(tiny_model_dir(tmp_path_factory),
+                                   PipelineConfig(max_new_tokens=24, max_evidence_findings=2, evidence_threshold=0.0))
+    yield from _live(build_app(EXAMPLES, pipeline=pipe, config=UIConfig(examples_dir=EXAMPLES)))
 
 
 @pytest.fixture(scope="module")
 def demo_server():
     """A live UI exactly as ``make serve`` builds it: the shipped demo model, default settings."""
-    from app.ui import UIConfig, build_app, launch_kwargs
+    from app.ui import UIConfig, build_app
 
     demo = REPO / "models" / "demo"
     assert (demo / "model.safetensors").is_file(), "models/demo is shipped with the repository"
-    app = build_app(EXAMPLES, config=UIConfig(model_dir=demo, examples_dir=EXAMPLES))
-    port = _free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               max_file_size="50mb", **launch_kwargs())
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        app.close()
+    yield from _live(build_app(EXAMPLES, config=UIConfig(model_dir=demo, examples_dir=EXAMPLES)))
 
 
-# emphysema + hiatal hernia (+ a nodule): findings the demo model has learned, also on the bundled
-# examples' small 16 x 64 x 64 volumes (it was trained on 64 x 128 x 128 ones)
 HEATMAP_EXAMPLE = "syn00005"
 
 
