@@ -34,4 +34,7 @@ USER 1000
 EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=4)"]
-CMD ["medreport", "serve", "--host", "0.0.0.0", "--port", "7860"]
+# The model and examples are named explicitly: a non-editable install puts the code in
+# site-packages, where the checkout-relative defaults (models/demo, examples/) do not exist.
+CMD ["medreport", "serve", "--host", "0.0.0.0", "--port", "7860", \
+     "--model", "/opt/medreport/models/demo", "--examples", "/opt/medreport/examples"]
