@@ -137,18 +137,19 @@ def per_finding_from_predictions(predictions: Path, manifest: Path) -> dict[str,
     import numpy as np
 
     from app.train import per_finding_metrics
+    from app.train_data import finding_targets
     from data.datasets import read_manifest
+    from multimodal.heads import DEFAULT_LOCATIONS
 
     rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines() if line.strip()]
     entries = {e.id: e for e in read_manifest(manifest, validate=False)}
     names = list(rows[0]["findings"])
     P = np.array([[r["findings"][n]["p"] for n in names] for r in rows])
-    Y = np.zeros_like(P)
-    for i, r in enumerate(rows):
+    Y = np.array([finding_targets(entries[r["id"]].labels, names, DEFAULT_LOCATIONS)[0] for r in rows], dtype=float)
+    for i, r in enumerate(rows):  # below-resolution findings are scored apart, as in evaluate_split
         for lab in entries[r["id"]].labels:
-            if lab.finding in names:
-                below = lab.present and (lab.attributes or {}).get("below_resolution")
-                Y[i, names.index(lab.finding)] = -1 if (lab.present is None or below) else float(bool(lab.present))
+            if lab.present and (lab.attributes or {}).get("below_resolution") and lab.finding in names:
+                Y[i, names.index(lab.finding)] = -1
     return per_finding_metrics(P, Y, names)
 
 
