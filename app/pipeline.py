@@ -36,9 +36,10 @@ from app import __version__
 from app.report import PRESENT_THRESHOLD, UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
 from core.generate import GenerationConfig, generate
 from data.errors import AudioError, HistoryError, MedreportError
+from data.history_digest import digest_ids
 from data.study import COMPANION_SUFFIXES, Study, StudyFiles, find_study_files, load_study
 from multimodal.fusion import MODALITIES
-from multimodal.model import WEIGHTS_FILE, ReportModel, StudyInputs, collate
+from multimodal.model import WEIGHTS_FILE, ReportModel, StudyInputs, collate, digest_spans
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class ReportPipeline:
                 audio_info = {"given": False, "error": str(exc)}
         limit = self.config.max_history_tokens
         hist_info: dict = {"given": False, "limit": limit, "message": "no patient history was given"}
-        ids = None
+        ids, n_digest = None, 0
         if history:
             all_ids = self.tokenizer.encode(history)
             ids, cut = truncate_history(all_ids, limit)
@@ -232,8 +233,17 @@ class ReportPipeline:
             }
             if cut:
                 warnings.append(f"patient history truncated: {hist_info['message']}")
+            # The relevant-history digest is taken from the whole record (a fact older than the
+            # cut still reaches it) and read right before the report (data.history_digest).
+            words = getattr(self.model.cfg, "history_digest_words", 0)
+            if words:
+                dig = digest_ids(self.tokenizer, history, words)
+                ids = ids + dig
+                n_digest = len(dig)
+                hist_info["digest_tokens"] = n_digest
             ids = ids or None
-        inputs = StudyInputs(pixels=slabs.pixels, z_mm=slabs.z_mm, z_index_range=slabs.z_index_range, mel=mel, history_ids=ids)
+        inputs = StudyInputs(pixels=slabs.pixels, z_mm=slabs.z_mm, z_index_range=slabs.z_index_range, mel=mel,
+                             history_ids=ids, digest_len=n_digest)
         return inputs, hist_info, audio_info
 
     # ------------------------------------------------------------------------------ run
@@ -275,7 +285,8 @@ class ReportPipeline:
         notify("generating", _STAGE_SPAN["generating"][0])
         with torch.inference_mode():
             ctx = model.decoder_context(enc.fused_BFD, enc.mask_BF, heads)
-            token_ids = generate(model.decoder, [prefix], *ctx, cfg.generation(tok))[0]
+            spans = digest_spans(x) if model.cfg.decoder.copy else None
+            token_ids = generate(model.decoder, [prefix], *ctx, cfg.generation(tok), copy_spans=spans)[0]
         sections = tok.decode_report(token_ids)
         stage("generating", t0)
 

@@ -442,7 +442,7 @@ class TrainStep(nn.Module):
         losses = heads_loss(heads, x.labels, m.cfg.heads)
         total = m.cfg.heads_weight * losses["heads"]
         if lm and x.ids is not None:
-            out = m.decoder(x.ids, *m.decoder_context(fused, mask, heads))
+            out = m.decoder(x.ids, *m.decoder_context(fused, mask, heads), copy_mask_BT=x.copy_mask)
             lm_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), x.lm_labels[:, 1:].flatten(), ignore_index=-100)
             losses.update(aux=out.aux_loss, lm=lm_loss)
             total = total + m.cfg.aux_weight * out.aux_loss + m.cfg.lm_weight * lm_loss

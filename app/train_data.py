@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from data.errors import MedreportError
+from data.history_digest import digest_ids
 from multimodal.heads import SIDES, FindingLabels, coarse_location, side_index
 from multimodal.model import ModelInputs, StudyInputs, collate
 from multimodal.presets import ModelConfig
@@ -327,28 +328,32 @@ class ReportDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def history_ids(self, entry, rng: np.random.Generator | None = None) -> list[int]:
-        """Tokenised, cropped history of ``entry`` (no special tokens)."""
+    def history_ids(self, entry, rng: np.random.Generator | None = None) -> tuple[list[int], int]:
+        """Tokenised, cropped history of ``entry`` (no special tokens) and the length of the
+        history digest at its end (``model.history_digest_words``; 0 = none). The digest is
+        taken from the whole record and counts toward the cap; the record fills the rest."""
         text = history_text(entry)
         if not text:
-            return []
+            return [], 0
+        dig = digest_ids(self.tok, text, self.cfg.history_digest_words)[: self.max_history_tokens]
+        cap = self.max_history_tokens - len(dig)
         enc = self.tok.tk.encode(text, add_special_tokens=False)
         ids = enc.ids
         facts = []
-        if len(ids) > self.max_history_tokens and self.crop == "facts":
+        if len(ids) > cap and self.crop == "facts":
             starts = np.asarray([o[0] for o in enc.offsets])
             facts = [int(np.searchsorted(starts, f.char_offset, side="right") - 1)
                      for f in entry.facts if f.char_offset >= 0 and f.kind != "distractor"]
-        return crop_history(ids, self.max_history_tokens, facts,
-                            rng if rng is not None else np.random.default_rng(0), self.crop)
+        body = crop_history(ids, cap, facts, rng if rng is not None else np.random.default_rng(0), self.crop) if cap else []
+        return body + dig, len(dig)
 
     def study_inputs(self, entry, rng: np.random.Generator | None = None,
                      arrays: dict[str, np.ndarray] | None = None) -> StudyInputs:
         a = self.cache.arrays(entry) if arrays is None else arrays
-        hist = self.history_ids(entry, rng)
+        hist, n_digest = self.history_ids(entry, rng)
         return StudyInputs(
             pixels=a["pixels"].astype(np.float32), z_mm=a["z_mm"], z_index_range=a["z_index_range"],
-            mel=a["mel"].astype(np.float32) if "mel" in a else None, history_ids=hist or None,
+            mel=a["mel"].astype(np.float32) if "mel" in a else None, history_ids=hist or None, digest_len=n_digest,
         )
 
     def __getitem__(self, i: int) -> Example:
@@ -376,6 +381,11 @@ def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInput
         ids[b, : len(ex.ids)] = torch.as_tensor(ex.ids)
         lm[b, ex.n_prefix: len(ex.ids)] = ids[b, ex.n_prefix: len(ex.ids)]
     x.ids, x.lm_labels = ids, lm
+    if x.history_digest_len is not None:  # the digest sits right before [REPORT]: [BOS] record digest [REPORT]
+        x.copy_mask = torch.zeros(len(examples), T, dtype=torch.bool)  # [B, T]
+        for b, ex in enumerate(examples):
+            d = int(x.history_digest_len[b])
+            x.copy_mask[b, ex.n_prefix - 1 - d: ex.n_prefix - 1] = True
     x.labels = FindingLabels(
         torch.as_tensor(np.stack([ex.present_K for ex in examples])),
         torch.as_tensor(np.stack([ex.side_K for ex in examples])),

@@ -2,9 +2,13 @@
 multimodal tokens, and a Mixture-of-Experts feed-forward.
 
 The history is the decoder's prefix (``[BOS] history [REPORT] report [EOS]``); the fused image and
-audio tokens (context, width == d_model) enter every layer through cross-attention.
+audio tokens (context, width == d_model) enter every layer through cross-attention. With
+``copy=True`` a pointer-generator head (:class:`CopyHead`) mixes the vocabulary distribution with
+a copy distribution over marked prefix positions (the history digest), and the decoder's
+``logits`` are then log-probabilities (still right for ``cross_entropy``, ``argmax`` and sampling).
 
-Legend: B batch, T tokens, F context tokens, D width, H heads, d head dim, L layers, E experts, V vocab.
+Legend: B batch, T tokens, F context tokens, D width, H heads, d head dim, L layers, E experts, V vocab,
+S copy sources, C copy width.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     grad_checkpoint: bool = False
+    copy: bool = False  # pointer-generator copy head over marked prefix positions (CopyHead)
+    copy_dim: int = 64
 
     def __post_init__(self) -> None:
         if isinstance(self.attention, dict):
@@ -107,6 +113,91 @@ class CrossAttention(nn.Module):
         return self.wo(o.transpose(1, 2).reshape(B, T, D))
 
 
+class CopyHead(nn.Module):
+    """Pointer-generator copy (See et al., 2017) from marked prefix positions ("sources").
+
+    A source at position j offers its token x_j. Its key is read from the state *before* it
+    (token x_{j-1} and final hidden state h_{j-1}); the query at position t reads x_t and h_t, the
+    state that predicts x_{t+1}. The score has a token-identity term, ``scale * cos(P e_t,
+    P e_{j-1})`` with one shared projection P, so from initialisation the head continues a phrase
+    it is in the middle of copying (it points just past the last copied token), and a learned
+    context term ``(Wq h_t . Wk h_{j-1}) / sqrt(C)`` that learns where a phrase starts. A gate
+    ``g_t = sigmoid(w . h_t + b)`` mixes: ``p = (1 - g) softmax(logits) + g * copy``.
+    Rows without sources use the vocabulary distribution alone.
+    """
+
+    def __init__(self, d_model: int, d_copy: int):
+        super().__init__()
+        self.tok_proj = nn.Linear(d_model, d_copy, bias=False)
+        self.wq = nn.Linear(d_model, d_copy, bias=False)
+        self.wk = nn.Linear(d_model, d_copy, bias=False)
+        self.gate = nn.Linear(d_model, 1)
+        self.scale = nn.Parameter(torch.tensor(8.0))
+        self.d_copy = d_copy
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.tok_proj.weight, std=1.0 / math.sqrt(self.tok_proj.in_features))
+        nn.init.constant_(self.gate.bias, -2.0)
+
+    def sources(self, emb_BTD: torch.Tensor, h_BTD: torch.Tensor, ids_BT: torch.Tensor,
+                copy_mask_BT: torch.Tensor) -> "CopySources":
+        """Keys of the marked positions (position 0 cannot be a source: it has no state before it)."""
+        B, T, _ = emb_BTD.shape
+        mask = copy_mask_BT.bool().clone()
+        mask[:, 0] = False
+        S = max(1, int(mask.sum(1).max()))
+        pos_BS = torch.zeros(B, S, dtype=torch.long, device=ids_BT.device)
+        valid_BS = torch.zeros(B, S, dtype=torch.bool, device=ids_BT.device)
+        for b in range(B):
+            p = mask[b].nonzero()[:, 0]
+            pos_BS[b, : len(p)] = p
+            valid_BS[b, : len(p)] = True
+        prev = (pos_BS - 1).clamp(min=0)  # [B,S] the state before each source
+        e_prev = emb_BTD.gather(1, prev[..., None].expand(B, S, emb_BTD.shape[-1]))  # [B,S,D]
+        h_prev = h_BTD.gather(1, prev[..., None].expand(B, S, h_BTD.shape[-1]))  # [B,S,D]
+        tok_BS = ids_BT.gather(1, pos_BS)  # [B,S] the token each source offers
+        return CopySources(F.normalize(self.tok_proj(e_prev), dim=-1), self.wk(h_prev), tok_BS, valid_BS, pos_BS)
+
+    def forward(self, logits_BTV: torch.Tensor, emb_BTD: torch.Tensor, h_BTD: torch.Tensor, src: "CopySources",
+                t_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities [B,T,V] of the mixture. ``t_BT``: each query's position (causality:
+        a source j is visible from position t >= j); None = every source is visible."""
+        q_tok = F.normalize(self.tok_proj(emb_BTD), dim=-1)  # [B,T,C]
+        q_ctx = self.wq(h_BTD)  # [B,T,C]
+        scores = self.scale * torch.einsum("btc,bsc->bts", q_tok, src.k_tok_BSC) + \
+            torch.einsum("btc,bsc->bts", q_ctx, src.k_ctx_BSC) / math.sqrt(self.d_copy)  # [B,T,S]
+        visible = src.valid_BS[:, None, :]  # [B,1,S]
+        if t_BT is not None:
+            visible = visible & (src.pos_BS[:, None, :] <= t_BT[..., None])  # [B,T,S]
+        visible = visible.expand_as(scores)
+        attn = _at_least_f32(scores).masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)  # [B,T,S]
+        V = logits_BTV.shape[-1]
+        p_copy = torch.zeros(*attn.shape[:2], V, dtype=attn.dtype, device=attn.device)  # [B,T,V]
+        p_copy.scatter_add_(-1, src.tok_BS[:, None, :].expand_as(attn), attn)
+        z = _at_least_f32(self.gate(h_BTD))  # [B,T,1]
+        mixed = torch.logaddexp(F.logsigmoid(-z) + _at_least_f32(logits_BTV).log_softmax(-1),
+                                F.logsigmoid(z) + p_copy.clamp_min(1e-30).log())  # [B,T,V]
+        has = visible.any(-1, keepdim=True)  # [B,T,1]
+        return torch.where(has, mixed, _at_least_f32(logits_BTV))
+
+
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+@dataclass
+class CopySources:
+    k_tok_BSC: torch.Tensor  # [B,S,C] token-identity keys (unit norm)
+    k_ctx_BSC: torch.Tensor  # [B,S,C] context keys
+    tok_BS: torch.Tensor  # [B,S] token offered by each source
+    valid_BS: torch.Tensor  # [B,S] bool
+    pos_BS: torch.Tensor  # [B,S] source positions in the sequence
+
+    def reorder(self, idx_B: torch.Tensor) -> "CopySources":
+        return CopySources(*(t.index_select(0, idx_B) for t in
+                             (self.k_tok_BSC, self.k_ctx_BSC, self.tok_BS, self.valid_BS, self.pos_BS)))
+
+
 class DecoderBlock(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -130,6 +221,7 @@ class DecoderCache:
     attn: list[AttentionCache]
     ctx: list[tuple[torch.Tensor, torch.Tensor] | None]
     ctx_mask: torch.Tensor | None
+    copy: CopySources | None = None
 
     def reorder(self, idx_B: torch.Tensor, shared_prefix: int = 0) -> None:
         for c in self.attn:
@@ -137,6 +229,8 @@ class DecoderCache:
         self.ctx = [None if kv is None else (kv[0].index_select(0, idx_B), kv[1].index_select(0, idx_B)) for kv in self.ctx]
         if self.ctx_mask is not None:
             self.ctx_mask = self.ctx_mask.index_select(0, idx_B)
+        if self.copy is not None:
+            self.copy = self.copy.reorder(idx_B)
 
     @property
     def length(self) -> torch.Tensor:
@@ -151,7 +245,10 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.copy_head = CopyHead(cfg.d_model, cfg.copy_dim) if cfg.copy else None
         self.apply(self._init)
+        if self.copy_head is not None:
+            self.copy_head.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
         for blk in self.layers:  # scaled residual projections (GPT-2)
@@ -181,8 +278,9 @@ class Decoder(nn.Module):
         return mask_BF.bool()
 
     def forward(self, ids_BT: torch.Tensor, context_BFD: torch.Tensor | None = None,
-                context_mask_BF: torch.Tensor | None = None) -> DecoderOutput:
-        x = self.tok_embeddings(ids_BT)  # [B,T,D]
+                context_mask_BF: torch.Tensor | None = None, copy_mask_BT: torch.Tensor | None = None) -> DecoderOutput:
+        """``copy_mask_BT`` marks the copy head's source positions (ignored without a copy head)."""
+        emb = x = self.tok_embeddings(ids_BT)  # [B,T,D]
         mask = self._mask(context_BFD, context_mask_BF)
         aux_total, loads = x.new_zeros(()), []
         for blk in self.layers:
@@ -194,7 +292,15 @@ class Decoder(nn.Module):
             aux_total = aux_total + aux
             loads.append(load)
         h = self.norm(x)
-        return DecoderOutput(self.lm_head(h), h, aux_total, torch.stack(loads))
+        logits = self.lm_head(h)  # [B,T,V]
+        if self.copy_head is not None and copy_mask_BT is not None and bool(copy_mask_BT.any()):
+            src = self.copy_head.sources(emb, h, ids_BT, copy_mask_BT)
+            # positions before the first source see nothing to copy: mix only from there on
+            t0 = int(src.pos_BS.masked_fill(~src.valid_BS, ids_BT.shape[1]).min())
+            t_BT = torch.arange(t0, ids_BT.shape[1], device=ids_BT.device).expand(ids_BT.shape[0], -1)  # [B,T-t0]
+            mixed = self.copy_head(logits[:, t0:], emb[:, t0:], h[:, t0:], src, t_BT)  # log-probabilities
+            logits = torch.cat([_at_least_f32(logits[:, :t0]), mixed], 1)  # [B,T,V]
+        return DecoderOutput(logits, h, aux_total, torch.stack(loads))
 
     def update_router_biases(self, expert_load_LE: torch.Tensor) -> None:
         """After an optimiser step, for MoE balance="bias" (DeepSeek-V3); a no-op for "aux"."""
@@ -205,11 +311,11 @@ class Decoder(nn.Module):
     # -- generation (used by core.generate)
     @torch.no_grad()
     def prefill(self, ids_BT: torch.Tensor, lengths_B: torch.Tensor, context_BFD=None, context_mask_BF=None,
-                capacity: int | None = None) -> tuple[torch.Tensor, DecoderCache]:
+                capacity: int | None = None, copy_mask_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, DecoderCache]:
         """Run right-padded prefixes; -> (logits at each row's last real token [B,V], cache)."""
         B, T = ids_BT.shape
         cap = capacity or T
-        x = self.tok_embeddings(ids_BT)
+        emb = x = self.tok_embeddings(ids_BT)
         mask = self._mask(context_BFD, context_mask_BF)
         caches, ctxs = [], []
         for blk in self.layers:
@@ -221,16 +327,27 @@ class Decoder(nn.Module):
             x = x + blk.moe(blk.norm3(x))[0]
             caches.append(cache)
             ctxs.append(None if k is None else (k, v))
-        last = x[torch.arange(B, device=x.device), (lengths_B - 1).clamp(min=0)]  # [B,D]
-        return self.lm_head(self.norm(last)), DecoderCache(caches, ctxs, mask)
+        rows = torch.arange(B, device=x.device)
+        last_B = (lengths_B - 1).clamp(min=0)
+        h_last = self.norm(x[rows, last_B])  # [B,D]
+        logits = self.lm_head(h_last)  # [B,V]
+        src = None
+        if self.copy_head is not None and copy_mask_BT is not None and bool(copy_mask_BT.any()):
+            src = self.copy_head.sources(emb, self.norm(x), ids_BT, copy_mask_BT)
+            logits = self.copy_head(logits[:, None], emb[rows, last_B][:, None], h_last[:, None], src)[:, 0]
+        return logits, DecoderCache(caches, ctxs, mask, src)
 
     @torch.no_grad()
     def step(self, ids_B: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
         """Feed one token per row; -> next-token logits [B,V]."""
-        x = self.tok_embeddings(ids_B)[:, None]  # [B,1,D]
+        emb = x = self.tok_embeddings(ids_B)[:, None]  # [B,1,D]
         for blk, ac, kv in zip(self.layers, cache.attn, cache.ctx):
             x = x + blk.attn.step(blk.norm1(x), ac)
             if kv is not None:
                 x = x + blk.xattn(blk.norm2(x), kv[0], kv[1], cache.ctx_mask)
             x = x + blk.moe(blk.norm3(x))[0]
-        return self.lm_head(self.norm(x[:, 0]))
+        h = self.norm(x)  # [B,1,D]
+        logits = self.lm_head(h)  # [B,1,V]
+        if cache.copy is not None and self.copy_head is not None:
+            logits = self.copy_head(logits, emb, h, cache.copy)
+        return logits[:, 0]

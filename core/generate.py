@@ -88,33 +88,46 @@ def _nucleus(logits_BV: torch.Tensor, top_p: float, temperature: float, gen: tor
 
 @torch.no_grad()
 def generate(dec: Decoder, prefixes: list[list[int]], context_BFD: torch.Tensor | None = None,
-             context_mask_BF: torch.Tensor | None = None, cfg: GenerationConfig | None = None) -> list[list[int]]:
-    """New tokens per prefix (EOS included when emitted).  Prefixes may differ in length."""
+             context_mask_BF: torch.Tensor | None = None, cfg: GenerationConfig | None = None,
+             copy_spans: list[tuple[int, int] | None] | None = None) -> list[list[int]]:
+    """New tokens per prefix (EOS included when emitted).  Prefixes may differ in length.
+    ``copy_spans``: per prefix, the ``[start, end)`` positions the decoder's copy head may copy
+    from (the history digest), or None."""
     cfg = cfg or GenerationConfig()
     if not prefixes or any(len(p) == 0 for p in prefixes):
         raise ValueError("every prefix needs at least one token (e.g. [BOS])")
+    if copy_spans is not None and len(copy_spans) != len(prefixes):
+        raise ValueError("give one copy span (or None) per prefix")
     was_training = dec.training
     dec.eval()
     try:
         if cfg.strategy == "beam":
-            return _beam(dec, prefixes, context_BFD, context_mask_BF, cfg)
-        return _greedy_or_sample(dec, prefixes, context_BFD, context_mask_BF, cfg)
+            return _beam(dec, prefixes, context_BFD, context_mask_BF, cfg, copy_spans)
+        return _greedy_or_sample(dec, prefixes, context_BFD, context_mask_BF, cfg, copy_spans)
     finally:
         dec.train(was_training)
 
 
-def _prefill(dec, prefixes, ctx, mask, cfg):
+def _prefill(dec, prefixes, ctx, mask, cfg, copy_spans=None):
     device = dec.tok_embeddings.weight.device
     lengths = torch.tensor([len(p) for p in prefixes], device=device)
     T = int(lengths.max())
     ids = torch.full((len(prefixes), T), cfg.pad_id, dtype=torch.long, device=device)  # right-padded
     for n, p in enumerate(prefixes):
         ids[n, : len(p)] = torch.tensor(p, device=device)
-    return dec.prefill(ids, lengths, ctx, mask, capacity=T + cfg.max_new_tokens + 1)
+    copy_mask = None
+    if copy_spans is not None and any(sp is not None for sp in copy_spans):
+        copy_mask = torch.zeros(len(prefixes), T, dtype=torch.bool, device=device)  # [B,T]
+        for n, sp in enumerate(copy_spans):
+            if sp is not None:
+                a, b = max(0, int(sp[0])), min(len(prefixes[n]), int(sp[1]))
+                copy_mask[n, a:b] = True
+    extra = {} if copy_mask is None else {"copy_mask_BT": copy_mask}
+    return dec.prefill(ids, lengths, ctx, mask, capacity=T + cfg.max_new_tokens + 1, **extra)
 
 
-def _greedy_or_sample(dec, prefixes, ctx, mask, cfg):
-    logits, cache = _prefill(dec, prefixes, ctx, mask, cfg)
+def _greedy_or_sample(dec, prefixes, ctx, mask, cfg, copy_spans=None):
+    logits, cache = _prefill(dec, prefixes, ctx, mask, cfg, copy_spans)
     gen = None
     if cfg.strategy == "sample" and cfg.seed is not None:
         gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
@@ -133,9 +146,9 @@ def _greedy_or_sample(dec, prefixes, ctx, mask, cfg):
     return [s.tokens for s in states]
 
 
-def _beam(dec, prefixes, ctx, mask, cfg):
+def _beam(dec, prefixes, ctx, mask, cfg, copy_spans=None):
     B, W = len(prefixes), cfg.num_beams
-    logits, cache = _prefill(dec, prefixes, ctx, mask, cfg)
+    logits, cache = _prefill(dec, prefixes, ctx, mask, cfg, copy_spans)
     shared = int(min(len(p) for p in prefixes))  # cache positions identical across a row's beams
     expand = torch.arange(B, device=logits.device).repeat_interleave(W)
     cache.reorder(expand)

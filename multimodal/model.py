@@ -61,6 +61,7 @@ class StudyInputs:
     z_index_range: np.ndarray | None = None  # int (S, 2) original slice ranges [start, stop)
     mel: np.ndarray | None = None  # float32 (1, M, T) or (M, T) log-mel; None = no dictation
     history_ids: Sequence[int] | None = None  # record token ids (no special tokens); None = no history
+    digest_len: int = 0  # the last digest_len history ids are the history digest (copy sources)
 
     @classmethod
     def from_slabs(cls, slabs, mel: np.ndarray | None = None, history_ids: Sequence[int] | None = None) -> "StudyInputs":
@@ -85,6 +86,8 @@ class ModelInputs:
     lm_labels: torch.Tensor | None = None  # [B, T] = ids where a token is to be predicted, else -100
     labels: FindingLabels | None = None
     token_targets: torch.Tensor | None = None  # [B, S*G*G, K] which image token shows which finding
+    history_digest_len: torch.Tensor | None = None  # [B] long: trailing history tokens that are the digest
+    copy_mask: torch.Tensor | None = None  # [B, T] bool: decoder positions the copy head may copy from
 
     @property
     def batch_size(self) -> int:
@@ -143,7 +146,19 @@ def collate(studies: Sequence[StudyInputs]) -> ModelInputs:
             if n:
                 hist[b, :n] = torch.as_tensor(list(s.history_ids), dtype=torch.long)
                 hmask[b, :n] = True
-    return ModelInputs(slabs, slab_mask, z_mm, zr, mel, present, lengths, hist, hmask)
+    dlen = None
+    if any(s.digest_len for s in studies):
+        dlen = torch.tensor([min(s.digest_len, len(s.history_ids or ())) for s in studies], dtype=torch.long)
+    return ModelInputs(slabs, slab_mask, z_mm, zr, mel, present, lengths, hist, hmask, history_digest_len=dlen)
+
+
+def digest_spans(x: ModelInputs) -> list[tuple[int, int] | None] | None:
+    """Per study, the ``[start, end)`` positions of the history digest in the decoder sequence
+    ``[BOS] history [REPORT] ...`` (None where a study has no digest)."""
+    if x.history_digest_len is None or x.history_mask is None:
+        return None
+    n_hist = x.history_mask.sum(1).tolist()
+    return [(1 + n - d, 1 + n) if d > 0 else None for n, d in zip(n_hist, x.history_digest_len.tolist())]
 
 
 def token_loss(logits_BNK: torch.Tensor, targets_BNK: torch.Tensor, mask_BN: torch.Tensor,
@@ -283,7 +298,7 @@ class ReportModel(nn.Module):
                                          enc.image_tokens[1])
             total = total + self.cfg.heads.token_loss_weight * losses["token"]
         if x.ids is not None:
-            out = self.decoder(x.ids, *self.decoder_context(enc.fused_BFD, enc.mask_BF, heads))
+            out = self.decoder(x.ids, *self.decoder_context(enc.fused_BFD, enc.mask_BF, heads), copy_mask_BT=x.copy_mask)
             logits = out.logits
             losses["aux"] = out.aux_loss
             total = total + self.cfg.aux_weight * out.aux_loss
@@ -349,7 +364,8 @@ class ReportModel(nn.Module):
                     heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
             with torch.inference_mode():
                 ctx, cmask = self.decoder_context(enc.fused_BFD.detach(), enc.mask_BF, heads)
-                token_ids = generate(self.decoder, prefixes, ctx, cmask, gen or GenerationConfig())
+                token_ids = generate(self.decoder, prefixes, ctx, cmask, gen or GenerationConfig(),
+                                     copy_spans=digest_spans(x) if self.cfg.decoder.copy else None)
             probs = heads.presence_probs.detach().cpu()
             side = torch.softmax(heads.side_logits_BK4.detach(), -1).cpu()
             loc = heads.location_logits_BKL.detach().argmax(-1).cpu()
@@ -412,7 +428,12 @@ class ReportModel(nn.Module):
                 ids_1T = torch.as_tensor([list(ids)], dtype=torch.long, device=x.slabs.device)
                 heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
                 ctx = self.decoder_context(enc.fused_BFD, enc.mask_BF, heads)
-                logp = torch.log_softmax(self.decoder(ids_1T, *ctx).logits.float(), -1)
+                copy_mask = None
+                span = (digest_spans(x) or [None])[0] if self.cfg.decoder.copy else None
+                if span is not None:
+                    copy_mask = torch.zeros_like(ids_1T, dtype=torch.bool)  # [1, T]
+                    copy_mask[0, span[0]: span[1]] = True
+                logp = torch.log_softmax(self.decoder(ids_1T, *ctx, copy_mask_BT=copy_mask).logits.float(), -1)
                 tok_lp = logp[0, :-1].gather(-1, ids_1T[0, 1:, None])[:, 0]  # [T-1]: log p(ids[t+1])
                 out = []
                 for i, (a, c) in enumerate(spans):

@@ -38,6 +38,10 @@ class ModelConfig:
     # generation, the UI): the image-blind baseline is use_image=False, use_audio=False.
     use_image: bool = True
     use_audio: bool = True
+    # History digest (data.history_digest): the record's relevant sentences, at most this many
+    # words, appended to the history prefix right before [REPORT] and used as the decoder's copy
+    # sources (decoder.copy). 0 = off.
+    history_digest_words: int = 0
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = DEFAULT_VOCAB_SIZE, **overrides) -> "ModelConfig":
@@ -71,7 +75,8 @@ class ModelConfig:
             fusion=build(FusionConfig, d.get("fusion", {})),
             decoder=_decoder_from_dict(d.get("decoder", {})),
             heads=build(HeadsConfig, d.get("heads", {})),
-            **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "name", "use_image", "use_audio") if k in d},
+            **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "name", "use_image", "use_audio",
+                                      "history_digest_words") if k in d},
         )
 
 

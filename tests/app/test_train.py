@@ -317,3 +317,35 @@ def test_model_card_lists_findings_and_names_the_unlearned_ones(tmp_path):
     card = model_card(args, load_config(None, "configs/demo.json"), {"finding_micro_f1": 0.6, "n": 4, "per_finding": per})
     assert "| cardiomegaly | 2 |" in card and "does not detect: nodule" in card
     assert "not for clinical use" in card.lower()
+
+
+def test_history_digest_and_copy_head_train_and_generate(shared, repo_root, tmp_path):
+    """With a history digest and the decoder's copy head: the digest ends each prefix (right
+    before [REPORT]) inside the history cap, the copy mask marks exactly it, training runs, and
+    the saved model generates through the pipeline's evaluation path."""
+    from app.train import evaluate_split
+    from data.history_digest import HEADER
+    from data.tokenizer import ReportTokenizer
+
+    cfg = _cfg(shared, repo_root, "stages.0.steps=2", "model.history_digest_words=40", "model.decoder.copy=true")
+    tok = ReportTokenizer.load(shared["tok"])
+    entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "train" and (e.history or e.history_text)]
+    assert entries, "the bundled examples need a history for this test"
+    mcfg = model_config(cfg, tok.vocab_size)
+    ds = ReportDataset(entries, tok, mcfg, StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg, audio=False)),
+                       max_history_tokens=64, max_report_tokens=96)
+    ex = ds[0]
+    assert ex.study.digest_len > 0 and len(ex.study.history_ids) <= 64
+    digest_text = tok.decode(ex.study.history_ids[-ex.study.digest_len:])
+    assert digest_text.startswith(HEADER)
+    x = collate_examples([ds[i] for i in range(len(ds))], tok.pad_id)
+    for b in range(len(ds)):
+        marked = x.ids[b][x.copy_mask[b]].tolist()
+        assert marked == list(ds[b].study.history_ids[-ds[b].study.digest_len:])
+        assert int(x.copy_mask[b].nonzero().max()) == ds[b].n_prefix - 2  # the last digest token precedes [REPORT]
+
+    final = train(shared["manifest"], tmp_path / "run", cfg, progress=False)
+    model = ReportModel.from_pretrained(final)
+    assert model.cfg.history_digest_words == 40 and model.decoder.copy_head is not None
+    m = evaluate_split(model, shared["manifest"], "test", max_new_tokens=6, batch_size=2, max_history_tokens=64, progress=False)
+    assert m["n"] == 2
