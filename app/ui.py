@@ -337,6 +337,34 @@ def export_report(report: Any, sections: dict[str, str] | None, out_dir: Path) -
 
 
 # ------------------------------------------------------------------------------ generation
+def digest_markdown(pipe: Any, history_text: str | None = None, history_path: str | Path | None = None) -> str:
+    """Markdown: the relevant-history digest the model read right before writing (models trained
+    with ``history_digest_words``), so the clinician sees which sentences of the record it could
+    draw on; "" when the model reads no digest or there is no history. Shown in the UI only: the
+    digest is record text, so it is never written to report files or logs."""
+    from data.errors import MedreportError
+    from data.history import read_history
+    from data.history_digest import digest
+
+    words = getattr(getattr(pipe, "model", None), "cfg", None)
+    words = getattr(words, "history_digest_words", 0)
+    if not words:
+        return ""
+    text = history_text if (history_text or "").strip() else None
+    if text is None and history_path:
+        try:
+            text = read_history(history_path)
+        except MedreportError:
+            return ""
+    d = digest(text, words) if text else ""
+    if not d:
+        return ""
+    body = "\n".join(d.splitlines()[1:])
+    return ("\n\n**Relevant history the model read** (sentences extracted from the record by rule - "
+            "indication, allergies, cancer, surgery, prior chest imaging, smoking - and read right before the "
+            "report; the model can copy from them):\n\n```text\n" + body + "\n```")
+
+
 def run_generation(pipe: Any, viewer: ViewerState, history_text: str | None = None,
                    history_file: str | Path | None = None, audio_path: str | Path | None = None,
                    companions: tuple[Path | None, Path | None] = (None, None),
@@ -494,7 +522,9 @@ def build_app(examples_dir: Path = DEFAULT_EXAMPLES, model_dir: Path | None = No
                 render_slice(viewer, z, window, report, finding if finding != NO_HEATMAP else None),
                 gr.update(choices=heat_choices, value=finding),
                 gr.update(choices=keys, value=keys[0][1] if keys else None),
-                findings_table(report), context_summary(report), score_markdown(scores), *sect)
+                findings_table(report),
+                context_summary(report) + digest_markdown(pipe, history_text, history_file or companions[0]),
+                score_markdown(scores), *sect)
 
     def on_view(session, z, window, finding):
         if session.viewer is None:

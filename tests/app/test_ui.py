@@ -204,3 +204,32 @@ def test_warm_up_runs_the_loading_stage_and_never_raises(pipe, tmp_path):
     (tmp_path / "studies" / "broken").mkdir(parents=True)
     (tmp_path / "studies" / "broken" / "IM1.dcm").write_bytes(b"junk")
     assert warm_up(pipe, tmp_path) >= 0.0  # a loader error is swallowed (logged by class name only)
+
+
+def test_digest_model_reads_and_shows_the_relevant_history(tmp_path, pipe):
+    """A model trained with a history digest: the pipeline appends the digest to the history it
+    reads (counted in the report), and the UI shows the sentences it was given; a model without
+    one shows nothing extra."""
+    import dataclasses
+
+    import torch
+
+    from app.ui import digest_markdown
+    from multimodal.model import ReportModel
+    from multimodal.presets import ModelConfig
+
+    tok = pipe.tokenizer
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, history_digest_words=64)
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, copy=True))
+    torch.manual_seed(0)
+    ReportModel(cfg, tokenizer=tok).save_pretrained(tmp_path / "m", tok)
+    dpipe = ReportPipeline.from_dir(tmp_path / "m", CFG)
+    ex = example_inputs(EXAMPLES, "syn00000")
+    viewer = load_for_viewer(str(ex.study_dir))
+    report = run_generation(dpipe, viewer, ex.history_text, None, None)
+    assert report.history["digest_tokens"] > 0 and report.sections
+    md = digest_markdown(dpipe, ex.history_text)
+    assert "Relevant history the model read" in md and "Reason for exam" in md
+    assert "Reason for exam" not in json.dumps(report.history)  # counts only: record text stays out of report files
+    assert digest_markdown(pipe, ex.history_text) == ""  # the plain model reads no digest
+    assert digest_markdown(dpipe, "   ") == ""
