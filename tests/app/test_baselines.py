@@ -92,3 +92,23 @@ def test_evaluate_split_option_rejects_unknown_split(tmp_path, capsys):
     rc = main(["evaluate", "--hyp", str(hyp), "--ref", str(EXAMPLES / "manifest.jsonl"), "--split", "tset",
                "--bootstrap", "0", "--no-meteor"])
     assert rc == 2 and "tset" in capsys.readouterr().err
+
+
+def test_image_blind_recipe_is_the_demo_decoder_stage_without_image_and_audio():
+    """The image-blind baseline is only fair if it is the demo recipe's decoder stage with the
+    image and dictation removed: same steps, data, curriculum, digest and copy head."""
+    import json
+
+    from app.train import load_config, model_config
+
+    demo, blind = load_config(None, "configs/demo.json"), load_config(None, "configs/image_blind.json")
+    dec_stage = [s for s in demo.stages if s.lm][0]
+    assert len(blind.stages) == 1
+    a, b = json.loads(json.dumps(dec_stage.__dict__, default=list)), json.loads(json.dumps(blind.stages[0].__dict__, default=list))
+    a.pop("cache_encoders", None), b.pop("cache_encoders", None)
+    assert a == b
+    assert demo.data == blind.data and demo.optim == blind.optim and demo.seed == blind.seed
+    ma, mb = model_config(demo, 4000), model_config(blind, 4000)
+    assert (mb.use_image, mb.use_audio) == (False, False) and (ma.use_image, ma.use_audio) == (True, True)
+    assert ma.history_digest_words == mb.history_digest_words > 0
+    assert ma.decoder == mb.decoder
