@@ -102,10 +102,12 @@ def test_two_stage_recipe_runs_with_cached_encoder_tokens(shared, repo_root, tmp
                                                    "decoder.tok_embeddings"], "lm": False},
         {"name": "decoder", "steps": 2, "train": ["fusion", "decoder", "heads"], "lm": True, "cache_encoders": True},
     ])
-    cfg = _cfg(shared, repo_root, f"stages={stages}")
+    # with the history digest and copy head on, as the demo recipe runs (the cached-token path)
+    cfg = _cfg(shared, repo_root, f"stages={stages}", "model.history_digest_words=40", "model.decoder.copy=true")
     final = train(shared["manifest"], tmp_path / "run", cfg, progress=False)
     m = ReportModel.from_pretrained(final)
     ck = ReportModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step_2")  # end of stage 1
+    assert not torch.equal(m.decoder.copy_head.wq.weight, ck.decoder.copy_head.wq.weight)  # stage 2 trains the copy head
     # stage 2 froze the image encoder: its weights and BatchNorm statistics did not move; the decoder did
     for (n, p), (_, q) in zip(m.image_encoder.state_dict().items(), ck.image_encoder.state_dict().items()):
         assert torch.equal(p, q), n
