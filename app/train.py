@@ -592,7 +592,7 @@ def generate_reports(model: ReportModel, ds: ReportDataset, indices: Sequence[in
 
     tok = ds.tok
     gen = GenerationConfig(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, section_ids=list(tok.section_ids),
-                           pad_id=tok.pad_id)
+                           pad_id=tok.pad_id, no_repeat_ngram_size=no_repeat_ngram_size)
     out = {}
     for a in range(0, len(indices), batch_size):
         idx = list(indices[a: a + batch_size])
@@ -1009,7 +1009,8 @@ def _finish(model: ReportModel, tok, val_ds: ReportDataset, cfg: TrainConfig, ru
 
 def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test", max_studies: int = 0,
                    max_history_tokens: int = 100_000, batch_size: int = 4, max_new_tokens: int = 400,
-                   predictions: str | Path | None = None, progress: bool = True) -> dict:
+                   predictions: str | Path | None = None, progress: bool = True,
+                   no_repeat_ngram_size: int = 0) -> dict:
     """Generate greedy reports for a split and score them (no manifest facts are used to crop).
 
     Returns BLEU-1..4 / ROUGE-L / CIDEr of Findings + Impression (``app.evaluate``), the heads'
@@ -1047,7 +1048,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
 
     tok = model.tokenizer
     gen = GenerationConfig(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, section_ids=list(tok.section_ids),
-                           pad_id=tok.pad_id)
+                           pad_id=tok.pad_id, no_repeat_ngram_size=no_repeat_ngram_size)
     def _hist_size(e) -> int:  # batch studies of similar record length: less padding in the prefill
         if e.history:
             p = e.path(e.history)
