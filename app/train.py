@@ -592,7 +592,7 @@ def generate_reports(model: ReportModel, ds: ReportDataset, indices: Sequence[in
 
     tok = ds.tok
     gen = GenerationConfig(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, section_ids=list(tok.section_ids),
-                           pad_id=tok.pad_id, no_repeat_ngram_size=no_repeat_ngram_size)
+                           pad_id=tok.pad_id)
     out = {}
     for a in range(0, len(indices), batch_size):
         idx = list(indices[a: a + batch_size])
