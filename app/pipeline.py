@@ -235,7 +235,7 @@ class ReportPipeline:
                 warnings.append(f"patient history truncated: {hist_info['message']}")
             # The relevant-history digest is taken from the whole record (a fact older than the
             # cut still reaches it) and read right before the report (data.history_digest).
-            words = getattr(self.model.cfg, "history_digest_words", 0)
+            words = self.model.cfg.history_digest_words
             if words:
                 dig = digest_ids(self.tokenizer, history, words)
                 ids = ids + dig

@@ -1021,7 +1021,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     from tqdm.auto import tqdm
 
     from app.evaluate import evaluate_reports
-    from app.train_data import finding_targets
+    from app.train_data import below_resolution, finding_targets
     from data.datasets import read_manifest
     from data.labeler import label_report, presence
     from multimodal.heads import expected_calibration_error
@@ -1068,7 +1068,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
             probs.append([p.finding_probs[n] for n in names])
             present, _, _ = finding_targets(e.labels, names, model.cfg.heads.locations)
             labels.append(present)
-            br = {lab.finding for lab in e.labels if lab.present and (lab.attributes or {}).get("below_resolution")}
+            br = below_resolution(e.labels)
             below.append([n in br for n in names])
         bar.update(len(chunk))
     bar.close()

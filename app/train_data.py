@@ -33,10 +33,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from core.decoder import spans_to_mask
 from data.errors import MedreportError
 from data.history_digest import digest_ids
 from multimodal.heads import SIDES, FindingLabels, coarse_location, side_index
-from multimodal.model import ModelInputs, StudyInputs, collate
+from multimodal.model import ModelInputs, StudyInputs, collate, digest_spans
 from multimodal.presets import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,11 @@ class Example:
     token_targets_NK: np.ndarray | None = None  # [S*G*G, K] (heads.token_loss_weight > 0)
 
 
+def below_resolution(labels) -> set[str]:
+    """Findings present but marked ``below_resolution`` (scored apart: contracts.md, Sizes)."""
+    return {lab.finding for lab in labels if lab.present and (lab.attributes or {}).get("below_resolution")}
+
+
 def finding_targets(labels, finding_names: Sequence[str], locations: Sequence[str]) -> tuple[np.ndarray, ...]:
     """Manifest labels -> (present_K, side_K, location_K) in head order; unknown = -1 / -100."""
     K = len(finding_names)
@@ -381,11 +387,7 @@ def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInput
         ids[b, : len(ex.ids)] = torch.as_tensor(ex.ids)
         lm[b, ex.n_prefix: len(ex.ids)] = ids[b, ex.n_prefix: len(ex.ids)]
     x.ids, x.lm_labels = ids, lm
-    if x.history_digest_len is not None:  # the digest sits right before [REPORT]: [BOS] record digest [REPORT]
-        x.copy_mask = torch.zeros(len(examples), T, dtype=torch.bool)  # [B, T]
-        for b, ex in enumerate(examples):
-            d = int(x.history_digest_len[b])
-            x.copy_mask[b, ex.n_prefix - 1 - d: ex.n_prefix - 1] = True
+    x.copy_mask = spans_to_mask(digest_spans(x), T)  # [B, T]: the digest, right before [REPORT]
     x.labels = FindingLabels(
         torch.as_tensor(np.stack([ex.present_K for ex in examples])),
         torch.as_tensor(np.stack([ex.side_K for ex in examples])),

@@ -346,8 +346,7 @@ def digest_markdown(pipe: Any, history_text: str | None = None, history_path: st
     from data.history import read_history
     from data.history_digest import digest
 
-    words = getattr(getattr(pipe, "model", None), "cfg", None)
-    words = getattr(words, "history_digest_words", 0)
+    words = pipe.model.cfg.history_digest_words
     if not words:
         return ""
     text = history_text if (history_text or "").strip() else None

@@ -181,6 +181,18 @@ class CopyHead(nn.Module):
         return torch.where(has, mixed, _at_least_f32(logits_BTV))
 
 
+def spans_to_mask(spans, T: int, device=None) -> torch.Tensor | None:
+    """Copy-source mask [B,T] from per-row ``[start, end)`` spans (None = no sources in that row),
+    clipped to ``[0, T)``; None when no row has a span."""
+    if spans is None or all(sp is None for sp in spans):
+        return None
+    mask = torch.zeros(len(spans), T, dtype=torch.bool, device=device)  # [B,T]
+    for n, sp in enumerate(spans):
+        if sp is not None:
+            mask[n, max(0, int(sp[0])): min(T, int(sp[1]))] = True
+    return mask
+
+
 def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.decoder import Decoder
+from core.decoder import Decoder, spans_to_mask
 
 
 @dataclass
@@ -115,15 +115,10 @@ def _prefill(dec, prefixes, ctx, mask, cfg, copy_spans=None):
     ids = torch.full((len(prefixes), T), cfg.pad_id, dtype=torch.long, device=device)  # right-padded
     for n, p in enumerate(prefixes):
         ids[n, : len(p)] = torch.tensor(p, device=device)
-    copy_mask = None
-    if copy_spans is not None and any(sp is not None for sp in copy_spans):
-        copy_mask = torch.zeros(len(prefixes), T, dtype=torch.bool, device=device)  # [B,T]
-        for n, sp in enumerate(copy_spans):
-            if sp is not None:
-                a, b = max(0, int(sp[0])), min(len(prefixes[n]), int(sp[1]))
-                copy_mask[n, a:b] = True
-    extra = {} if copy_mask is None else {"copy_mask_BT": copy_mask}
-    return dec.prefill(ids, lengths, ctx, mask, capacity=T + cfg.max_new_tokens + 1, **extra)
+    if copy_spans is not None:  # a span never reaches past its own prefix (into the padding)
+        copy_spans = [None if sp is None else (sp[0], min(int(sp[1]), len(p))) for sp, p in zip(copy_spans, prefixes)]
+    return dec.prefill(ids, lengths, ctx, mask, capacity=T + cfg.max_new_tokens + 1,
+                       copy_mask_BT=spans_to_mask(copy_spans, T, device))
 
 
 def _greedy_or_sample(dec, prefixes, ctx, mask, cfg, copy_spans=None):

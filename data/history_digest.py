@@ -18,7 +18,7 @@ which dates it. Over the word budget, categories lower in the list are dropped f
 one, older sentences first. What is *not* relevant (a thyroid nodule, a skin cancer, knee
 surgery) is often kept too: the decoder, trained on reports, decides what to say.
 
-Pure functions on strings; the tokenizer-level assembly lives in ``history_with_digest``.
+Pure functions on strings, plus :func:`digest_ids` (the digest's token ids).
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from core.decoder import Decoder
+from core.decoder import Decoder, spans_to_mask
 from core.generate import GenerationConfig, generate
 from data.errors import MedreportError
 from multimodal.audio_encoder import AudioEncoder
@@ -428,11 +428,7 @@ class ReportModel(nn.Module):
                 ids_1T = torch.as_tensor([list(ids)], dtype=torch.long, device=x.slabs.device)
                 heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
                 ctx = self.decoder_context(enc.fused_BFD, enc.mask_BF, heads)
-                copy_mask = None
-                span = (digest_spans(x) or [None])[0] if self.cfg.decoder.copy else None
-                if span is not None:
-                    copy_mask = torch.zeros_like(ids_1T, dtype=torch.bool)  # [1, T]
-                    copy_mask[0, span[0]: span[1]] = True
+                copy_mask = spans_to_mask(digest_spans(x), ids_1T.shape[1], ids_1T.device) if self.cfg.decoder.copy else None
                 logp = torch.log_softmax(self.decoder(ids_1T, *ctx, copy_mask_BT=copy_mask).logits.float(), -1)
                 tok_lp = logp[0, :-1].gather(-1, ids_1T[0, 1:, None])[:, 0]  # [T-1]: log p(ids[t+1])
                 out = []

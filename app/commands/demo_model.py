@@ -137,7 +137,7 @@ def per_finding_from_predictions(predictions: Path, manifest: Path) -> dict[str,
     import numpy as np
 
     from app.train import per_finding_metrics
-    from app.train_data import finding_targets
+    from app.train_data import below_resolution, finding_targets
     from data.datasets import read_manifest
     from multimodal.heads import DEFAULT_LOCATIONS
 
@@ -147,9 +147,8 @@ def per_finding_from_predictions(predictions: Path, manifest: Path) -> dict[str,
     P = np.array([[r["findings"][n]["p"] for n in names] for r in rows])
     Y = np.array([finding_targets(entries[r["id"]].labels, names, DEFAULT_LOCATIONS)[0] for r in rows], dtype=float)
     for i, r in enumerate(rows):  # below-resolution findings are scored apart, as in evaluate_split
-        for lab in entries[r["id"]].labels:
-            if lab.present and (lab.attributes or {}).get("below_resolution") and lab.finding in names:
-                Y[i, names.index(lab.finding)] = -1
+        for name in below_resolution(entries[r["id"]].labels) & set(names):
+            Y[i, names.index(name)] = -1
     return per_finding_metrics(P, Y, names)
 
 

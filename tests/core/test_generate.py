@@ -78,7 +78,7 @@ class _Scripted(nn.Module):
         lg[:, 12], lg[:, 11], lg[:, 10], lg[:, 3], lg[:, 2] = 5.0, 4.0, 3.0, 2.0, 1.0
         return lg
 
-    def prefill(self, ids, lengths, ctx, mask, capacity):
+    def prefill(self, ids, lengths, ctx, mask, capacity, copy_mask_BT=None):
         class C:
             def reorder(self, idx, shared_prefix=0):
                 pass
