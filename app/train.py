@@ -53,7 +53,7 @@ from app.train_data import (
     load_manifest_for_training,
 )
 from data.errors import MedreportError
-from multimodal.model import ModelInputs, ReportModel
+from multimodal.model import ModelInputs, ReportModel, decoder_losses
 from multimodal.presets import PRESETS, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -425,8 +425,6 @@ class TrainStep(nn.Module):
             x = dataclasses.replace(x, ids=None, lm_labels=None)
         if encoded is None:
             return m(x).losses
-        import torch.nn.functional as F
-
         from multimodal.heads import heads_loss
 
         img, aud = encoded
@@ -443,9 +441,9 @@ class TrainStep(nn.Module):
         total = m.cfg.heads_weight * losses["heads"]
         if lm and x.ids is not None:
             out = m.decoder(x.ids, *m.decoder_context(fused, mask, heads), copy_mask_BT=x.copy_mask)
-            lm_loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), x.lm_labels[:, 1:].flatten(), ignore_index=-100)
-            losses.update(aux=out.aux_loss, lm=lm_loss)
-            total = total + m.cfg.aux_weight * out.aux_loss + m.cfg.lm_weight * lm_loss
+            dl = decoder_losses(m.cfg, out, x, m.decoder.copy_canon())
+            total = total + dl.pop("weighted")
+            losses.update(dl)
         losses["loss"] = total
         return losses
 
@@ -792,7 +790,7 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
         model.cfg.decoder.grad_checkpoint = mcfg.decoder.grad_checkpoint
     else:
         model = ReportModel(mcfg)
-    model.tokenizer = tok
+    model.set_tokenizer(tok)
     model.to(d.device)
     if d.main:
         (run_dir / CONFIG_FILE).write_text(json.dumps({"train": cfg.to_dict(), "model": model.cfg.to_dict(),

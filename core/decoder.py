@@ -13,6 +13,7 @@ S copy sources, C copy width.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -37,6 +38,10 @@ class DecoderConfig:
     grad_checkpoint: bool = False
     copy: bool = False  # pointer-generator copy head over marked prefix positions (CopyHead)
     copy_dim: int = 64
+    # Case-aware copying: a source offers its token or the token's line-start variant (" word" ->
+    # "Word"), chosen by a learned case gate, and phrases are matched on canonical tokens. The
+    # maps come from the tokenizer (Decoder.set_copy_vocab); identity until set.
+    copy_case: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.attention, dict):
@@ -86,6 +91,7 @@ class DecoderOutput:
     hidden: torch.Tensor  # [B,T,D] final-norm hidden states
     aux_loss: torch.Tensor  # scalar, MoE balance (summed over layers)
     expert_load: torch.Tensor  # [L,E] fraction of routed assignments per expert
+    copy: "CopyTrace | None" = None  # what the copy head did (training supervision), None without copying
 
 
 class CrossAttention(nn.Module):
@@ -126,7 +132,7 @@ class CopyHead(nn.Module):
     Rows without sources use the vocabulary distribution alone.
     """
 
-    def __init__(self, d_model: int, d_copy: int):
+    def __init__(self, d_model: int, d_copy: int, vocab_size: int = 0, case: bool = False):
         super().__init__()
         self.tok_proj = nn.Linear(d_model, d_copy, bias=False)
         self.wq = nn.Linear(d_model, d_copy, bias=False)
@@ -134,10 +140,18 @@ class CopyHead(nn.Module):
         self.gate = nn.Linear(d_model, 1)
         self.scale = nn.Parameter(torch.tensor(8.0))
         self.d_copy = d_copy
+        # case-aware copying (DecoderConfig.copy_case): c_t = sigmoid(case(h_t)) moves a source's
+        # mass from its token x_j to variant[x_j]; canon maps every token to the form the
+        # token-identity term compares. Not saved: they follow from the tokenizer.
+        self.case = nn.Linear(d_model, 1) if case else None
+        self.register_buffer("variant_V", torch.arange(vocab_size), persistent=False)
+        self.register_buffer("canon_V", torch.arange(vocab_size), persistent=False)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.tok_proj.weight, std=1.0 / math.sqrt(self.tok_proj.in_features))
         nn.init.constant_(self.gate.bias, -2.0)
+        if self.case is not None:
+            nn.init.constant_(self.case.bias, -2.0)
 
     def sources(self, emb_BTD: torch.Tensor, h_BTD: torch.Tensor, ids_BT: torch.Tensor,
                 copy_mask_BT: torch.Tensor) -> "CopySources":
@@ -159,9 +173,10 @@ class CopyHead(nn.Module):
         return CopySources(F.normalize(self.tok_proj(e_prev), dim=-1), self.wk(h_prev), tok_BS, valid_BS, pos_BS)
 
     def forward(self, logits_BTV: torch.Tensor, emb_BTD: torch.Tensor, h_BTD: torch.Tensor, src: "CopySources",
-                t_BT: torch.Tensor | None = None) -> torch.Tensor:
+                t_BT: torch.Tensor | None = None, trace: bool = False):
         """Log-probabilities [B,T,V] of the mixture. ``t_BT``: each query's position (causality:
-        a source j is visible from position t >= j); None = every source is visible."""
+        a source j is visible from position t >= j); None = every source is visible. ``trace``:
+        also return the copy attention [B,T,S] and the gate logits [B,T]."""
         q_tok = F.normalize(self.tok_proj(emb_BTD), dim=-1)  # [B,T,C]
         q_ctx = self.wq(h_BTD)  # [B,T,C]
         scores = self.scale * torch.einsum("btc,bsc->bts", q_tok, src.k_tok_BSC) + \
@@ -173,12 +188,20 @@ class CopyHead(nn.Module):
         attn = _at_least_f32(scores).masked_fill(~visible, float("-inf")).softmax(-1).nan_to_num(0.0)  # [B,T,S]
         V = logits_BTV.shape[-1]
         p_copy = torch.zeros(*attn.shape[:2], V, dtype=attn.dtype, device=attn.device)  # [B,T,V]
-        p_copy.scatter_add_(-1, src.tok_BS[:, None, :].expand_as(attn), attn)
+        c = None
+        if self.case is None:
+            p_copy.scatter_add_(-1, src.tok_BS[:, None, :].expand_as(attn), attn)
+        else:  # each source splits its mass between its token and the token's variant
+            c = _at_least_f32(self.case(h_BTD))  # [B,T,1] case logit
+            pc = torch.sigmoid(c)
+            p_copy.scatter_add_(-1, src.tok_BS[:, None, :].expand_as(attn), attn * (1 - pc))
+            p_copy.scatter_add_(-1, self.variant_V[src.tok_BS][:, None, :].expand_as(attn), attn * pc)
         z = _at_least_f32(self.gate(h_BTD))  # [B,T,1]
         mixed = torch.logaddexp(F.logsigmoid(-z) + _at_least_f32(logits_BTV).log_softmax(-1),
                                 F.logsigmoid(z) + p_copy.clamp_min(1e-30).log())  # [B,T,V]
         has = visible.any(-1, keepdim=True)  # [B,T,1]
-        return torch.where(has, mixed, _at_least_f32(logits_BTV))
+        out = torch.where(has, mixed, _at_least_f32(logits_BTV))
+        return (out, attn, z[..., 0], None if c is None else c[..., 0]) if trace else out
 
 
 def spans_to_mask(spans, T: int, device=None) -> torch.Tensor | None:
@@ -191,6 +214,88 @@ def spans_to_mask(spans, T: int, device=None) -> torch.Tensor | None:
         if sp is not None:
             mask[n, max(0, int(sp[0])): min(T, int(sp[1]))] = True
     return mask
+
+
+@dataclass
+class CopyTrace:
+    """The copy head over one forward pass, for queries at positions t0 .. T-1."""
+    attn_BTS: torch.Tensor  # [B,T-t0,S] copy attention of each query over the sources
+    gate_BT: torch.Tensor  # [B,T-t0] gate logit (sigmoid = weight of the copy path)
+    pos_BS: torch.Tensor  # [B,S] source positions in the sequence
+    valid_BS: torch.Tensor  # [B,S] bool
+    t0: int
+    case_BT: torch.Tensor | None = None  # [B,T-t0] case logit (copy_case), else None
+    tok_BS: torch.Tensor | None = None  # [B,S] token offered by each source
+
+
+@dataclass
+class CopyTargets:
+    """Copy supervision for queries t0 .. T-1 (see :func:`copy_targets`)."""
+    src_BTS: torch.Tensor  # [B,T-t0,S] bool: the sources that offer the next token in an aligned n-gram
+    gate_BT: torch.Tensor  # [B,T-t0] float: 1 where the next token is copied
+    query_BT: torch.Tensor  # [B,T-t0] bool: queries whose next token is a target
+    case_BT: torch.Tensor  # [B,T-t0] float: 1 where a copied token is its source's variant, not the token itself
+
+
+def copy_targets(ids_BT: torch.Tensor, labels_BT: torch.Tensor, trace: CopyTrace, n: int = 3,
+                 canon_V: torch.Tensor | None = None) -> CopyTargets:
+    """Copy supervision read off the data: a target token is *copied* when an n-gram of targets
+    containing it also occurs among the sources (n contiguous source positions, compared through
+    ``canon_V`` when given, so " persistent cough and" aligns with "Persistent cough and"); the
+    sources that offer it there are its pointer targets. Position u is a target where
+    ``labels_BT[:, u] != -100``; the query at u - 1 predicts it."""
+    B, T = ids_BT.shape
+    t0, S = trace.t0, trace.pos_BS.shape[1]
+    src_BTS = torch.zeros(B, T - t0, S, dtype=torch.bool)
+    gate_BT = torch.zeros(B, T - t0)
+    case_BT = torch.zeros(B, T - t0)
+    query_BT = torch.zeros(B, T - t0, dtype=torch.bool)
+    raw = ids_BT.tolist()
+    ids = (canon_V[ids_BT] if canon_V is not None else ids_BT).tolist()  # compared forms
+    labels = labels_BT.tolist()
+    for b, (pos, valid) in enumerate(zip(trace.pos_BS.tolist(), trace.valid_BS.tolist())):
+        index = {p: s for s, (p, v) in enumerate(zip(pos, valid)) if v}  # position -> source index
+        grams: dict[tuple, list[int]] = {}  # n-gram -> first positions of its runs among the sources
+        for p in index:
+            if all(p + i in index for i in range(n)):
+                grams.setdefault(tuple(ids[b][p: p + n]), []).append(p)
+        is_target = [lab != -100 for lab in labels[b]]
+        for u in range(t0 + 1, T):
+            if not is_target[u]:
+                continue
+            q = u - 1 - t0
+            query_BT[b, q] = True
+            for o in range(n):  # the n-grams of targets that contain u
+                st = u - o
+                if st < 0 or st + n > T or not all(is_target[st: st + n]):
+                    continue
+                for p in grams.get(tuple(ids[b][st: st + n]), ()):
+                    src_BTS[b, q, index[p + o]] = True
+                    gate_BT[b, q] = 1.0
+                    case_BT[b, q] = float(raw[b][p + o] != raw[b][u])
+    dev = trace.attn_BTS.device
+    return CopyTargets(src_BTS.to(dev), gate_BT.to(dev), query_BT.to(dev), case_BT.to(dev))
+
+
+def copy_loss(trace: CopyTrace, ids_BT: torch.Tensor, labels_BT: torch.Tensor, n: int = 3,
+              canon_V: torch.Tensor | None = None) -> torch.Tensor:
+    """Supervised copy loss: binary cross-entropy of the gate against "the next token is copied"
+    (:func:`copy_targets`) on every query with a target, plus the negative log of the attention the
+    copy head puts on the aligned sources where it should copy, plus (case-aware copying) the case
+    gate's cross-entropy where it copies. It speeds up what the mixture's own likelihood teaches
+    slowly: where a copied phrase starts."""
+    tg = copy_targets(ids_BT, labels_BT, trace, n, canon_V)
+    z = _at_least_f32(trace.gate_BT)
+    if not bool(tg.query_BT.any()):
+        return z.sum() * 0.0
+    loss = F.binary_cross_entropy_with_logits(z[tg.query_BT], tg.gate_BT[tg.query_BT])
+    copied = tg.gate_BT > 0  # [B,T-t0]
+    if bool(copied.any()):
+        p_BT = (_at_least_f32(trace.attn_BTS) * tg.src_BTS).sum(-1)  # [B,T-t0] attention on the aligned sources
+        loss = loss - p_BT[copied].clamp_min(1e-9).log().mean()
+        if trace.case_BT is not None:
+            loss = loss + F.binary_cross_entropy_with_logits(_at_least_f32(trace.case_BT)[copied], tg.case_BT[copied])
+    return loss
 
 
 def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
@@ -257,7 +362,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.copy_head = CopyHead(cfg.d_model, cfg.copy_dim) if cfg.copy else None
+        self.copy_head = CopyHead(cfg.d_model, cfg.copy_dim, cfg.vocab_size, cfg.copy_case) if cfg.copy else None
         self.apply(self._init)
         if self.copy_head is not None:
             self.copy_head.reset_parameters()
@@ -306,13 +411,39 @@ class Decoder(nn.Module):
         h = self.norm(x)
         logits = self.lm_head(h)  # [B,T,V]
         if self.copy_head is not None and copy_mask_BT is not None and bool(copy_mask_BT.any()):
+            emb = self._copy_emb(ids_BT, emb)
             src = self.copy_head.sources(emb, h, ids_BT, copy_mask_BT)
             # positions before the first source see nothing to copy: mix only from there on
             t0 = int(src.pos_BS.masked_fill(~src.valid_BS, ids_BT.shape[1]).min())
             t_BT = torch.arange(t0, ids_BT.shape[1], device=ids_BT.device).expand(ids_BT.shape[0], -1)  # [B,T-t0]
-            mixed = self.copy_head(logits[:, t0:], emb[:, t0:], h[:, t0:], src, t_BT)  # log-probabilities
-            logits = torch.cat([_at_least_f32(logits[:, :t0]), mixed], 1)  # [B,T,V]
+            mixed, attn, z, c = self.copy_head(logits[:, t0:], emb[:, t0:], h[:, t0:], src, t_BT, trace=True)
+            logits = torch.cat([_at_least_f32(logits[:, :t0]), mixed], 1)  # [B,T,V] log-probabilities
+            trace = CopyTrace(attn, z, src.pos_BS, src.valid_BS, t0, c, src.tok_BS)
+            return DecoderOutput(logits, h, aux_total, torch.stack(loads), trace)
         return DecoderOutput(logits, h, aux_total, torch.stack(loads))
+
+    def set_copy_vocab(self, variant: Sequence[int], canon: Sequence[int]) -> None:
+        """The case-aware copy maps (``DecoderConfig.copy_case``), from the tokenizer: ``variant[t]``
+        the line-start form of token t (itself if none), ``canon[t]`` its canonical form."""
+        if self.copy_head is None or self.copy_head.case is None:
+            return
+        V = self.cfg.vocab_size
+        if len(variant) != V or len(canon) != V:
+            raise ValueError(f"copy vocab maps need {V} entries, got {len(variant)} and {len(canon)}")
+        dev = self.copy_head.variant_V.device
+        self.copy_head.variant_V = torch.as_tensor(variant, dtype=torch.long, device=dev)
+        self.copy_head.canon_V = torch.as_tensor(canon, dtype=torch.long, device=dev)
+
+    def copy_canon(self) -> torch.Tensor | None:
+        """The canonical-token map of case-aware copying, None without it."""
+        return None if self.copy_head is None or self.copy_head.case is None else self.copy_head.canon_V
+
+    def _copy_emb(self, ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Embeddings the copy head's token-identity term compares: of the canonical tokens when
+        copying is case-aware, else the tokens' own ``emb``."""
+        if self.copy_head is None or self.copy_head.case is None:
+            return emb
+        return self.tok_embeddings(self.copy_head.canon_V[ids])
 
     def update_router_biases(self, expert_load_LE: torch.Tensor) -> None:
         """After an optimiser step, for MoE balance="bias" (DeepSeek-V3); a no-op for "aux"."""
@@ -345,6 +476,7 @@ class Decoder(nn.Module):
         logits = self.lm_head(h_last)  # [B,V]
         src = None
         if self.copy_head is not None and copy_mask_BT is not None and bool(copy_mask_BT.any()):
+            emb = self._copy_emb(ids_BT, emb)
             src = self.copy_head.sources(emb, self.norm(x), ids_BT, copy_mask_BT)
             logits = self.copy_head(logits[:, None], emb[rows, last_B][:, None], h_last[:, None], src)[:, 0]
         return logits, DecoderCache(caches, ctxs, mask, src)
@@ -361,5 +493,5 @@ class Decoder(nn.Module):
         h = self.norm(x)  # [B,1,D]
         logits = self.lm_head(h)  # [B,1,V]
         if cache.copy is not None and self.copy_head is not None:
-            logits = self.copy_head(logits, emb, h, cache.copy)
+            logits = self.copy_head(logits, self._copy_emb(ids_B[:, None], emb), h, cache.copy)
         return logits[:, 0]

@@ -79,6 +79,30 @@ class ReportTokenizer:
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size()
 
+    def copy_vocab(self) -> tuple[list[int], list[int]]:
+        """Maps for case-aware copying (core.decoder.CopyHead), one entry per token id:
+        ``variant[t]``, the form token t takes at the start of a line (" persistent" ->
+        "Persistent"), and ``canon[t]``, its canonical form (the space-led lower-case one,
+        "Persistent" -> " persistent"); a token without such a form maps to itself."""
+        vocab = self.tk.get_vocab()  # byte-level strings: "Ġ" is the space
+        V = self.vocab_size
+        variant, canon = list(range(V)), list(range(V))
+        sp = "\u0120"
+        for s, i in vocab.items():
+            if i >= V:
+                continue
+            word = s[1:] if s.startswith(sp) else s
+            if not word[:1].isalpha():
+                continue
+            lower = vocab.get(sp + word[0].lower() + word[1:]) if word[0].isupper() else None
+            if lower is not None and lower < V:
+                canon[i] = lower
+            if s.startswith(sp) and word[0].islower():
+                up = vocab.get(word[0].upper() + word[1:])
+                if up is not None and up < V:
+                    variant[i] = up
+        return variant, canon
+
     def encode(self, text: str) -> list[int]:
         """Token ids of plain text (no special tokens added)."""
         return self.tk.encode(text, add_special_tokens=False).ids

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from core.decoder import Decoder, spans_to_mask
+from core.decoder import Decoder, copy_loss, spans_to_mask
 from core.generate import GenerationConfig, generate
 from data.errors import MedreportError
 from multimodal.audio_encoder import AudioEncoder
@@ -152,6 +152,26 @@ def collate(studies: Sequence[StudyInputs]) -> ModelInputs:
     return ModelInputs(slabs, slab_mask, z_mm, zr, mel, present, lengths, hist, hmask, history_digest_len=dlen)
 
 
+def decoder_losses(cfg: ModelConfig, out, x: ModelInputs, canon_V: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The decoder's losses from its output ``out``: ``aux`` (MoE balance), ``lm`` (next token on
+    the report, when ``x.lm_labels``), ``copy`` (supervised copy, when ``cfg.copy_weight`` and the
+    copy head ran; ``canon_V``: the decoder's canonical-token map for case-aware copying) and
+    ``weighted``, their sum with the config's weights."""
+    losses = {"aux": out.aux_loss}
+    total = cfg.aux_weight * out.aux_loss
+    if x.lm_labels is not None:
+        lm = F.cross_entropy(  # position t predicts token t+1
+            out.logits[:, :-1].flatten(0, 1).float(), x.lm_labels[:, 1:].flatten(), ignore_index=-100
+        )
+        losses["lm"] = lm
+        total = total + cfg.lm_weight * lm
+        if cfg.copy_weight > 0 and out.copy is not None:
+            losses["copy"] = copy_loss(out.copy, x.ids, x.lm_labels, canon_V=canon_V)
+            total = total + cfg.copy_weight * losses["copy"]
+    losses["weighted"] = total
+    return losses
+
+
 def digest_spans(x: ModelInputs) -> list[tuple[int, int] | None] | None:
     """Per study, the ``[start, end)`` positions of the history digest in the decoder sequence
     ``[BOS] history [REPORT] ...`` (None where a study has no digest)."""
@@ -216,7 +236,7 @@ class ReportModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer=None):
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = tokenizer  # optional; saved with the checkpoint (not a module)
+        self.tokenizer = None  # optional; saved with the checkpoint (not a module)
         self.image_encoder = ImageEncoder(cfg.image)
         self.audio_encoder = AudioEncoder(cfg.audio)
         self.decoder = Decoder(cfg.decoder)
@@ -224,6 +244,14 @@ class ReportModel(nn.Module):
         d_dec = cfg.decoder.d_model
         self.fusion = Fusion(cfg.fusion, cfg.image.dim, cfg.audio.dim, d_dec, d_dec)
         self.heads = FindingHeads(cfg.heads, d_dec, cfg.image.dim)
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer)
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Attach the tokenizer (saved with the model); case-aware copying reads its maps from it."""
+        self.tokenizer = tokenizer
+        if self.cfg.decoder.copy and self.cfg.decoder.copy_case:
+            self.decoder.set_copy_vocab(*tokenizer.copy_vocab())
 
     @property
     def finding_names(self) -> tuple[str, ...]:
@@ -300,14 +328,9 @@ class ReportModel(nn.Module):
         if x.ids is not None:
             out = self.decoder(x.ids, *self.decoder_context(enc.fused_BFD, enc.mask_BF, heads), copy_mask_BT=x.copy_mask)
             logits = out.logits
-            losses["aux"] = out.aux_loss
-            total = total + self.cfg.aux_weight * out.aux_loss
-            if x.lm_labels is not None:
-                lm = F.cross_entropy(  # position t predicts token t+1
-                    logits[:, :-1].flatten(0, 1).float(), x.lm_labels[:, 1:].flatten(), ignore_index=-100
-                )
-                losses["lm"] = lm
-                total = total + self.cfg.lm_weight * lm
+            dl = decoder_losses(self.cfg, out, x, self.decoder.copy_canon())
+            total = total + dl.pop("weighted")
+            losses.update(dl)
         losses["loss"] = total
         return ModelOutput(losses, heads, enc.gates_BM, logits)
 
@@ -478,7 +501,7 @@ class ReportModel(nn.Module):
         if (d / TOKENIZER_DIR).is_dir():
             from data.tokenizer import ReportTokenizer  # data helper's JSON tokenizer
 
-            model.tokenizer = ReportTokenizer.load(d / TOKENIZER_DIR)
+            model.set_tokenizer(ReportTokenizer.load(d / TOKENIZER_DIR))
         return model.to(device).eval()
 
 

@@ -33,6 +33,9 @@ class ModelConfig:
     lm_weight: float = 1.0
     heads_weight: float = 1.0
     aux_weight: float = 0.01
+    # Supervised copy loss (core.decoder.copy_loss: the gate and the pointer, aligned by shared
+    # trigrams of report and digest); needs decoder.copy and a history digest. 0 = off.
+    copy_weight: float = 0.0
     name: str = "custom"
     # Inputs the model reads. False makes a model blind to that modality everywhere (training,
     # generation, the UI): the image-blind baseline is use_image=False, use_audio=False.
@@ -75,7 +78,7 @@ class ModelConfig:
             fusion=build(FusionConfig, d.get("fusion", {})),
             decoder=_decoder_from_dict(d.get("decoder", {})),
             heads=build(HeadsConfig, d.get("heads", {})),
-            **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "name", "use_image", "use_audio",
+            **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "copy_weight", "name", "use_image", "use_audio",
                                       "history_digest_words") if k in d},
         )
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -103,7 +104,8 @@ def test_two_stage_recipe_runs_with_cached_encoder_tokens(shared, repo_root, tmp
         {"name": "decoder", "steps": 2, "train": ["fusion", "decoder", "heads"], "lm": True, "cache_encoders": True},
     ])
     # with the history digest and copy head on, as the demo recipe runs (the cached-token path)
-    cfg = _cfg(shared, repo_root, f"stages={stages}", "model.history_digest_words=40", "model.decoder.copy=true")
+    cfg = _cfg(shared, repo_root, f"stages={stages}", "model.history_digest_words=40", "model.decoder.copy=true",
+               "model.copy_weight=1.0", "log_every=1")
     final = train(shared["manifest"], tmp_path / "run", cfg, progress=False)
     m = ReportModel.from_pretrained(final)
     ck = ReportModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step_2")  # end of stage 1
@@ -114,6 +116,9 @@ def test_two_stage_recipe_runs_with_cached_encoder_tokens(shared, repo_root, tmp
     assert not torch.equal(m.decoder.layers[0].moe.router.weight, ck.decoder.layers[0].moe.router.weight)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert "lm" not in rows[0] and "lm" in rows[-1]
+    # the supervised copy loss runs on the cached path too (the tiny examples' reports share
+    # trigrams with their digests) and is part of the logged losses
+    assert "copy" not in rows[0] and all(r["copy"] > 0 and math.isfinite(r["copy"]) for r in rows[2:])
 
 
 def test_config_overrides_parse_and_reach_the_saved_config(repo_root):
@@ -329,7 +334,8 @@ def test_history_digest_and_copy_head_train_and_generate(shared, repo_root, tmp_
     from data.history_digest import HEADER
     from data.tokenizer import ReportTokenizer
 
-    cfg = _cfg(shared, repo_root, "stages.0.steps=2", "model.history_digest_words=40", "model.decoder.copy=true")
+    cfg = _cfg(shared, repo_root, "stages.0.steps=2", "model.history_digest_words=40", "model.decoder.copy=true",
+               "model.decoder.copy_case=true", "model.copy_weight=1.0", "log_every=1")
     tok = ReportTokenizer.load(shared["tok"])
     entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "train" and (e.history or e.history_text)]
     assert entries, "the bundled examples need a history for this test"
@@ -348,6 +354,10 @@ def test_history_digest_and_copy_head_train_and_generate(shared, repo_root, tmp_
 
     final = train(shared["manifest"], tmp_path / "run", cfg, progress=False)
     model = ReportModel.from_pretrained(final)
-    assert model.cfg.history_digest_words == 40 and model.decoder.copy_head is not None
+    assert model.cfg.history_digest_words == 40 and model.decoder.copy_head is not None and model.cfg.copy_weight == 1.0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert rows and all(math.isfinite(r["copy"]) for r in rows)  # the joint (uncached) path
+    canon = model.decoder.copy_canon()  # case-aware maps restored from the saved tokenizer
+    assert canon is not None and int((canon != torch.arange(len(canon))).sum()) > 0
     m = evaluate_split(model, shared["manifest"], "test", max_new_tokens=6, batch_size=2, max_history_tokens=64, progress=False)
     assert m["n"] == 2

@@ -66,3 +66,18 @@ def test_history_tokens_are_compact(tok, corpus):
     history = corpus[1]
     ids = tok.encode(history)
     assert len(ids) < len(history) / 2  # BPE merges, not bytes
+
+
+def test_copy_vocab_maps_line_start_forms(tok):
+    """The case-aware copy maps: " lungs" <-> "Lungs" where both are tokens; word pieces without a
+    leading space keep themselves (no mid-word piece becomes a space-led word)."""
+    variant, canon = tok.copy_vocab()
+    assert len(variant) == len(canon) == tok.vocab_size
+    vocab = tok.tk.get_vocab()
+    pairs = [(vocab["\u0120" + w.lower()], vocab[w]) for w in ("Lungs", "Heart", "No") if w in vocab and "\u0120" + w.lower() in vocab]
+    assert pairs, "the corpus should give common words in both forms"
+    for low, up in pairs:
+        assert variant[low] == up and canon[up] == low and canon[low] == low
+    for s, i in vocab.items():
+        if not s.startswith("\u0120") and s[:1].islower():
+            assert canon[i] == i and variant[i] == i, s
