@@ -6,9 +6,9 @@
 * ``retrieval``: nearest neighbour on the trained image encoder's features (mean of the image
   tokens, cosine similarity); each study gets the report of its closest training study.
 * ``template``: the data generator's own (training-pool) templates filled from the model's
-  *predicted* findings (presence >= 0.5, side and coarse location from the heads; size, amount
-  and other attributes the heads do not predict take their most common training value). It
-  isolates what the decoder adds over "classifier + template". It needs the predicted findings,
+  *predicted* findings (the model's calls at its operating points, 0.5 unless fitted on val;
+  side and coarse location from the heads; size, amount and other attributes the heads do not
+  predict take their most common training value). It isolates what the decoder adds over "classifier + template". It needs the predicted findings,
   which ``app.train.evaluate_split`` writes beside the generated reports.
 * image-blind: not here: it is a model trained without images (``data.images=false`` in
   ``medreport train``), evaluated like the real one.
@@ -135,7 +135,8 @@ def template_report(findings: dict, attrs: _Attributes, study_id: str = "x", thr
                     seed: int = 0) -> str:
     """The generator's training-pool template report for predicted findings.
 
-    ``findings``: ``{name: {"p": prob, "side": side, "location": coarse location}}``."""
+    ``findings``: ``{name: {"p": prob, "present"?: the model's call, "side": side, "location":
+    coarse location}}``; a row's ``present`` (the model's own operating point) wins over ``threshold``."""
     from data.report_format import format_report
     from data.synthetic.findings import Case
     from data.synthetic.reports import write_sections
@@ -143,7 +144,7 @@ def template_report(findings: dict, attrs: _Attributes, study_id: str = "x", thr
 
     labels = []
     for name, f in findings.items():
-        if f.get("p", 0.0) < threshold:
+        if not (f["present"] if "present" in f else f.get("p", 0.0) >= threshold):
             continue
         side = f.get("side")
         side = None if side in (None, "none") else side

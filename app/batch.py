@@ -142,15 +142,21 @@ def _error_message(exc: BaseException) -> str:
 
 def run_batch(pipeline, items: Sequence[BatchItem], out_dir: str | Path, formats: Sequence[str] = ("txt", "json"),
               limit: int | None = None, rank: int = 0, world_size: int = 1, show_progress: bool = True,
-              wait_timeout_s: float = 24 * 3600, on_study: Callable[[str, str], None] | None = None) -> BatchSummary:
+              wait_timeout_s: float = 24 * 3600, on_study: Callable[[str, str], None] | None = None,
+              batch_size: int = 1) -> BatchSummary:
     """Generate reports for this rank's share of ``items`` (after ``limit``) into ``out_dir``.
 
-    ``pipeline`` has ``run(source, history_text=, history_path=, audio_path=) -> Report``.
+    ``pipeline`` has ``run(source, history_text=, history_path=, audio_path=) -> Report`` and,
+    for ``batch_size > 1``, ``run_many(list of StudyParts, max_batch=) -> [Report | Exception]``
+    (studies of a chunk encoded and generated together; each is still written, or fails, alone).
     ``on_study(id, status)`` is called with "done" / "skipped" / "failed" (tests, UIs)."""
     from tqdm.auto import tqdm
 
     from app.export import write_report
+    from app.pipeline import StudyParts
 
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = list(items)[:limit] if limit is not None else list(items)
@@ -158,39 +164,68 @@ def run_batch(pipeline, items: Sequence[BatchItem], out_dir: str | Path, formats
     summary = BatchSummary(total=len(mine), rank=rank, world_size=world_size)
     t_start = time.perf_counter()
     gen_seconds = 0.0
-    bar = tqdm(mine, desc=f"generate[{rank}/{world_size}]" if world_size > 1 else "generate", unit="study",
+    bar = tqdm(total=len(mine), desc=f"generate[{rank}/{world_size}]" if world_size > 1 else "generate", unit="study",
                disable=not show_progress, dynamic_ncols=True)
-    for n, item in enumerate(bar):
-        sdir = out_dir / safe_id(item.id)
-        status = "done"
-        if is_done(out_dir, item.id):
-            summary.skipped += 1
-            status = "skipped"
-        else:
-            t0 = time.perf_counter()
-            try:
-                report = pipeline.run(item.study, history_text=item.history_text, history_path=item.history_path,
-                                      audio_path=item.audio_path)
-                report.study_id = item.id
-                write_report(report, sdir, formats)
-            except Exception as exc:  # one bad study never stops the batch
-                msg = _error_message(exc)
-                log.warning("study %d of this shard failed: %s", n, type(exc).__name__)
-                log.debug("failure details", exc_info=True)
-                atomic_write_text(sdir / "error.json", json.dumps(
-                    {"id": item.id, "error": msg, "type": type(exc).__name__}, indent=2))
-                summary.failed += 1
-                summary.failures.append({"id": item.id, "error": msg})
-                status = "failed"
-            else:
-                gen_seconds += time.perf_counter() - t0
-                summary.done += 1
-                err = sdir / "error.json"
-                if err.exists():
-                    err.unlink()  # a retry that worked
+
+    def fail(n: int, item: BatchItem, exc: BaseException) -> None:
+        msg = _error_message(exc)
+        log.warning("study %d of this shard failed: %s", n, type(exc).__name__)
+        log.debug("failure details", exc_info=exc)
+        atomic_write_text(out_dir / safe_id(item.id) / "error.json", json.dumps(
+            {"id": item.id, "error": msg, "type": type(exc).__name__}, indent=2))
+        summary.failed += 1
+        summary.failures.append({"id": item.id, "error": msg})
+
+    def finish(item: BatchItem, status: str) -> None:
+        bar.update(1)
         bar.set_postfix(done=summary.done, skipped=summary.skipped, failed=summary.failed)
         if on_study:
             on_study(item.id, status)
+
+    for start in range(0, len(mine), batch_size):
+        chunk = list(enumerate(mine))[start: start + batch_size]
+        todo = []
+        for n, item in chunk:
+            if is_done(out_dir, item.id):
+                summary.skipped += 1
+                finish(item, "skipped")
+            else:
+                todo.append((n, item))
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        if batch_size > 1 and len(todo) > 1:
+            parts = [StudyParts(it.study, it.history_path, it.history_text, it.audio_path) for _, it in todo]
+            try:
+                results = pipeline.run_many(parts, max_batch=batch_size)
+            except Exception as exc:  # the whole chunk failed (e.g. out of memory): each is reported
+                results = [exc] * len(todo)
+        else:
+            results = []
+            for _, it in todo:
+                try:
+                    results.append(pipeline.run(it.study, history_text=it.history_text, history_path=it.history_path,
+                                                audio_path=it.audio_path))
+                except Exception as exc:  # one bad study never stops the batch
+                    results.append(exc)
+        for (n, item), report in zip(todo, results):
+            sdir = out_dir / safe_id(item.id)
+            if not isinstance(report, Exception):
+                try:
+                    report.study_id = item.id
+                    write_report(report, sdir, formats)
+                except Exception as exc:
+                    report = exc
+            if isinstance(report, Exception):
+                fail(n, item, report)
+                finish(item, "failed")
+                continue
+            summary.done += 1
+            err = sdir / "error.json"
+            if err.exists():
+                err.unlink()  # a retry that worked
+            finish(item, "done")
+        gen_seconds += time.perf_counter() - t0
     bar.close()
     summary.seconds = round(time.perf_counter() - t_start, 3)
     summary.mean_seconds_per_study = round(gen_seconds / summary.done, 3) if summary.done else None

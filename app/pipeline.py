@@ -10,7 +10,9 @@ encoders, fusion, finding heads), ``generating`` (decoder), ``evidence`` (Grad-C
 
 History policy: a record longer than ``PipelineConfig.max_history_tokens`` (100,000 by default,
 the decoder's budget in contracts.md) keeps its **most recent** tokens: records are
-chronological and the newest notes matter most. The report states how many tokens were cut.
+chronological and the newest notes matter most. The report states how many tokens were cut. A
+model with a history digest reads it inside the same budget (as in training), taken from the
+whole record, so a fact older than the cut still reaches it.
 
 Runs on CPU in fp32; ``quantize=True`` swaps the decoder's Linear layers (except the MoE
 router, whose argmax decides routing) for int8 dynamic-quantized ones
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from app import __version__
-from app.report import PRESENT_THRESHOLD, UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
+from app.report import UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
 from core.generate import GenerationConfig, generate
 from data.errors import AudioError, HistoryError, MedreportError
 from data.history_digest import digest_ids
@@ -75,12 +77,18 @@ class PipelineConfig:
     max_evidence_findings: int = 5  # the most probable ones; each costs one backward pass
     n_key_slices: int = 3
     quantize: bool = False  # int8 dynamic quantization of the decoder's Linear layers
+    # Never end a numbered impression item empty ("1." then nothing): off by default. Measured on
+    # the demo test split (session 5) it fills the 150 empty impressions with the model's next
+    # choice, mostly a finding the heads did not call (text-finding consistency 0.95 -> 0.89), so
+    # an incomplete report is left visibly incomplete rather than completed with a guess.
+    nonempty_items: bool = False
 
     def generation(self, tokenizer) -> GenerationConfig:
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens, eos_id=tokenizer.eos_id, strategy=self.strategy,
             num_beams=self.num_beams, no_repeat_ngram_size=self.no_repeat_ngram_size,
             section_ids=list(tokenizer.section_ids), seed=self.seed, pad_id=tokenizer.pad_id,
+            **(tokenizer.item_constraints() if self.nonempty_items else {}),
         )
 
 
@@ -222,22 +230,24 @@ class ReportPipeline:
         hist_info: dict = {"given": False, "limit": limit, "message": "no patient history was given"}
         ids, n_digest = None, 0
         if history:
+            # The relevant-history digest is taken from the whole record (a fact older than the
+            # cut still reaches it), read right before the report (data.history_digest), and
+            # counts toward the limit like in training: the record gets what the digest leaves.
+            words = self.model.cfg.history_digest_words
+            dig = digest_ids(self.tokenizer, history, words) if words else []
             all_ids = self.tokenizer.encode(history)
-            ids, cut = truncate_history(all_ids, limit)
+            ids, cut = truncate_history(all_ids, max(0, limit - len(dig)))
             hist_info = {
                 "given": True, "tokens_total": len(all_ids), "tokens_used": len(ids), "tokens_cut": cut,
                 "truncated": cut > 0, "limit": limit, "policy": "keep the most recent tokens",
                 "message": (f"{len(all_ids):,} tokens; the oldest {cut:,} were cut to fit the model's limit of "
-                            f"{limit:,} tokens (the most recent {len(ids):,} were read)") if cut else
+                            f"{limit:,} tokens (the most recent {len(ids):,} were read"
+                            + (f", with a {len(dig):,}-token digest of the whole record)" if dig else ")")) if cut else
                            f"{len(all_ids):,} tokens, all read (limit {limit:,})",
             }
             if cut:
                 warnings.append(f"patient history truncated: {hist_info['message']}")
-            # The relevant-history digest is taken from the whole record (a fact older than the
-            # cut still reaches it) and read right before the report (data.history_digest).
-            words = self.model.cfg.history_digest_words
             if words:
-                dig = digest_ids(self.tokenizer, history, words)
                 ids = ids + dig
                 n_digest = len(dig)
                 hist_info["digest_tokens"] = n_digest
@@ -252,53 +262,118 @@ class ReportPipeline:
         """Report of one study. ``source``: a study folder (companions found by name), a file, a
         list of files, a ``StudyFiles``, a ``StudyParts`` or a loaded ``Study``. Explicit
         ``history_text`` / ``history_path`` / ``audio_path`` take precedence over companions."""
-        cfg, model, tok = self.config, self.model, self.tokenizer
-        timings: dict[str, float] = {}
         notify = progress or (lambda stage, fraction: None)
-
-        def stage(name: str, t0: float) -> None:
-            timings[name] = round(time.perf_counter() - t0, 4)
-            notify(name, _STAGE_SPAN[name][1])
-
-        t0 = time.perf_counter()
         notify("loading", 0.0)
+        item = self._load(source, history_text, history_path, audio_path)
+        notify("loading", _STAGE_SPAN["loading"][1])
+        self._infer([item], notify)
+        return self._finish(item, notify)
+
+    def run_many(self, sources: Sequence, max_batch: int = 8, max_batch_tokens: int = 65_536) -> list:
+        """Reports of many studies, encoded and generated together in batches (the batch CLI).
+        ``sources``: what :meth:`run` takes, or ``StudyParts``. Returns, in input order, a
+        ``Report`` or the exception that study raised (one bad study never stops the others).
+        Studies are grouped by history length, at most ``max_batch`` per batch and at most
+        ``max_batch_tokens`` history tokens in the batch's padded prefix (a 100K-token record
+        runs alone). A report equals :meth:`run`'s up to floating-point rounding of the padded
+        batch; ``provenance.timings_s`` holds this study's loading and evidence times and its
+        share of the batch's encoding and generating time (``provenance.batch_size``)."""
+        results: list = [None] * len(sources)
+        items: list[tuple[int, _Item]] = []
+        for n, src in enumerate(sources):
+            try:
+                items.append((n, self._load(src)))
+            except Exception as exc:  # reported per study by the caller
+                results[n] = exc
+        items.sort(key=lambda t: len(t[1].inputs.history_ids or ()))
+        batches, cur = [], []
+        for t in items:
+            longest = len(t[1].inputs.history_ids or ()) + 2
+            if cur and (len(cur) >= max_batch or longest * (len(cur) + 1) > max_batch_tokens):
+                batches.append(cur)
+                cur = []
+            cur.append(t)
+        if cur:
+            batches.append(cur)
+        quiet = lambda stage, fraction: None  # noqa: E731
+        for batch in batches:
+            try:
+                self._infer([it for _, it in batch], quiet)
+            except Exception as exc:
+                for n, _ in batch:
+                    results[n] = exc
+                continue
+            for n, it in batch:
+                try:
+                    results[n] = self._finish(it, quiet)
+                except Exception as exc:
+                    results[n] = exc
+        return results
+
+    def _load(self, source, history_text=None, history_path=None, audio_path=None) -> "_Item":
+        t0 = time.perf_counter()
         study, history, history_kind, audio, warnings = self._resolve(source, history_text, history_path, audio_path)
         inputs, hist_info, audio_info = self.prepare(study, history, audio, warnings)
         if history_kind:
             hist_info["source"] = history_kind
-        x = collate([inputs])
-        prefix = [tok.bos_id] + list(inputs.history_ids or ()) + [tok.report_id]
-        stage("loading", t0)
+        item = _Item(study, inputs, hist_info, audio_info, warnings)
+        item.timings["loading"] = round(time.perf_counter() - t0, 4)
+        return item
 
+    def _infer(self, items: Sequence["_Item"], notify: Progress) -> None:
+        """Encode and classify each study alone (its findings never depend on the other studies
+        of a batch: padding a shorter dictation would change what the audio encoder sees), then
+        generate the batch's reports together; fills each item's outputs."""
+        model, tok, n = self.model, self.tokenizer, len(items)
         t0 = time.perf_counter()
         notify("encoding", _STAGE_SPAN["encoding"][0])
+        ctxs, masks = [], []
         with torch.inference_mode():
-            enc = model.encode(x)
-            heads = model.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
-            probs = heads.presence_probs[0].float().cpu().numpy()
-            side = torch.softmax(heads.side_logits_BK4[0].float(), -1).cpu().numpy()
-            loc = heads.location_logits_BKL[0].argmax(-1).cpu().numpy()
-            gates = {m: float(g) for m, g in zip(MODALITIES, enc.gates_BM[0].float().cpu())}
-        stage("encoding", t0)
-
+            for it in items:
+                x1 = collate([it.inputs])
+                enc = model.encode(x1)
+                heads = model.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
+                it.probs = heads.presence_probs[0].float().cpu().numpy()  # [K]
+                it.side = torch.softmax(heads.side_logits_BK4[0].float(), -1).cpu().numpy()  # [K,4]
+                it.loc = heads.location_logits_BKL[0].argmax(-1).cpu().numpy()  # [K]
+                it.gates = {m: float(g) for m, g in zip(MODALITIES, enc.gates_BM[0].float().cpu())}
+                c, m = model.decoder_context(enc.fused_BFD, enc.mask_BF, heads)  # [1,F_i,D], [1,F_i]
+                ctxs.append(c[0])
+                masks.append(m[0])
+        t_enc = round((time.perf_counter() - t0) / n, 4)
+        notify("encoding", _STAGE_SPAN["encoding"][1])
         t0 = time.perf_counter()
         notify("generating", _STAGE_SPAN["generating"][0])
+        x = collate([it.inputs for it in items])  # history ids and digest spans, padded
+        prefixes = [[tok.bos_id] + list(it.inputs.history_ids or ()) + [tok.report_id] for it in items]
         with torch.inference_mode():
-            ctx = model.decoder_context(enc.fused_BFD, enc.mask_BF, heads)
+            ctx = torch.nn.utils.rnn.pad_sequence(ctxs, batch_first=True)  # [B,F,D] zero-padded
+            cmask = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)  # [B,F] False on padding
             spans = digest_spans(x) if model.cfg.decoder.copy else None
-            token_ids = generate(model.decoder, [prefix], *ctx, cfg.generation(tok), copy_spans=spans)[0]
-        sections = tok.decode_report(token_ids)
-        stage("generating", t0)
+            token_ids = generate(model.decoder, prefixes, ctx, cmask, self.config.generation(tok), copy_spans=spans)
+        t_gen = round((time.perf_counter() - t0) / n, 4)
+        notify("generating", _STAGE_SPAN["generating"][1])
+        for b, it in enumerate(items):
+            it.token_ids = token_ids[b]
+            it.timings.update(encoding=t_enc, generating=t_gen)
+            it.batch_size = n
 
+    def _finish(self, item: "_Item", notify: Progress) -> Report:
+        """Sections, findings, Grad-CAM key slices (this study alone) and the ``Report``."""
+        cfg, model, tok = self.config, self.model, self.tokenizer
+        study, inputs, probs = item.study, item.inputs, item.probs
+        sections = tok.decode_report(item.token_ids)
         t0 = time.perf_counter()
         notify("evidence", _STAGE_SPAN["evidence"][0])
-        findings = self._findings(probs, side, loc)
+        findings = self._findings(probs, item.side, item.loc)
         evidence = {}
         if cfg.evidence and cfg.max_evidence_findings > 0:
-            order = np.argsort(-probs, kind="stable")
-            wanted = [model.finding_names[k] for k in order if probs[k] >= cfg.evidence_threshold][: cfg.max_evidence_findings]
+            thr = model.cfg.heads.thresholds()  # findings called present first, then the most probable
+            order = sorted(range(len(probs)), key=lambda k: (probs[k] < thr[k], -probs[k]))
+            wanted = [model.finding_names[k] for k in order
+                      if probs[k] >= min(cfg.evidence_threshold, float(thr[k]))][: cfg.max_evidence_findings]
             if wanted:
-                evidence = {n: ev[0] for n, ev in model.finding_evidence(x, wanted).items()}
+                evidence = {n: ev[0] for n, ev in model.finding_evidence(collate([inputs]), wanted).items()}
         sop_uids = study.sop_uids if study.source_format.startswith("dicom") else None
         for row in findings:
             ev = evidence.get(row.name)
@@ -308,25 +383,28 @@ class ReportPipeline:
                 z = int(min(max(z, 0), study.shape[0] - 1))
                 uid = sop_uids[z] if sop_uids is not None and z < len(sop_uids) else None
                 row.key_slices.append(KeySlice(z=z, slab=int(slab), score=float(ev.slab_scores[slab]), sop_instance_uid=uid))
-        stage("evidence", t0)
+        item.timings["evidence"] = round(time.perf_counter() - t0, 4)
+        notify("evidence", _STAGE_SPAN["evidence"][1])
 
         from data.report_format import format_report
 
+        provenance = self._provenance(study, inputs, dict(item.timings), len(item.token_ids))
+        provenance["batch_size"] = item.batch_size
         report = Report(
             sections=sections,
             findings=findings,
-            gates=gates,
-            history=hist_info,
-            audio=audio_info,
+            gates=item.gates,
+            history=item.hist_info,
+            audio=item.audio_info,
             consistency=consistency(format_report(sections), findings),
-            provenance=self._provenance(study, inputs, timings, len(token_ids)),
+            provenance=provenance,
             source=_source(study),
-            warnings=list(study.warnings) + warnings,
+            warnings=list(study.warnings) + item.warnings,
             heatmaps={n: ev.heatmap_SHW for n, ev in evidence.items()},
             slab_z_ranges=np.asarray(inputs.z_index_range),
         )
-        log.info("report generated in %.2f s (%s)", sum(timings.values()),
-                 ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+        log.info("report generated in %.2f s (%s)", sum(item.timings.values()),
+                 ", ".join(f"{k} {v:.2f}s" for k, v in item.timings.items()))
         return report
 
     # ------------------------------------------------------------------------------ pieces
@@ -335,6 +413,7 @@ class ReportPipeline:
         from multimodal.heads import SIDES
 
         hc = self.model.cfg.heads
+        thr = hc.thresholds()  # [K] operating points (0.5 unless fitted on val)
         rows = []
         for k, name in enumerate(self.model.finding_names):
             p = float(probs[k])
@@ -347,7 +426,8 @@ class ReportPipeline:
                 location = "unspecified"
             rows.append(FindingRow(
                 name=name, display=fd.display if fd is not None else name.replace("_", " ").capitalize(),
-                probability=p, present=p >= PRESENT_THRESHOLD, uncertain=UNCERTAIN_BAND[0] <= p <= UNCERTAIN_BAND[1],
+                probability=p, present=p >= float(thr[k]), threshold=float(thr[k]),
+                uncertain=UNCERTAIN_BAND[0] <= p <= UNCERTAIN_BAND[1],
                 side=side_name, side_probability=float(side[k, s]) if side_name else None,
                 location=None if location == "unspecified" else location,
             ))
@@ -371,6 +451,23 @@ class ReportPipeline:
                 "dictation": inputs.mel is not None, "history_tokens": len(inputs.history_ids or ()),
             },
         }
+
+
+@dataclass
+class _Item:
+    """One study on its way through the pipeline: loaded inputs, then the batch's outputs."""
+    study: Study
+    inputs: StudyInputs
+    hist_info: dict
+    audio_info: dict
+    warnings: list[str]
+    timings: dict = dataclasses.field(default_factory=dict)
+    probs: np.ndarray | None = None  # [K] presence probabilities
+    side: np.ndarray | None = None  # [K,4]
+    loc: np.ndarray | None = None  # [K] location index
+    gates: dict | None = None
+    token_ids: list[int] | None = None
+    batch_size: int = 1
 
 
 def _audio_config(cfg):

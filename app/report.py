@@ -37,7 +37,7 @@ from data.report_format import SECTION_KEYS, format_report
 REPORT_FORMAT = "medreport-report"
 REPORT_FORMAT_VERSION = 1
 STATUS = "preliminary"
-PRESENT_THRESHOLD = 0.5
+PRESENT_THRESHOLD = 0.5  # the default operating point (HeadsConfig.decision_thresholds may set one per finding)
 UNCERTAIN_BAND = (0.3, 0.7)
 BANNER = f"PRELIMINARY REPORT - {NOT_FOR_CLINICAL_USE}"
 
@@ -60,17 +60,18 @@ class FindingRow:
     name: str
     display: str
     probability: float
-    present: bool  # head decision at PRESENT_THRESHOLD
+    present: bool  # head decision at the finding's operating point (PRESENT_THRESHOLD unless fitted)
     uncertain: bool  # probability within UNCERTAIN_BAND
     side: str | None = None  # most likely side ("left", "right", "bilateral"), None = no side
     side_probability: float | None = None
     location: str | None = None  # coarse location, None = unspecified
     key_slices: list[KeySlice] = field(default_factory=list)
+    threshold: float = PRESENT_THRESHOLD  # the operating point ``present`` was decided at
 
     def to_dict(self) -> dict:
         return {
             "name": self.name, "display": self.display, "probability": round(self.probability, 4),
-            "present": self.present, "uncertain": self.uncertain, "side": self.side,
+            "present": self.present, "threshold": round(self.threshold, 4), "uncertain": self.uncertain, "side": self.side,
             "side_probability": None if self.side_probability is None else round(self.side_probability, 4),
             "location": self.location, "key_slices": [k.to_dict() for k in self.key_slices],
         }
@@ -222,7 +223,8 @@ def consistency(report_text: str, findings: list[FindingRow]) -> dict[str, Any]:
         "agreement_rate": (sum(r["agree"] for r in rows) / n) if n else None,
         "n": n,
         "threshold": PRESENT_THRESHOLD,
-        "policy": "labeller on Findings+Impression; present or uncertain mention = reported; head present = p >= 0.5",
+        "policy": ("labeller on Findings+Impression; present or uncertain mention = reported; head present = p >= "
+                   "the finding's operating point (0.5 unless the model's decision_thresholds set one)"),
         "per_finding": rows,
         "disagreements": disagreements,
     }

@@ -546,6 +546,23 @@ def validate(model: ReportModel, ds: ReportDataset, cfg: TrainConfig, lm: bool, 
     return metrics, lg, lb
 
 
+def fit_operating_points(model: ReportModel, probs: np.ndarray, labels: np.ndarray) -> dict:
+    """Choose each finding's decision threshold on held-out (validation) probabilities and labels
+    (``multimodal.heads.fit_decision_thresholds``) and store them in the model's config, which
+    ``save_pretrained`` writes; returns what to log (thresholds, val micro-F1 at 0.5 and at them)."""
+    from multimodal.heads import fit_decision_thresholds
+
+    thr = fit_decision_thresholds(probs, labels)
+    model.cfg.heads.decision_thresholds = thr
+    names = model.finding_names
+    moved = {n: t for n, t in zip(names, thr) if t != 0.5}
+    log.info("finding operating points chosen on %d val studies: %s", probs.shape[0],
+             ", ".join(f"{n} {t:.2f}" for n, t in moved.items()) or "all 0.5")
+    return {"decision_thresholds": dict(zip(names, thr)),
+            "val_finding_micro_f1_at_0.5": micro_f1(probs >= 0.5, labels),
+            "val_finding_micro_f1_at_thresholds": micro_f1(probs >= np.asarray(thr), labels)}
+
+
 def micro_f1(pred: np.ndarray, labels: np.ndarray) -> float:
     known = labels >= 0
     p, y = pred[known].astype(bool), labels[known].astype(bool)
@@ -566,16 +583,17 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
 
 
 def per_finding_metrics(probs: np.ndarray, labels: np.ndarray, names: Sequence[str],
-                        threshold: float = 0.5) -> dict[str, dict]:
-    """Per finding: support (known positives), precision, recall and F1 at ``threshold``, and AUC.
-    probs, labels: [N, K]; labels 1/0, negative = unknown (ignored)."""
+                        threshold: float | Sequence[float] = 0.5) -> dict[str, dict]:
+    """Per finding: support (known positives), precision, recall and F1 at ``threshold`` (one for
+    all, or one per finding), and AUC. probs, labels: [N, K]; labels 1/0, negative = unknown (ignored)."""
     out = {}
+    thr = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(names),))
     for k, name in enumerate(names):
         known = labels[:, k] >= 0
         y, p = labels[known, k].astype(bool), probs[known, k]
-        pred = p >= threshold
+        pred = p >= thr[k]
         tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
-        out[name] = {"support": int(y.sum()), "predicted": int(pred.sum()),
+        out[name] = {"support": int(y.sum()), "predicted": int(pred.sum()), "threshold": float(thr[k]),
                      "precision": tp / (tp + fp) if tp + fp else None, "recall": tp / (tp + fn) if tp + fn else None,
                      "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None, "auc": roc_auc(p, y)}
     return out
@@ -965,10 +983,30 @@ def ranks_identical(model: nn.Module, d: Dist) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def _finish(model: ReportModel, tok, val_ds: ReportDataset, cfg: TrainConfig, run_dir: Path, d: Dist) -> Path:
-    """Temperature-scale the finding heads on the val split and save RUN_DIR/final (rank 0)."""
+def calibrate_heads(model: ReportModel, val_ds: ReportDataset, cfg: TrainConfig, device) -> dict:
+    """Fit the finding heads' temperature and then each finding's operating point on held-out
+    studies (at most ``cfg.eval.calibration_studies``; heads only, the decoder does not change the
+    fit), in the model; returns the metrics to log."""
     from multimodal.heads import expected_calibration_error, fit_temperature
 
+    cfg_cal = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_studies=cfg.eval.calibration_studies))
+    model.heads.temperature.fill_(1.0)
+    m, lg, lb = validate(model, val_ds, cfg_cal, lm=False, device=device, bleu=False)
+    temp = fit_temperature(lg, lb)
+    model.heads.temperature.fill_(temp)
+    p_before = 1 / (1 + np.exp(-lg))
+    p_after = 1 / (1 + np.exp(-lg / temp))
+    out = dict(m)
+    out.update(temperature=temp, val_ece_before=expected_calibration_error(p_before, lb),
+               val_ece=expected_calibration_error(p_after, lb), calibration_studies=int(lg.shape[0]))
+    out.update(fit_operating_points(model, p_after, lb))
+    log.info("finding-head temperature %.3f (val ECE %.4f -> %.4f, %d studies)", temp, out["val_ece_before"],
+             out["val_ece"], lg.shape[0])
+    return out
+
+
+def _finish(model: ReportModel, tok, val_ds: ReportDataset, cfg: TrainConfig, run_dir: Path, d: Dist) -> Path:
+    """Calibrate the finding heads on the val split (calibrate_heads) and save RUN_DIR/final (rank 0)."""
     final = run_dir / "final"
     identical = ranks_identical(model, d) if d.enabled else None
     if d.main:
@@ -978,19 +1016,7 @@ def _finish(model: ReportModel, tok, val_ds: ReportDataset, cfg: TrainConfig, ru
             if not identical:
                 log.error("DDP ranks ended with different weights: training was not synchronised")
         if len(val_ds):
-            old = cfg.eval.max_studies
-            cfg_cal = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_studies=cfg.eval.calibration_studies))
-            # heads only (encoders + fusion + heads): the decoder does not change the fit
-            m, lg, lb = validate(model, val_ds, cfg_cal, lm=False, device=d.device, bleu=False)
-            temp = fit_temperature(lg, lb)
-            model.heads.temperature.fill_(temp)
-            p_before = 1 / (1 + np.exp(-lg))
-            p_after = 1 / (1 + np.exp(-lg / temp))
-            out.update(m)
-            out.update(temperature=temp, val_ece_before=expected_calibration_error(p_before, lb),
-                       val_ece=expected_calibration_error(p_after, lb), calibration_studies=int(lg.shape[0]))
-            log.info("finding-head temperature %.3f (val ECE %.4f -> %.4f, %d studies; metrics on %d)", temp,
-                     out["val_ece_before"], out["val_ece"], lg.shape[0], old)
+            out.update(calibrate_heads(model, val_ds, cfg, d.device))
         tmp = run_dir / ".tmp_final"
         shutil.rmtree(tmp, ignore_errors=True)
         model.eval().save_pretrained(tmp, tok)
@@ -1008,8 +1034,10 @@ def _finish(model: ReportModel, tok, val_ds: ReportDataset, cfg: TrainConfig, ru
 def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test", max_studies: int = 0,
                    max_history_tokens: int = 100_000, batch_size: int = 4, max_new_tokens: int = 400,
                    predictions: str | Path | None = None, progress: bool = True,
-                   no_repeat_ngram_size: int = 0) -> dict:
-    """Generate greedy reports for a split and score them (no manifest facts are used to crop).
+                   no_repeat_ngram_size: int = 0, strategy: str = "greedy", num_beams: int = 4,
+                   nonempty_items: bool = False) -> dict:
+    """Generate reports (greedy unless ``strategy``) for a split and score them (no manifest facts
+    are used to crop).
 
     Returns BLEU-1..4 / ROUGE-L / CIDEr of Findings + Impression (``app.evaluate``), the heads'
     finding micro-/macro-F1 at p >= 0.5 with ``below_resolution`` findings reported apart, the
@@ -1046,7 +1074,9 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
 
     tok = model.tokenizer
     gen = GenerationConfig(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, section_ids=list(tok.section_ids),
-                           pad_id=tok.pad_id, no_repeat_ngram_size=no_repeat_ngram_size)
+                           pad_id=tok.pad_id, no_repeat_ngram_size=no_repeat_ngram_size, strategy=strategy,
+                           num_beams=num_beams, **(tok.item_constraints() if nonempty_items else {}))
+
     def _hist_size(e) -> int:  # batch studies of similar record length: less padding in the prefill
         if e.history:
             p = e.path(e.history)
@@ -1054,6 +1084,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         return len(e.history_text or "")
 
     entries = sorted(entries, key=_hist_size)
+    thr_k = dict(zip(names, model.cfg.heads.thresholds()))
     for a in range(0, len(entries), batch_size):
         chunk = entries[a: a + batch_size]
         studies = [ds.study_inputs(e) for e in chunk]
@@ -1061,8 +1092,9 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False)
         for e, p in zip(chunk, preds):
             hyp[e.id] = format_report(tok.decode_report(p.token_ids))
-            found[e.id] = {n: {"p": round(p.finding_probs[n], 5), "side": max(p.side_probs[n], key=p.side_probs[n].get),
-                               "location": p.location[n]} for n in names}
+            found[e.id] = {n: {"p": round(p.finding_probs[n], 5), "present": bool(p.finding_probs[n] >= thr_k[n]),
+                               "side": max(p.side_probs[n], key=p.side_probs[n].get), "location": p.location[n]}
+                           for n in names}
             probs.append([p.finding_probs[n] for n in names])
             present, _, _ = finding_targets(e.labels, names, model.cfg.heads.locations)
             labels.append(present)
@@ -1077,17 +1109,21 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     out.update({k: ev.scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider") if k in ev.scores})
     out["text_finding_micro_f1"] = ev.scores.get("finding_micro_f1")
     main_Y = np.where(BR, -1, Y)  # below-resolution findings scored apart
-    out["finding_micro_f1"] = micro_f1(P >= 0.5, main_Y)
-    per = [micro_f1(P[:, k] >= 0.5, main_Y[:, k]) for k in range(len(names)) if (main_Y[:, k] == 1).any()]
+    thr = model.cfg.heads.thresholds()  # [K] operating points (0.5 unless fitted on val)
+    called = P >= thr  # [N, K]
+    out["finding_micro_f1"] = micro_f1(called, main_Y)
+    out["finding_micro_f1_at_0.5"] = micro_f1(P >= 0.5, main_Y)
+    per = [micro_f1(called[:, k], main_Y[:, k]) for k in range(len(names)) if (main_Y[:, k] == 1).any()]
     out["finding_macro_f1"] = float(np.mean(per)) if per else None
-    out["per_finding"] = per_finding_metrics(P, main_Y, names)
+    out["decision_thresholds"] = {n: float(t) for n, t in zip(names, thr)}
+    out["per_finding"] = per_finding_metrics(P, main_Y, names, thr)
     out["below_resolution_findings"] = int(BR.sum())
-    out["below_resolution_recall"] = float((P[BR] >= 0.5).mean()) if BR.any() else None
+    out["below_resolution_recall"] = float(called[BR].mean()) if BR.any() else None
     out["ece"] = expected_calibration_error(P, Y)
     agree = []
     for i, e in enumerate(entries):
         said = presence(label_report(hyp[e.id]))
-        agree += [bool(said.get(n)) == bool(P[i, k] >= 0.5) for k, n in enumerate(names)]
+        agree += [bool(said.get(n)) == bool(called[i, k]) for k, n in enumerate(names)]
     out["text_finding_consistency"] = float(np.mean(agree))
     from app.evaluate import facts_carried
 

@@ -25,6 +25,10 @@ class GenerationConfig:
     seed: int | None = None
     length_penalty: float = 1.0
     pad_id: int = 0
+    # No empty item: after a generated suffix in ``no_end_after`` (e.g. a list enumerator "2." at
+    # a line start) the row may not end there: EOS, section markers and ``line_end_ids`` are banned.
+    no_end_after: tuple[tuple[int, ...], ...] = ()
+    line_end_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.strategy not in ("greedy", "beam", "sample"):
@@ -62,7 +66,16 @@ class _RowState:
             out.extend(self.ngrams.get(tuple(self.tokens[len(self.tokens) - n + 1:]), ()))
         if self.cfg.section_ids:
             out.extend(self.cfg.section_ids[: self.last_section + 1])
+        if self.cfg.no_end_after and self._after_item_start():
+            out.extend(self.cfg.section_ids or ())
+            out.extend(self.cfg.line_end_ids)
+            if self.cfg.eos_id is not None:
+                out.append(self.cfg.eos_id)
         return out
+
+    def _after_item_start(self) -> bool:
+        return any(len(self.tokens) >= len(sfx) and tuple(self.tokens[-len(sfx):]) == sfx
+                   for sfx in self.cfg.no_end_after)
 
 
 def _mask_banned(logits_BV: torch.Tensor, states: list[_RowState]) -> torch.Tensor:

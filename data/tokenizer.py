@@ -79,6 +79,15 @@ class ReportTokenizer:
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size()
 
+    def item_constraints(self, max_items: int = 9) -> dict:
+        """``GenerationConfig`` fields that keep numbered report items non-empty: the enumerators
+        "1." .. "9." at a line or section start (``no_end_after``) and the newline tokens
+        (``line_end_ids``). A report never ends, or starts a new line or section, right after "2."."""
+        nl = tuple(self.encode("\n"))
+        starts = [nl] + [(i,) for i in self.section_ids]
+        sfx = {s + tuple(self.encode(f"{n}.")) for s in starts for n in range(1, max_items + 1)}
+        return {"no_end_after": tuple(sorted(sfx)), "line_end_ids": tuple(i for i in nl if len(nl) == 1)}
+
     def copy_vocab(self) -> tuple[list[int], list[int]]:
         """Maps for case-aware copying (core.decoder.CopyHead), one entry per token id:
         ``variant[t]``, the form token t takes at the start of a line (" persistent" ->

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", action="store_true", help="int8 dynamic quantization of the decoder's Linear layers")
     p.add_argument("--max-new-tokens", type=int, default=None, help="report length cap in tokens")
     p.add_argument("--max-history-tokens", type=int, default=None, help="history budget (default 100000; longer records keep the newest)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="studies encoded and generated together (default 8; 1 = one at a time); "
+                        "studies of similar record length are grouped, a 100K-token record runs alone")
     p.add_argument("--no-evidence", action="store_true", help="skip Grad-CAM key slices (faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = ReportPipeline.from_dir(model_dir, cfg)
     rank, world = rank_from_env()
     s = run_batch(pipe, items, args.out, formats, limit=args.limit, rank=rank, world_size=world,
-                  show_progress=not args.no_progress)
+                  show_progress=not args.no_progress, batch_size=args.batch_size)
     if rank == 0:
         mean = f"{s.mean_seconds_per_study:.2f} s/study" if s.mean_seconds_per_study is not None else "-"
         print(f"{s.total} studies: {s.done} done, {s.skipped} skipped (already done), {s.failed} failed; {mean}")

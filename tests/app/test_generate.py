@@ -172,3 +172,32 @@ def test_inputs_and_model_errors(tmp_path, monkeypatch):
     with pytest.raises(MedreportError, match="unknown format"):
         generate.parse_formats("txt,pdf")
     assert generate.parse_formats("sr") == ("sr", "json")
+
+
+def test_run_many_batches_studies_like_run_and_isolates_a_bad_one(model_dir, tmp_path):
+    """Studies encoded and generated together give the reports run() gives one at a time (same
+    text, same finding probabilities to rounding); a study that cannot be read is returned as its
+    error, in its place, and the others still get their reports."""
+    import torch
+
+    pipe = ReportPipeline.from_dir(model_dir, PipelineConfig(max_new_tokens=12, evidence=False))
+    with torch.no_grad():  # the tiny model is untrained: near-tied logits would flip on rounding
+        pipe.model.decoder.lm_head.weight.mul_(30.0)  # (tied to the embeddings) so widen the margins
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "IM0001.dcm").write_bytes(b"\x00garbage" * 10)
+    sources = [EXAMPLES / "studies" / s for s in ("syn00000", "syn00003")] + [bad] + [EXAMPLES / "studies" / "syn00005"]
+    many = pipe.run_many(sources, max_batch=8)
+    assert isinstance(many[2], MedreportError)
+    for src, rep in zip(sources[:2] + sources[3:], many[:2] + many[3:]):
+        one = pipe.run(src)
+        assert rep.sections == one.sections
+        assert [f.name for f in rep.findings] == [f.name for f in one.findings]
+        for a, b in zip(rep.findings, one.findings):
+            assert abs(a.probability - b.probability) < 1e-6  # each study is encoded alone
+        assert rep.provenance["batch_size"] == 3 and one.provenance["batch_size"] == 1
+        assert rep.history == one.history
+    # a token budget that fits one history at a time splits the batch; the reports stay the same
+    alone = pipe.run_many(sources[:2], max_batch=8, max_batch_tokens=1)
+    assert [r.provenance["batch_size"] for r in alone] == [1, 1]
+    assert [r.sections for r in alone] == [r.sections for r in many[:2]]

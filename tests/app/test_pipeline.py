@@ -175,3 +175,50 @@ def test_edits_keep_the_generated_original_and_heatmaps_save(pipe, tmp_path):
     with np.load(path) as z:
         names = [k for k in z.files if k.startswith("heatmap_")]
         assert len(names) == 2 and z["slab_z_ranges"].shape == (z[names[0]].shape[0], 2)
+
+
+def test_per_finding_operating_points_decide_present(tmp_path_factory):
+    """A model whose config carries decision thresholds calls a finding present at its own
+    threshold, not at 0.5, and computes its evidence; probabilities are unchanged."""
+    import dataclasses
+
+    from multimodal.model import ReportModel
+
+    d = tiny_model_dir(tmp_path_factory)
+    base = ReportPipeline.from_dir(d, dataclasses.replace(CFG, max_evidence_findings=5, evidence_threshold=0.3))
+    rep0 = base.run(STUDIES / "syn00002")
+    probs = {f.name: f.probability for f in rep0.findings}
+    low = min(probs, key=probs.get)  # the least probable finding: surely absent at 0.5
+    assert probs[low] < 0.5 and not next(f for f in rep0.findings if f.name == low).present
+    model = ReportModel.from_pretrained(d)
+    model.cfg.heads.decision_thresholds = tuple(probs[n] / 2 if n == low else 0.99 for n in model.finding_names)
+    pipe = ReportPipeline(model, model.tokenizer, dataclasses.replace(CFG, max_evidence_findings=5, evidence_threshold=0.3))
+    rep = pipe.run(STUDIES / "syn00002")
+    calls = {f.name: f.present for f in rep.findings}
+    assert calls[low] and sum(calls.values()) == 1
+    assert {f.name: f.probability for f in rep.findings} == pytest.approx(probs, abs=1e-5)
+    assert rep.heatmaps.keys() >= {low}  # a finding called present always gets its evidence
+
+
+def test_digest_counts_inside_the_history_budget(pipe, tmp_path):
+    """A model with a history digest and case-aware copying: the digest (taken from the whole
+    record) and the newest record tokens together fill max_history_tokens, as in training."""
+    import dataclasses
+
+    import torch
+
+    from multimodal.model import ReportModel
+    from multimodal.presets import ModelConfig
+
+    tok = pipe.tokenizer
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, history_digest_words=40)
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, copy=True, copy_case=True))
+    torch.manual_seed(0)
+    ReportModel(cfg, tokenizer=tok).save_pretrained(tmp_path / "m", tok)
+    pipe = ReportPipeline.from_dir(tmp_path / "m", dataclasses.replace(CFG, max_history_tokens=120, evidence=False))
+    assert pipe.model.decoder.copy_canon() is not None
+    rep = pipe.run(STUDIES / "syn00000")
+    h = rep.history
+    assert h["truncated"] and h["digest_tokens"] > 0
+    assert h["tokens_used"] + h["digest_tokens"] == 120 and "digest of the whole record" in h["message"]
+    assert rep.provenance["input"]["history_tokens"] == 120

@@ -109,6 +109,10 @@ def test_two_stage_recipe_runs_with_cached_encoder_tokens(shared, repo_root, tmp
     final = train(shared["manifest"], tmp_path / "run", cfg, progress=False)
     m = ReportModel.from_pretrained(final)
     ck = ReportModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step_2")  # end of stage 1
+    # operating points chosen on val at the end, saved in the model's config
+    fm = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert len(m.cfg.heads.decision_thresholds) == len(m.finding_names)
+    assert list(fm["decision_thresholds"].values()) == list(m.cfg.heads.decision_thresholds)
     assert not torch.equal(m.decoder.copy_head.wq.weight, ck.decoder.copy_head.wq.weight)  # stage 2 trains the copy head
     # stage 2 froze the image encoder: its weights and BatchNorm statistics did not move; the decoder did
     for (n, p), (_, q) in zip(m.image_encoder.state_dict().items(), ck.image_encoder.state_dict().items()):
@@ -296,7 +300,8 @@ def test_per_finding_metrics_and_auc():
     P = np.array([[0.9, 0.1], [0.2, 0.6], [0.7, 0.4], [0.1, 0.8]])
     Y = np.array([[1, 0], [0, -1], [1, 0], [0, 1]], dtype=float)  # -1: unknown, ignored
     out = per_finding_metrics(P, Y, ["a", "b"])
-    assert out["a"] == {"support": 2, "predicted": 2, "precision": 1.0, "recall": 1.0, "f1": 1.0, "auc": 1.0}
+    assert out["a"] == {"support": 2, "predicted": 2, "threshold": 0.5, "precision": 1.0, "recall": 1.0, "f1": 1.0,
+                        "auc": 1.0}
     assert out["b"]["support"] == 1 and out["b"]["predicted"] == 1 and out["b"]["f1"] == 1.0
     assert out["b"]["auc"] == 1.0
 
@@ -361,3 +366,24 @@ def test_history_digest_and_copy_head_train_and_generate(shared, repo_root, tmp_
     assert canon is not None and int((canon != torch.arange(len(canon))).sum()) > 0
     m = evaluate_split(model, shared["manifest"], "test", max_new_tokens=6, batch_size=2, max_history_tokens=64, progress=False)
     assert m["n"] == 2
+
+
+def test_calibrate_command_refits_operating_points_on_val(shared, repo_root, tmp_path, capsys):
+    """`medreport calibrate` on a trained model's val split: temperature and per-finding operating
+    points land in the written model's config; the test split is refused."""
+    from app.cli import main
+
+    cfg = _cfg(shared, repo_root, "stages.0.steps=1")
+    final = train(shared["manifest"], tmp_path / "run", cfg, progress=False)
+    out = tmp_path / "calibrated"
+    rc = main(["calibrate", "--model", str(final), "--manifest", str(shared["manifest"]), "--out", str(out),
+               "--cache-dir", str(shared["cache"]), "--max-history-tokens", "64"])
+    assert rc == 0
+    m = ReportModel.from_pretrained(out)
+    cal = json.loads((out / "calibration.json").read_text())
+    assert len(m.cfg.heads.decision_thresholds) == len(m.finding_names)
+    assert list(cal["decision_thresholds"].values()) == list(m.cfg.heads.decision_thresholds)
+    assert float(m.heads.temperature) == pytest.approx(cal["temperature"])
+    assert "calibrated on" in capsys.readouterr().out
+    assert main(["calibrate", "--model", str(final), "--manifest", str(shared["manifest"]), "--split", "test"]) == 2
+    assert "leak" in capsys.readouterr().err

@@ -108,3 +108,48 @@ def test_eos_stops_and_max_length(dec):
     assert len(generate(dec, [[1]], None, None, GenerationConfig(max_new_tokens=5))[0]) == 5
     with pytest.raises(ValueError, match="BOS"):
         generate(dec, [[]], None, None, GenerationConfig())
+
+
+class _EndsAfterEnumerator(_Scripted):
+    """Prefers, in turn: the enumerator "7 8" (digit, dot), then the end (EOS 2), then newline 9,
+    then a word 15; so unconstrained it writes an empty item "7 8" and stops."""
+
+    def _logits(self, B):
+        return self._logits_for(self._last)
+
+    def _logits_for(self, last):
+        lg = torch.zeros(len(last), self.V)
+        for r, t in enumerate(last):
+            if t == 8:  # after the dot: end > newline > word
+                lg[r, 2], lg[r, 9], lg[r, 15] = 5.0, 4.0, 3.0
+            elif t == 7:
+                lg[r, 8] = 5.0
+            elif t == 15:
+                lg[r, 2] = 5.0
+            else:
+                lg[r, 7] = 5.0
+        return lg
+
+    def prefill(self, ids, lengths, ctx, mask, capacity, copy_mask_BT=None):
+        self._last = [int(ids[r, int(lengths[r]) - 1]) for r in range(ids.shape[0])]
+        lg, cache = super().prefill(ids, lengths, ctx, mask, capacity, copy_mask_BT)
+        return self._logits_for(self._last), cache
+
+    def step(self, ids, cache):
+        self._last = ids.tolist()
+        return self._logits_for(self._last)
+
+
+def test_no_empty_numbered_item():
+    """After an enumerator at an item start the row may not end, open a section or break the line:
+    the scripted model's empty item "1." becomes "1. word"; without the constraint it stays empty."""
+    dec = _EndsAfterEnumerator()
+    base = dict(max_new_tokens=6, eos_id=2, section_ids=[10, 11])
+    plain = generate(dec, [[11]], None, None, GenerationConfig(**base))[0]
+    assert plain == [7, 8, 2]
+    guarded = generate(dec, [[11]], None, None, GenerationConfig(**base, no_end_after=((7, 8), (9, 7, 8)),
+                                                                  line_end_ids=(9,)))[0]
+    assert guarded == [7, 8, 15, 2]
+    # the whole suffix must match the generated tokens: "7 8" not after a newline is no item start
+    other = generate(dec, [[11]], None, None, GenerationConfig(**base, no_end_after=((9, 7, 8),), line_end_ids=(9,)))[0]
+    assert other == [7, 8, 2]

@@ -81,3 +81,14 @@ def test_copy_vocab_maps_line_start_forms(tok):
     for s, i in vocab.items():
         if not s.startswith("\u0120") and s[:1].islower():
             assert canon[i] == i and variant[i] == i, s
+
+
+def test_item_constraints_name_the_enumerators_at_line_and_section_starts(tok):
+    c = tok.item_constraints()
+    nl, two = tuple(tok.encode("\n")), tuple(tok.encode("2."))
+    assert nl + two in c["no_end_after"]
+    assert (tok.section_ids[-1],) + tuple(tok.encode("1.")) in c["no_end_after"]
+    assert c["line_end_ids"] == nl and len(nl) == 1
+    seq = tok.encode_report({"impression": "1. Small effusion.\n2. Emphysema."})
+    # the constrained suffixes occur in a real numbered impression
+    assert any(tuple(seq[i: i + len(s)]) == s for s in c["no_end_after"] for i in range(len(seq)))

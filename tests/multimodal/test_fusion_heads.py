@@ -208,3 +208,35 @@ def test_token_presence_adds_the_max_token_logit_and_ignores_padding():
     loss = heads_loss(heads(fused, fmask, (tok, tmask)), FindingLabels(torch.ones(2, K)), cfg)["heads"]
     loss.backward()
     assert heads.token_logits.weight.grad.abs().sum() > 0 and heads.token_scale.grad is not None
+
+
+def test_fit_decision_thresholds_moves_only_where_val_says_so():
+    from multimodal.heads import HeadsConfig, fit_decision_thresholds
+    from multimodal.presets import ModelConfig
+
+    rng = np.random.default_rng(0)
+    n = 200
+    y = np.zeros((n, 4), dtype=int)
+    y[:40, 0] = 1  # finding 0: positives score 0.25-0.45 (under-called at 0.5), negatives < 0.2
+    y[:40, 1] = 1  # finding 1: cleanly separated around 0.5 already
+    y[:3, 2] = 1  # finding 2: too few positives to move
+    y[::10, 3] = 1  # finding 3: not learned (random scores under 0.3, 10 % prevalence)
+    p = np.empty((n, 4))
+    p[:, 0] = np.where(y[:, 0] == 1, rng.uniform(0.25, 0.45, n), rng.uniform(0.0, 0.2, n))
+    p[:, 1] = np.where(y[:, 1] == 1, rng.uniform(0.6, 1.0, n), rng.uniform(0.0, 0.4, n))
+    p[:, 2] = np.where(y[:, 2] == 1, 0.3, 0.1)
+    p[:, 3] = rng.uniform(0.0, 0.3, n)
+    y[150:, 1] = -1  # unknown labels are ignored
+    thr = fit_decision_thresholds(p, y)
+    assert 0.2 <= thr[0] <= 0.25 and thr[1] == 0.5 and thr[2] == 0.5
+    # calling the unlearned finding everywhere would maximise its own F1 (0.18 > 0) but floods
+    # the calls with false positives: micro-F1, which the fit maximises, keeps it at 0.5
+    assert thr[3] == 0.5
+    hc = HeadsConfig(finding_names=("a", "b", "c", "d"), decision_thresholds=thr)
+    assert np.allclose(hc.thresholds(), thr)
+    assert np.allclose(HeadsConfig(finding_names=("a", "b")).thresholds(), 0.5)
+    with pytest.raises(ValueError, match="refit"):
+        HeadsConfig(finding_names=("a", "b"), decision_thresholds=(0.3,)).thresholds()
+    cfg = ModelConfig.preset("tiny")
+    cfg.heads.decision_thresholds = tuple(0.5 for _ in cfg.heads.finding_names)
+    assert ModelConfig.from_dict(cfg.to_dict()).heads.decision_thresholds == cfg.heads.decision_thresholds

@@ -1,0 +1,74 @@
+"""`medreport calibrate --model DIR --manifest M`: refit a model's finding calibration on held-out
+studies with labels (a hospital's own validation set, or a run's val split): the heads'
+temperature, then each finding's operating point (the probability at which it is called present,
+chosen for F1). Writes the model back (same weight precision) and prints what changed."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+NAME = "calibrate"
+HELP = "refit the finding heads' temperature and per-finding operating points on labelled held-out studies"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="model directory (rewritten in place unless --out)")
+    parser.add_argument("--manifest", required=True, type=Path, help="manifest.jsonl whose studies have labels")
+    parser.add_argument("--split", default="val", help="manifest split to calibrate on (default val; never the test split)")
+    parser.add_argument("--max-studies", type=int, default=512, help="at most this many studies (default 512)")
+    parser.add_argument("--max-history-tokens", type=int, default=1024,
+                        help="history tokens the heads read per study (default 1024, the demo recipe's last training cap)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-study cache folder (default: none, studies decoded as read)")
+    parser.add_argument("--out", type=Path, default=None, help="write the calibrated model here instead")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+
+    from app.commands.demo_model import write_shipped_model
+    from app.train import TrainConfig, calibrate_heads
+    from app.train_data import PreprocessConfig, ReportDataset, StudyCache, load_manifest_for_training
+    from data.errors import MedreportError
+    from multimodal.model import WEIGHTS_FILE, ReportModel
+
+    if args.split == "test":
+        raise MedreportError("calibrating on the test split would leak it into the test metrics: use val "
+                             "(or another held-out split)")
+    model = ReportModel.from_pretrained(args.model)
+    if model.tokenizer is None:
+        raise MedreportError(f"{args.model} has no tokenizer/ folder: calibrate a directory written by save_pretrained")
+    fp16 = _weights_are_fp16(args.model / WEIGHTS_FILE)
+    model.float()
+    entries = [e for e in load_manifest_for_training(args.manifest) if e.split == args.split]
+    if not entries:
+        raise MedreportError(f"{args.manifest.name} has no studies of split {args.split!r}")
+    cache = StudyCache(args.cache_dir, PreprocessConfig.from_model(model.cfg, audio=model.cfg.use_audio))
+    ds = ReportDataset(entries, model.tokenizer, model.cfg, cache, crop="tail", max_history_tokens=args.max_history_tokens)
+    cfg = TrainConfig()
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, calibration_studies=args.max_studies))
+    before = dict(zip(model.finding_names, model.cfg.heads.thresholds().tolist()))
+    out = calibrate_heads(model, ds, cfg, torch.device("cpu"))
+    dest = args.out or args.model
+    write_shipped_model(model.eval(), dest, fp16=fp16)
+    moved = {n: (before[n], t) for n, t in out["decision_thresholds"].items() if t != before[n]}
+    print(f"calibrated on {out['calibration_studies']} {args.split} studies: temperature {out['temperature']:.3f}, "
+          f"val ECE {out['val_ece_before']:.4f} -> {out['val_ece']:.4f}; val finding micro-F1 "
+          f"{out['val_finding_micro_f1_at_0.5']:.3f} at 0.5 -> {out['val_finding_micro_f1_at_thresholds']:.3f} "
+          "at the operating points")
+    for n, (a, b) in moved.items():
+        print(f"  {n}: operating point {a:.2f} -> {b:.2f}")
+    (dest / "calibration.json").write_text(json.dumps({"split": args.split, "manifest": args.manifest.name, **out},
+                                                      indent=2, default=float))
+    print(f"wrote {dest}")
+    return 0
+
+
+def _weights_are_fp16(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        return bool(keys) and f.get_slice(keys[0]).get_dtype() in ("F16", "BF16")
