@@ -203,7 +203,7 @@ def test_case_aware_copy_aligns_variants_and_matches_prefill_and_step():
     assert tg.src_BTS[0, q[7]].nonzero()[:, 0].tolist() == [0]  # source 11 offers 31
     # the variant gets copy mass: p(31) at the query before it exceeds the vocabulary's alone
     logp = out.logits[0, 6]
-    assert float(logp[31].exp()) > 0.05
+    assert float(logp[31].detach().exp()) > 0.05
     # prefill + step equal the full forward with case-aware copying
     lg, cache = dec.prefill(ids[:, :7], torch.tensor([7]), None, None, capacity=ids.shape[1], copy_mask_BT=mask[:, :7])
     torch.testing.assert_close(lg, out.logits[:, 6])
