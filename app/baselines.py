@@ -8,8 +8,9 @@
 * ``template``: the data generator's own (training-pool) templates filled from the model's
   *predicted* findings (the model's calls at its operating points, 0.5 unless fitted on val;
   side and coarse location from the heads; size, amount and other attributes the heads do not
-  predict take their most common training value). It isolates what the decoder adds over "classifier + template". It needs the predicted findings,
-  which ``app.train.evaluate_split`` writes beside the generated reports.
+  predict take their most common training value). It isolates what the decoder adds over
+  "classifier + template". It needs the predicted findings, which ``app.train.evaluate_split``
+  writes beside the generated reports.
 * image-blind: not here: it is a model trained without images (``data.images=false`` in
   ``medreport train``), evaluated like the real one.
 

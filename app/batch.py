@@ -148,7 +148,8 @@ def run_batch(pipeline, items: Sequence[BatchItem], out_dir: str | Path, formats
 
     ``pipeline`` has ``run(source, history_text=, history_path=, audio_path=) -> Report`` and,
     for ``batch_size > 1``, ``run_many(list of StudyParts, max_batch=) -> [Report | Exception]``
-    (studies of a chunk encoded and generated together; each is still written, or fails, alone).
+    (each study of a chunk encoded alone, their reports generated together; each is still written,
+    or fails, alone).
     ``on_study(id, status)`` is called with "done" / "skipped" / "failed" (tests, UIs)."""
     from tqdm.auto import tqdm
 
@@ -182,8 +183,9 @@ def run_batch(pipeline, items: Sequence[BatchItem], out_dir: str | Path, formats
         if on_study:
             on_study(item.id, status)
 
+    numbered = list(enumerate(mine))
     for start in range(0, len(mine), batch_size):
-        chunk = list(enumerate(mine))[start: start + batch_size]
+        chunk = numbered[start: start + batch_size]
         todo = []
         for n, item in chunk:
             if is_done(out_dir, item.id):

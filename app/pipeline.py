@@ -270,13 +270,14 @@ class ReportPipeline:
         return self._finish(item, notify)
 
     def run_many(self, sources: Sequence, max_batch: int = 8, max_batch_tokens: int = 65_536) -> list:
-        """Reports of many studies, encoded and generated together in batches (the batch CLI).
+        """Reports of many studies, each encoded alone, their reports generated together in
+        batches (the batch CLI).
         ``sources``: what :meth:`run` takes, or ``StudyParts``. Returns, in input order, a
         ``Report`` or the exception that study raised (one bad study never stops the others).
         Studies are grouped by history length, at most ``max_batch`` per batch and at most
         ``max_batch_tokens`` history tokens in the batch's padded prefix (a 100K-token record
-        runs alone). A report equals :meth:`run`'s up to floating-point rounding of the padded
-        batch; ``provenance.timings_s`` holds this study's loading and evidence times and its
+        runs alone). Findings equal :meth:`run`'s; the text equals it up to floating-point
+        rounding of the padded decoding batch; ``provenance.timings_s`` holds this study's loading and evidence times and its
         share of the batch's encoding and generating time (``provenance.batch_size``)."""
         results: list = [None] * len(sources)
         items: list[tuple[int, _Item]] = []

@@ -225,7 +225,6 @@ class CopyTrace:
     valid_BS: torch.Tensor  # [B,S] bool
     t0: int
     case_BT: torch.Tensor | None = None  # [B,T-t0] case logit (copy_case), else None
-    tok_BS: torch.Tensor | None = None  # [B,S] token offered by each source
 
 
 @dataclass
@@ -418,7 +417,7 @@ class Decoder(nn.Module):
             t_BT = torch.arange(t0, ids_BT.shape[1], device=ids_BT.device).expand(ids_BT.shape[0], -1)  # [B,T-t0]
             mixed, attn, z, c = self.copy_head(logits[:, t0:], emb[:, t0:], h[:, t0:], src, t_BT, trace=True)
             logits = torch.cat([_at_least_f32(logits[:, :t0]), mixed], 1)  # [B,T,V] log-probabilities
-            trace = CopyTrace(attn, z, src.pos_BS, src.valid_BS, t0, c, src.tok_BS)
+            trace = CopyTrace(attn, z, src.pos_BS, src.valid_BS, t0, c)
             return DecoderOutput(logits, h, aux_total, torch.stack(loads), trace)
         return DecoderOutput(logits, h, aux_total, torch.stack(loads))
 

@@ -1,7 +1,7 @@
 """`medreport calibrate --model DIR --manifest M`: refit a model's finding calibration on held-out
 studies with labels (a hospital's own validation set, or a run's val split): the heads'
 temperature, then each finding's operating point (the probability at which it is called present,
-chosen for F1). Writes the model back (same weight precision) and prints what changed."""
+chosen for the micro-F1 over all findings). Writes the model back (same weight precision) and prints what changed."""
 from __future__ import annotations
 
 import argparse

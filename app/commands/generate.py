@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="report length cap in tokens")
     p.add_argument("--max-history-tokens", type=int, default=None, help="history budget (default 100000; longer records keep the newest)")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="studies encoded and generated together (default 8; 1 = one at a time); "
+                   help="studies whose reports are generated together, each encoded alone (default 8; 1 = one at a time); "
                         "studies of similar record length are grouped, a 100K-token record runs alone")
     p.add_argument("--no-evidence", action="store_true", help="skip Grad-CAM key slices (faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -29,6 +29,20 @@ def _copy_batch(B, g, span=6, noise=20):
     return torch.tensor(rows), torch.tensor(masks), torch.tensor(labels)
 
 
+def _fit(dec, make_batch, extra_loss, steps=60):
+    """``steps`` AdamW steps (lr 3e-3, batches of 16 from ``make_batch(16, generator)``) on the
+    next-token loss of the labelled positions plus ``extra_loss(out, ids, labels)``."""
+    opt = torch.optim.AdamW(dec.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids, mask, lab = make_batch(16, g)
+        out = dec(ids, copy_mask_BT=mask)
+        loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100)
+        opt.zero_grad()
+        (loss + extra_loss(out, ids, lab)).backward()
+        opt.step()
+
+
 def test_copy_output_is_a_distribution_and_respects_the_mask():
     dec = _model().double()
     ids, mask, _ = _copy_batch(2, torch.Generator().manual_seed(0))
@@ -67,15 +81,7 @@ def test_copy_head_learns_to_copy_a_span_the_plain_decoder_cannot():
     results = {}
     for copy in (True, False):
         dec = _model(copy=copy)
-        opt = torch.optim.AdamW(dec.parameters(), lr=3e-3)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(60):
-            ids, mask, lab = _copy_batch(16, g)
-            out = dec(ids, copy_mask_BT=mask)
-            loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100)
-            opt.zero_grad()
-            (loss + 0.01 * out.aux_loss).backward()
-            opt.step()
+        _fit(dec, _copy_batch, lambda out, ids, lab: 0.01 * out.aux_loss)
         ids, mask, _ = _copy_batch(8, torch.Generator().manual_seed(99))
         n_pre = 28
         prefixes = [r[:n_pre].tolist() for r in ids]
@@ -230,16 +236,7 @@ def test_case_aware_copy_learns_to_copy_a_phrase_in_its_line_start_form():
     results = {}
     for case in (True, False):
         dec = _case_model() if case else _model()
-        opt = torch.optim.AdamW(dec.parameters(), lr=3e-3)
-        g = torch.Generator().manual_seed(0)
-        for _ in range(60):
-            ids, mask, lab = batch(16, g)
-            out = dec(ids, copy_mask_BT=mask)
-            loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), lab[:, 1:].flatten(), ignore_index=-100)
-            loss = loss + copy_loss(out.copy, ids, lab, canon_V=dec.copy_canon())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _fit(dec, batch, lambda out, ids, lab: copy_loss(out.copy, ids, lab, canon_V=dec.copy_canon()))
         ids, mask, _ = batch(8, torch.Generator().manual_seed(99))
         got = generate(dec, [r[:19].tolist() for r in ids], cfg=GenerationConfig(max_new_tokens=6, eos_id=EOS),
                        copy_spans=[(13, 18)] * 8)
