@@ -16,9 +16,14 @@ separately normalised softmax attention, mixed per token and head by learned sig
   may overlap the local window; each branch has its own softmax), so no past token is out of reach.
 
 Cost per layer O(T * (L + T/c + K*c)) with L = (global + window + 1) * b local keys; no T x T
-tensor exists: queries are processed ``chunk_blocks`` blocks at a time, and under autograd each
-chunk is recomputed in backward by a custom autograd Function that adds the chunk's (chunk-sized)
-gradients into slices of dq, dk, dv, so memory and backward work stay linear in T.
+tensor exists.  Queries are processed ``chunk_blocks`` blocks at a time; each branch of a chunk is
+one or two calls of a fused (flash-style) attention kernel whose keys are *views*: a query block's
+local window is a strided view of the keys that overlaps the next block's, the global blocks and
+the summaries are slices; only the selected raw blocks are gathered.  The global keys share the
+local softmax through the kernel's log-sum-exp (two calls merged exactly).  One custom autograd
+Function covers all chunks; backward replays each call through the kernel's backward with the
+kept or recomputed output and log-sum-exp, adding chunk-sized gradients into slices of dq, dk,
+dv, so memory and backward work stay linear in T and nothing is padded.
 
 Legend: B batch, H heads, T tokens, N key blocks, Q query blocks in a chunk, b block size,
 d head dim, C compressed blocks, K top-k, L local keys per query block, R ring-buffer slots.
@@ -79,12 +84,31 @@ class AttentionConfig:
 # ----------------------------------------------------------------------------- kernel helpers
 
 
-def compress_kv(k_BHTd: torch.Tensor, weight_c: torch.Tensor, c: int) -> torch.Tensor:
-    """Summaries of the complete c-token blocks: softmax(weight)-weighted mean -> [B, H, T//c, d]."""
+def _pool(k_BHTd: torch.Tensor, w_c: torch.Tensor, c: int) -> torch.Tensor:
+    """Weighted sums of the complete c-token blocks with weights w [c] -> [B, H, T//c, d]: one
+    [c] @ [n, c, d] per (batch, head) row over views (a 5-D matmul or einsum would first copy the
+    whole of k into a permuted layout)."""
     B, H, T, d = k_BHTd.shape
     n = T // c
-    blocks = k_BHTd[:, :, : n * c].reshape(B, H, n, c, d)  # [B,H,C,c,d]
-    return torch.einsum("bhncd,c->bhnd", blocks, weight_c.softmax(0).to(k_BHTd.dtype))
+    kf = k_BHTd.reshape(B * H, T, d)  # [BH,T,d] (a view for contiguous k)
+    return torch.stack([torch.matmul(w_c, kf[r, : n * c].reshape(n, c, d)) for r in range(B * H)]).view(B, H, n, d)
+
+
+def _pool_backward(ds_BHnd: torch.Tensor, kf_BHTd: torch.Tensor, w_c: torch.Tensor, dk_BHTd: torch.Tensor, c: int) -> torch.Tensor:
+    """Backward of ``_pool`` on flat [BH, ...] tensors: adds w_j * ds into the pooled rows of dk
+    (in place) and returns the gradient of w [c]."""
+    BH, n, d = ds_BHnd.shape
+    dk_blocks = dk_BHTd[:, : n * c].view(BH, n, c, d)  # [BH,n,c,d] view
+    dk_blocks.addcmul_(w_c.view(1, 1, c, 1), ds_BHnd[:, :, None, :])
+    dw = w_c.new_zeros(c)
+    for r in range(BH):  # [n,c,d] @ [n,d,1] -> [n,c,1], summed over blocks
+        dw += torch.matmul(kf_BHTd[r, : n * c].view(n, c, d), ds_BHnd[r, :, :, None]).sum((0, 2))
+    return dw
+
+
+def compress_kv(k_BHTd: torch.Tensor, weight_c: torch.Tensor, c: int) -> torch.Tensor:
+    """Summaries of the complete c-token blocks: softmax(weight)-weighted mean -> [B, H, T//c, d]."""
+    return _pool(k_BHTd, weight_c.softmax(0).to(k_BHTd.dtype), c)
 
 
 def key_bounds(k_BHTd: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,209 +138,361 @@ def _masked_softmax_rows(s: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Te
     return p * any_valid.to(p.dtype), any_valid
 
 
-def _local_valid(s: int, e: int, cfg: AttentionConfig, device) -> torch.Tensor:
-    """Validity of (query, local key) pairs for query blocks s..e-1 -> [Q, b, L] bool
-    (key order: the global blocks, then the window blocks oldest first, then the own block)."""
-    b, w, g = cfg.block_size, cfg.window_blocks, cfg.global_blocks
-    i = torch.arange(s, e, device=device)[:, None]  # [Q,1]
-    ar = torch.arange(b, device=device)
-    kpos = [(i - w + m) * b + ar for m in range(w + 1)]  # each [Q,b]
-    win = torch.cat(kpos, dim=1)  # [Q,(w+1)b]
-    glob = torch.arange(g * b, device=device).expand(e - s, g * b)  # [Q,gb]
-    kpos_all = torch.cat([glob, win], dim=1)  # [Q,L]
-    qpos = i * b + ar  # [Q,b]
-    ok = (kpos_all[:, None, :] <= qpos[:, :, None]) & (kpos_all >= 0)[:, None, :]  # [Q,b,L]
-    not_dup = torch.cat([glob < (i - w) * b, torch.ones_like(win, dtype=torch.bool)], dim=1)  # [Q,L]
-    return ok & not_dup[:, None, :]
+# Every attention call below goes through PyTorch's fused CPU attention kernel (flash-style: scores
+# are formed tile by tile in cache and never stored; it returns the row log-sum-exp, which lets
+# two key sets that share one softmax be computed apart and merged exactly, and its backward
+# takes the merged output and log-sum-exp).  Off the CPU the same maths runs as plain matmuls.
+try:  # private ops of torch (the pinned version has them); without them the plain path runs
+    _FLASH_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    FUSED_CPU = True  # tests turn it off to check the plain-matmul path against the fused one
+except (AttributeError, RuntimeError):  # pragma: no cover - other torch builds
+    _FLASH_FWD = _FLASH_BWD = None
+    FUSED_CPU = False
 
 
-class _Chunk:
-    """The inputs one query chunk (blocks s..e-1) reads, cut out of the full tensors.
+def _fused(x: torch.Tensor) -> bool:
+    return FUSED_CPU and x.device.type == "cpu"
 
-    Every tensor here is O(chunk) in size; in backward they become autograd leaves, so the gradient
-    of a chunk is chunk-sized and is added into slices of the full gradients (no full-size
-    zero-filled gradient per chunk, which made the old checkpointed backward O(T^2/chunk))."""
 
-    def __init__(self, qb, kb, vb, cmp_k, cmp_v, kmin, kmax, gb, s: int, e: int, cfg: AttentionConfig,
-                 sel_idx: torch.Tensor | None = None):
-        B, H, N, b, d = qb.shape
-        self.s, self.e, self.lo = s, e, max(s - cfg.window_blocks, 0)
-        self.pad = self.lo - (s - cfg.window_blocks)  # window blocks before block 0 (zero keys, masked)
-        self.q = qb[:, :, s:e]  # [B,H,Q,b,d]
-        self.g = None if gb is None else gb[:, :, s:e]  # [B,H,Q,b,G]
-        self.k_win = self.v_win = self.k_glob = self.v_glob = None
-        self.cmp_k = self.cmp_v = self.ks = self.vs = self.sel_idx = self.sel_ok = None
-        if "local" in cfg.branches:
-            self.k_win, self.v_win = kb[:, :, self.lo:e], vb[:, :, self.lo:e]  # [B,H,<=Q+w,b,d]
-            gg = min(cfg.global_blocks, N)
-            self.k_glob, self.v_glob = kb[:, :, :gg], vb[:, :, :gg]  # [B,H,g,b,d]
-        if cfg.uses_compressed:
-            c = cfg.compress_block
-            C = N * b // c
-            self.ncv = min(C, ((e - 1) * b) // c)  # summaries visible to the chunk's last block
-            if "compressed" in cfg.branches:
-                self.cmp_k, self.cmp_v = cmp_k[:, :, :self.ncv], cmp_v[:, :, :self.ncv]  # [B,H,ncv,d]
-            if "selected" in cfg.branches and min(cfg.select_topk, C) > 0:
-                kk = min(cfg.select_topk, C)
-                Q = e - s
-                i_blk = torch.arange(s, e, device=qb.device)
-                cand = (torch.arange(C, device=qb.device)[None, :] + 1) * c <= i_blk[:, None] * b  # [Q,C]
-                imp = selection_scores(self.q[:, :, :, 0], kmin, kmax, cand[None].expand(B, Q, C))
-                top = imp.topk(kk, dim=-1)
-                self.sel_idx = top.indices  # [B,Q,K]
-                self.sel_ok = torch.isfinite(top.values)  # [B,Q,K]
-                kc = kb.reshape(B, H, C, c, d)  # [B,H,C,c,d] (views)
-                vc = vb.reshape(B, H, C, c, d)
-                # contiguous index_select per batch row (a memcpy per block; advanced indexing of a
-                # permuted view was ~10x slower): [H,Q*K,c,d] each -> [B,H,Q,K*c,d]
-                self.ks = torch.stack([kc[n].index_select(1, self.sel_idx[n].reshape(-1)) for n in range(B)]).view(B, H, Q, kk * c, d)
-                self.vs = torch.stack([vc[n].index_select(1, self.sel_idx[n].reshape(-1)) for n in range(B)]).view(B, H, Q, kk * c, d)
+def _attn_fwd(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale + mask) v and the row log-sum-exp: q [..., M, d], k/v [..., S, d],
+    mask additive [M, S] (or broadcastable) or None -> ([..., M, d], [..., M]).  Every row must
+    have at least one key (callers never build a fully masked row)."""
+    if _fused(q):
+        if q.dim() == 3:  # [BH,M,d]: the kernel wants [batch, heads, M, d]
+            o, lse = _FLASH_FWD(q[None], k[None], v[None], 0.0, False, attn_mask=mask, scale=scale)
+            return o[0], lse[0]
+        return _FLASH_FWD(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [...,M,S]
+    if mask is not None:
+        s = s + mask
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v), lse
 
-    LEAVES = ("q", "g", "k_win", "v_win", "k_glob", "v_glob", "cmp_k", "cmp_v", "ks", "vs")
 
-    def leaves(self) -> list[tuple[str, torch.Tensor]]:
-        """Detach the chunk's inputs into fresh leaves that require grad (for the chunk's backward)."""
+def _attn_bwd(do, q, k, v, o, lse, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v for one key set of a softmax whose (merged) output is o and row
+    log-sum-exp lse: the flash backward, which is exact per key set when given the merged o, lse."""
+    if _fused(q):
+        if q.dim() == 3:
+            return tuple(g[0] for g in _FLASH_BWD(do[None], q[None], k[None], v[None], o[None], lse[None], 0.0, False,
+                                                  attn_mask=mask, scale=scale))
+        return _FLASH_BWD(do, q, k, v, o, lse, 0.0, False, attn_mask=mask, scale=scale)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [...,M,S]
+    if mask is not None:
+        s = s + mask
+    p = torch.exp(s - lse[..., None])
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - (do * o).sum(-1, keepdim=True)) * scale
+    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
+
+
+class _Part:
+    """One attention call: queries of token rows [r0, r1) against one key set.  ``sink`` adds the
+    key/value gradients of the call into the full gradient tensors."""
+    __slots__ = ("r0", "r1", "q", "k", "v", "mask", "sink")
+
+    def __init__(self, r0, r1, q, k, v, mask, sink):
+        self.r0, self.r1, self.q, self.k, self.v, self.mask, self.sink = r0, r1, q, k, v, mask, sink
+
+
+def _tail_causal_mask(pre: int, lq: int, dtype, device, cache: dict) -> torch.Tensor:
+    """Additive mask [lq, pre + lq]: the first ``pre`` keys are visible to every query, the last
+    lq keys causally (query r sees key pre + j iff j <= r)."""
+    key = (pre, lq)
+    if key not in cache:
+        m = torch.zeros(lq, pre + lq, dtype=dtype, device=device)
+        m[:, pre:] = torch.full((lq, lq), float("-inf"), dtype=dtype, device=device).triu(1)
+        cache[key] = m
+    return cache[key]
+
+
+class _Plan:
+    """What one call of the kernel reads, as flat [B*H, T, d] tensors (q, k, v, the summaries),
+    and how each query chunk splits into attention calls.  Built once per forward and again for
+    backward; every call's key set is a view (the window of a query block is a strided view of
+    the keys, overlapping the next block's) except the selected blocks, which are gathered."""
+
+    def __init__(self, q, k, v, cmp_k, cmp_v, kmin, kmax, cfg: AttentionConfig, sel: list | None = None):
+        B, H, T, d = q.shape
+        self.B, self.H, self.T, self.d, self.cfg = B, H, T, d, cfg
+        self.scale = 1.0 / math.sqrt(d)
+        self.qf, self.kf, self.vf = (x.reshape(B * H, T, d) for x in (q, k, v))  # [BH,T,d] views
+        self.q4 = q
+        b, c = cfg.block_size, cfg.compress_block
+        self.N, self.Nf = -(-T // b), T // b  # blocks, complete blocks
+        self.C = T // c if cfg.uses_compressed else 0
+        self.cmp_kf = None if cmp_k is None else cmp_k.reshape(B * H, -1, d)  # [BH,C,d]
+        self.cmp_vf = None if cmp_v is None else cmp_v.reshape(B * H, -1, d)
+        self.kmin, self.kmax = kmin, kmax
+        self.sel = [] if sel is None else sel  # per chunk: (first block, idx [B,Q,K], ok [B,Q,K]) or None
+        self.masks: dict = {}
+        self._bufs = None
+
+    def chunks(self):
+        cb = self.cfg.chunk_blocks
+        return [(s, min(self.N, s + cb)) for s in range(0, self.N, cb)]
+
+    def segments(self, s: int, e: int):
+        """Block runs of uniform query length in blocks s..e-1: (i0, i1, lq)."""
+        b = self.cfg.block_size
         out = []
-        for name in self.LEAVES:
-            t = getattr(self, name)
-            if t is not None:
-                t = t.detach().requires_grad_()
-                setattr(self, name, t)
-                out.append((name, t))
+        if min(e, self.Nf) > s:
+            out.append((s, min(e, self.Nf), b))
+        if e > self.Nf:  # the last block is partial
+            out.append((self.Nf, self.Nf + 1, self.T - self.Nf * b))
         return out
 
+    def _blocks(self, xf, i0: int, i1: int, lq: int) -> torch.Tensor:
+        """Rows of blocks i0..i1-1 as [BH, Q, lq, d] (lq < b only for the single partial block)."""
+        b = self.cfg.block_size
+        r0 = i0 * b
+        return xf[:, r0: r0 + (i1 - i0 - 1) * b + lq].view(xf.shape[0], i1 - i0, lq, self.d)
 
-def _chunk_out(ch: _Chunk, cfg: AttentionConfig) -> torch.Tensor:
-    """Attention output of the chunk's query blocks -> [B,H,Q,b,d] (q pre-scaled)."""
-    q = ch.q
-    B, H, Q, b, d = q.shape
-    s, e = ch.s, ch.e
-    outs = {}
-    if "local" in cfg.branches:
-        w, g = cfg.window_blocks, cfg.global_blocks
-        kw, vw = ch.k_win, ch.v_win
-        if ch.pad:
-            kw = torch.cat([kw.new_zeros(B, H, ch.pad, b, d), kw], dim=2)  # [B,H,Q+w,b,d]
-            vw = torch.cat([vw.new_zeros(B, H, ch.pad, b, d), vw], dim=2)
-        G = ch.k_glob.shape[2]
-        kparts = [ch.k_glob[:, :, j: j + 1].expand(B, H, Q, b, d) for j in range(G)] + [kw[:, :, m: m + Q] for m in range(w + 1)]
-        vparts = [ch.v_glob[:, :, j: j + 1].expand(B, H, Q, b, d) for j in range(G)] + [vw[:, :, m: m + Q] for m in range(w + 1)]
-        valid = _local_valid(s, e, cfg, q.device)  # [Q,b,L]
-        if G < g:  # fewer blocks than global_blocks: the missing global keys do not exist
-            valid = torch.cat([valid[:, :, :G * b], valid[:, :, g * b:]], dim=2)
-        kl = torch.cat(kparts, dim=3)  # [B,H,Q,L,d]
-        vl = torch.cat(vparts, dim=3)
-        sc = torch.matmul(q, kl.transpose(-1, -2))  # [B,H,Q,b,L]
-        sc.masked_fill_(~valid, torch.finfo(sc.dtype).min)  # in place: the fresh matmul output
-        outs["local"] = torch.matmul(sc.softmax(-1), vl)  # [B,H,Q,b,d]
-    if cfg.uses_compressed:
-        c = cfg.compress_block
-        if "compressed" in cfg.branches:
-            ncv = ch.ncv
-            q_flat = q.reshape(B, H, Q * b, d)  # [B,H,Q*b,d]
-            i_q = torch.arange(s, e, device=q.device).repeat_interleave(b)  # [Q*b] block of each query
-            valid = (torch.arange(ncv, device=q.device)[None, :] + 1) * c <= i_q[:, None] * b  # [Q*b,ncv]
-            sc = torch.matmul(q_flat, ch.cmp_k.transpose(-1, -2))  # [B,H,Q*b,ncv]
-            p = sc.masked_fill_(~valid, torch.finfo(sc.dtype).min).softmax(-1)
-            row_ok = (i_q * b >= c).to(p.dtype)[:, None]  # [Q*b,1] any summary visible
-            outs["compressed"] = (torch.matmul(p, ch.cmp_v) * row_ok).reshape(B, H, Q, b, d)
-        if "selected" in cfg.branches:
-            if ch.ks is None:
-                outs["selected"] = q.new_zeros(B, H, Q, b, d)
-            else:
-                ok = ch.sel_ok  # [B,Q,K]
-                sc2 = torch.matmul(q, ch.ks.transpose(-1, -2))  # [B,H,Q,b,K*c]
-                if not bool(ok.all()):
-                    valid2 = ok.repeat_interleave(c, dim=-1)[:, None, :, None, :]  # [B,1,Q,1,K*c]
-                    sc2.masked_fill_(~valid2, torch.finfo(sc2.dtype).min)
-                row_ok = ok.any(-1).to(sc2.dtype)[:, None, :, None, None]  # [B,1,Q,1,1]
-                outs["selected"] = torch.matmul(sc2.softmax(-1), ch.vs) * row_ok  # [B,H,Q,b,d]
-    if len(cfg.branches) == 1:
-        return outs[cfg.branches[0]]
-    gt = ch.g
-    return sum(gt[..., n: n + 1] * outs[name] for n, name in enumerate(cfg.branches))
+    def _window(self, xf, i0: int, i1: int, lq: int) -> torch.Tensor:
+        """Keys of blocks i-w..i (the own block's first lq) for i in i0..i1-1 -> [BH, Q, w*b+lq, d],
+        a strided view whose rows overlap from one query block to the next (no copy)."""
+        b, w = self.cfg.block_size, self.cfg.window_blocks
+        st = xf.stride()
+        return xf.as_strided((xf.shape[0], i1 - i0, w * b + lq, self.d), (st[0], b * st[1], st[1], st[2]),
+                             xf.storage_offset() + (i0 - w) * b * st[1])
+
+    # -- branches: each returns groups of parts; the parts of one group share the softmax
+    def local(self, s: int, e: int, grads) -> list[list[_Part]]:
+        cfg, b, w, g = self.cfg, self.cfg.block_size, self.cfg.window_blocks, self.cfg.global_blocks
+        qf, kf, vf = self.qf, self.kf, self.vf
+        groups = []
+        for i0, i1, lq in self.segments(s, e):
+            # blocks before w+g: global and window keys together are the prefix [0, own token]
+            for i in range(i0, min(i1, w + g)):
+                r0, pre = i * b, i * b
+                mask = _tail_causal_mask(pre, lq, qf.dtype, qf.device, self.masks)
+
+                def sink(dk, dv, n=pre + lq):
+                    grads.dk[:, :n] += dk
+                    grads.dv[:, :n] += dv
+                groups.append([_Part(r0, r0 + lq, qf[:, r0: r0 + lq], kf[:, :pre + lq], vf[:, :pre + lq], mask, sink)])
+            j0 = max(i0, w + g)
+            if j0 >= i1:
+                continue
+            r0, r1 = j0 * b, j0 * b + (i1 - j0 - 1) * b + lq
+            mask = _tail_causal_mask(w * b, lq, qf.dtype, qf.device, self.masks)
+
+            def sink_win(dk, dv, j0=j0, i1=i1, lq=lq):
+                # dk [BH,Q,w*b+lq,d]: slot m of query block i holds key block i-w+m
+                Q = i1 - j0
+                for m in range(w + 1):
+                    n = b if m < w else lq
+                    a = (j0 - w + m) * b
+                    grads.dk[:, a: a + (Q - 1) * b + n].view(-1, Q, n, self.d).add_(dk[:, :, m * b: m * b + n])
+                    grads.dv[:, a: a + (Q - 1) * b + n].view(-1, Q, n, self.d).add_(dv[:, :, m * b: m * b + n])
+            group = [_Part(r0, r1, self._blocks(qf, j0, i1, lq), self._window(kf, j0, i1, lq), self._window(vf, j0, i1, lq), mask, sink_win)]
+            if g:
+                def sink_glob(dk, dv, n=g * b):
+                    grads.dk[:, :n] += dk
+                    grads.dv[:, :n] += dv
+                group.append(_Part(r0, r1, qf[:, r0:r1], kf[:, :g * b], vf[:, :g * b], None, sink_glob))
+            groups.append(group)
+        return groups
+
+    def compressed(self, s: int, e: int, grads) -> list[list[_Part]]:
+        b, c = self.cfg.block_size, self.cfg.compress_block
+        r0, r1 = max(s * b, c), min(e * b, self.T)  # rows whose block starts at or after the first summary's end
+        if r0 >= r1:
+            return []
+        ncv = min(self.C, ((r1 - 1) // b * b) // c)  # summaries visible to the chunk's last row
+        nvis = (torch.arange(r0, r1, device=self.qf.device) // b * b // c).clamp(max=self.C)  # [rows]
+        mask = None
+        if int(nvis[0]) < ncv:
+            j = torch.arange(ncv, device=self.qf.device)
+            mask = torch.zeros(r1 - r0, ncv, dtype=self.qf.dtype, device=self.qf.device).masked_fill_(j[None] >= nvis[:, None], float("-inf"))
+
+        def sink(dk, dv):
+            grads.dck[:, :ncv] += dk
+            grads.dcv[:, :ncv] += dv
+        return [[_Part(r0, r1, self.qf[:, r0:r1], self.cmp_kf[:, :ncv], self.cmp_vf[:, :ncv], mask, sink)]]
+
+    def _selection(self, i0: int, i1: int):
+        """Top-k compressed blocks of query blocks i0..i1-1, chosen by each block's first query."""
+        cfg, b, c = self.cfg, self.cfg.block_size, self.cfg.compress_block
+        kk = min(cfg.select_topk, self.C)
+        qs = self.q4[:, :, i0 * b: min(i1 * b, self.T): b] * self.scale  # [B,H,Q,d] first query of each block
+        i_blk = torch.arange(i0, i1, device=qs.device)
+        cand = (torch.arange(self.C, device=qs.device)[None, :] + 1) * c <= i_blk[:, None] * b  # [Q,C]
+        top = selection_scores(qs, self.kmin, self.kmax, cand[None].expand(self.B, i1 - i0, self.C)).topk(kk, dim=-1)
+        return top.indices, torch.isfinite(top.values)  # [B,Q,K] each
+
+    def selected(self, s: int, e: int, n_chunk: int, grads) -> list[list[_Part]]:
+        cfg, b, c = self.cfg, self.cfg.block_size, self.cfg.compress_block
+        i_first = max(s, c // b)  # blocks before it have no complete compressed block behind them
+        if self.C == 0 or i_first >= e:
+            if len(self.sel) <= n_chunk:
+                self.sel.append(None)
+            return []
+        if len(self.sel) <= n_chunk:
+            self.sel.append(self._selection(i_first, e))
+        idx, ok = self.sel[n_chunk]
+        B, H, d, kk = self.B, self.H, self.d, idx.shape[-1]
+        Cc = self.C * c
+        groups = []
+        for i0, i1, lq in self.segments(i_first, e):
+            a, z = i0 - i_first, i1 - i_first
+            Q = i1 - i0
+            ix = idx[:, a:z].reshape(B, Q * kk)  # [B,Q*K]
+            ks, vs = self._gather_buffers(Q * kk, a * kk)  # [BH,Q*K,c,d] each, reused across chunks
+            for r in range(B * H):  # contiguous per-row gathers straight into the buffer
+                torch.index_select(self.kf[r, :Cc].view(self.C, c, d), 0, ix[r // H], out=ks[r])
+                torch.index_select(self.vf[r, :Cc].view(self.C, c, d), 0, ix[r // H], out=vs[r])
+            mask = None
+            if not bool(ok[:, a:z].all()):
+                m = torch.zeros(B, 1, Q, 1, kk, dtype=ks.dtype, device=ks.device).masked_fill_(~ok[:, None, a:z, None, :], float("-inf"))
+                mask = m.expand(B, H, Q, 1, kk).repeat_interleave(c, dim=-1).reshape(B * H, Q, 1, kk * c)
+
+            def sink(dk, dv, ix=ix, Q=Q):
+                dk, dv = dk.reshape(B * H, Q * kk, c, d), dv.reshape(B * H, Q * kk, c, d)
+                for r in range(B * H):
+                    grads.dk[r, :Cc].view(self.C, c, d).index_add_(0, ix[r // H], dk[r])
+                    grads.dv[r, :Cc].view(self.C, c, d).index_add_(0, ix[r // H], dv[r])
+            r0 = i0 * b
+            groups.append([_Part(r0, r0 + (Q - 1) * b + lq, self._blocks(self.qf, i0, i1, lq),
+                                 ks.view(B * H, Q, kk * c, d), vs.view(B * H, Q, kk * c, d), mask, sink)])
+        return groups
+
+    def _gather_buffers(self, n: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slices [offset, offset+n) of two [BH, chunk_blocks*K, c, d] buffers allocated once per
+        plan: the selected blocks of one chunk are consumed before the next chunk is gathered, and
+        a fresh multi-MB buffer per chunk costs its page faults every time."""
+        if self._bufs is None:
+            cfg = self.cfg
+            shape = (self.B * self.H, cfg.chunk_blocks * min(cfg.select_topk, self.C), cfg.compress_block, self.d)
+            self._bufs = (self.kf.new_empty(shape), self.kf.new_empty(shape))
+        return self._bufs[0][:, offset: offset + n], self._bufs[1][:, offset: offset + n]
+
+    def branch(self, name: str, s: int, e: int, n_chunk: int, grads=None) -> list[list[_Part]]:
+        if name == "local":
+            return self.local(s, e, grads)
+        if name == "compressed":
+            return self.compressed(s, e, grads)
+        return self.selected(s, e, n_chunk, grads)
+
+
+def _group_forward(plan: _Plan, group: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output [BH, rows, d] and log-sum-exp [BH, rows] of one softmax over the group's key sets."""
+    BH, d = plan.qf.shape[0], plan.d
+    o = lse = None
+    for p in group:
+        op, lp = _attn_fwd(p.q, p.k, p.v, p.mask, plan.scale)
+        op, lp = op.reshape(BH, -1, d), lp.reshape(BH, -1)  # [BH,rows,d], [BH,rows]
+        if o is None:
+            o, lse = op, lp
+        else:  # merge two key sets of one softmax by their log-sum-exps (o is a fresh kernel output)
+            new = torch.logaddexp(lse, lp)
+            o = o.mul_((lse - new).exp_()[..., None]).addcmul_(op, (lp - new).exp_()[..., None])
+            lse = new
+    return o, lse
+
+
+class _Grads:
+    __slots__ = ("dq", "dk", "dv", "dck", "dcv")
+
+    def __init__(self, plan: _Plan):
+        self.dq, self.dk, self.dv = (torch.zeros_like(x) for x in (plan.qf, plan.kf, plan.vf))
+        self.dck = None if plan.cmp_kf is None else torch.zeros_like(plan.cmp_kf)
+        self.dcv = None if plan.cmp_vf is None else torch.zeros_like(plan.cmp_vf)
 
 
 class _BlockSparseFn(torch.autograd.Function):
-    """All query chunks in one autograd node.  Each chunk's inputs are cut out as chunk-sized leaves;
-    backward runs the chunk's graph and adds the leaves' gradients into slices of dq, dk, dv,
-    d(summaries), dgates.  ``recompute``: forward keeps no graph and backward recomputes one chunk at
-    a time (memory linear in T); otherwise the chunk graphs are kept (faster at short T)."""
+    """All query chunks in one autograd node.  Forward writes the gated sum of the branches straight
+    into the output; backward replays each chunk's attention calls through the flash backward with
+    the stored (or, with ``recompute``, recomputed) output and log-sum-exp of every softmax, and
+    adds the calls' gradients into slices of dq, dk, dv, d(summaries) and dgates."""
 
     @staticmethod
-    def forward(ctx, qb, kb, vb, cmp_k, cmp_v, gb, kmin, kmax, cfg, recompute):
-        B, H, N, b, d = qb.shape
-        o = qb.new_empty(B, H, N, b, d)
-        ctx.cfg, ctx.recompute, ctx.sel, ctx.graphs = cfg, recompute, [], []
-        track = not recompute and any(ctx.needs_input_grad[:6])
-        for s in range(0, N, cfg.chunk_blocks):
-            e = min(N, s + cfg.chunk_blocks)
-            ch = _Chunk(qb, kb, vb, cmp_k, cmp_v, kmin, kmax, gb, s, e, cfg)
-            if track:
-                leaves = ch.leaves()
-                with torch.enable_grad():
-                    oc = _chunk_out(ch, cfg)
-                ctx.graphs.append((ch, leaves, oc))
-                o[:, :, s:e] = oc.detach()
-            else:
-                o[:, :, s:e] = _chunk_out(ch, cfg)
-            ctx.sel.append(ch.sel_idx)
-        ctx.has = (cmp_k is not None, gb is not None, kmin is not None)
-        ctx.save_for_backward(*(t for t in (qb, kb, vb, cmp_k, cmp_v, gb, kmin, kmax) if t is not None))
+    def forward(ctx, q, k, v, wk, wv, gates, kmin, kmax, cfg, recompute, grad):
+        B, H, T, d = q.shape
+        # summaries of the complete compressed blocks, computed here so that their gradient goes
+        # straight into dk/dv in backward (no full-size gradient per summary path)
+        cmp_k = None if wk is None else _pool(k, wk, cfg.compress_block)  # [B,H,C,d]
+        cmp_v = None if wv is None else _pool(v, wv, cfg.compress_block)
+        plan = _Plan(q, k, v, cmp_k, cmp_v, kmin, kmax, cfg)
+        BH, nb = B * H, len(cfg.branches)
+        gf = None if gates is None else gates.reshape(BH, T, -1)  # [BH,T,G]
+        o = q.new_empty(B, H, T, d)
+        of = o.view(BH, T, d)
+        # which softmax outputs backward gets from forward instead of recomputing: all of them at
+        # short T; always the selected branch's (recomputing it means gathering its K*c raw keys
+        # per query block again, the costliest step; keeping it costs one output-sized tensor)
+        keep = {name: grad and (not recompute or name == "selected") for name in cfg.branches}
+        saved = []
+        for n_chunk, (s, e) in enumerate(plan.chunks()):
+            r0, r1 = s * cfg.block_size, min(e * cfg.block_size, T)
+            oc = of[:, r0:r1]
+            if cfg.branches[0] != "local":  # local covers every row and writes first; others may not
+                oc.zero_()
+            for n, name in enumerate(cfg.branches):
+                for group in plan.branch(name, s, e, n_chunk):
+                    og, lg = _group_forward(plan, group)
+                    a, z = group[0].r0, group[0].r1
+                    saved.append((og, lg) if keep[name] else None)
+                    dst = oc[:, a - r0: z - r0]
+                    if nb == 1:
+                        dst.copy_(og) if name == "local" else dst.add_(og)
+                    elif n == 0 and name == "local":
+                        torch.mul(gf[:, a:z, n: n + 1], og, out=dst)
+                    else:
+                        dst.addcmul_(gf[:, a:z, n: n + 1], og)
+        ctx.cfg, ctx.sel, ctx.saved_groups = cfg, plan.sel, saved if grad else None
+        ctx.has = (wk is not None, gates is not None, kmin is not None)
+        ctx.save_for_backward(*(t for t in (q, k, v, wk, wv, cmp_k, cmp_v, gates, kmin, kmax) if t is not None))
         return o
 
     @staticmethod
     def backward(ctx, go):
         cfg = ctx.cfg
-        saved = list(ctx.saved_tensors)
-        qb, kb, vb = saved[:3]
-        rest = saved[3:]
+        rest = list(ctx.saved_tensors)
+        q, k, v = rest[:3]
+        rest = rest[3:]
         has_cmp, has_g, has_bounds = ctx.has
-        cmp_k, cmp_v = (rest.pop(0), rest.pop(0)) if has_cmp else (None, None)
-        gb = rest.pop(0) if has_g else None
+        wk, wv, cmp_k, cmp_v = (rest.pop(0), rest.pop(0), rest.pop(0), rest.pop(0)) if has_cmp else (None,) * 4
+        gates = rest.pop(0) if has_g else None
         kmin, kmax = (rest.pop(0), rest.pop(0)) if has_bounds else (None, None)
-        B, H, N, b, d = qb.shape
-        dq, dk, dv = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(vb)
-        dck = None if cmp_k is None else torch.zeros_like(cmp_k)
-        dcv = None if cmp_v is None else torch.zeros_like(cmp_v)
-        dg = None if gb is None else torch.zeros_like(gb)
-        c = cfg.compress_block
-        for n_chunk, s in enumerate(range(0, N, cfg.chunk_blocks)):
-            e = min(N, s + cfg.chunk_blocks)
-            if ctx.graphs:
-                ch, leaves, o = ctx.graphs[n_chunk]
-            else:
-                ch = _Chunk(qb, kb, vb, cmp_k, cmp_v, kmin, kmax, gb, s, e, cfg)
-                leaves = ch.leaves()
-                with torch.enable_grad():
-                    o = _chunk_out(ch, cfg)
-            grads = torch.autograd.grad(o, [t for _, t in leaves], go[:, :, s:e], allow_unused=True)
-            for (name, _), gr in zip(leaves, grads):
-                if gr is None:
-                    continue
-                if name == "q":
-                    dq[:, :, s:e] += gr
-                elif name == "g":
-                    dg[:, :, s:e] += gr
-                elif name in ("k_win", "v_win"):
-                    (dk if name == "k_win" else dv)[:, :, ch.lo:e] += gr
-                elif name in ("k_glob", "v_glob"):
-                    (dk if name == "k_glob" else dv)[:, :, :gr.shape[2]] += gr
-                elif name in ("cmp_k", "cmp_v"):
-                    (dck if name == "cmp_k" else dcv)[:, :, :gr.shape[2]] += gr
-                else:  # selected raw blocks: scatter back to their compressed-block slots
-                    C = N * b // c
-                    Q, kk = e - s, ch.sel_idx.shape[-1]
-                    full = (dk if name == "ks" else dv).view(B, H, C, c, d)  # [B,H,C,c,d]
-                    gr = gr.reshape(B, H, Q * kk, c, d)  # [B,H,Q*K,c,d]
-                    for n in range(B):
-                        full[n].index_add_(1, ch.sel_idx[n].reshape(-1), gr[n])
-        ctx.graphs = []
-        return dq, dk, dv, dck, dcv, dg, None, None, None, None
+        B, H, T, d = q.shape
+        BH, nb = B * H, len(cfg.branches)
+        plan = _Plan(q, k, v, cmp_k, cmp_v, kmin, kmax, cfg, sel=ctx.sel)
+        grads = _Grads(plan)
+        gof = go.reshape(BH, T, d)
+        gf = None if gates is None else gates.reshape(BH, T, -1)
+        dg = None if gates is None else torch.zeros_like(gf)
+        stored = iter(ctx.saved_groups)
+        for n_chunk, (s, e) in enumerate(plan.chunks()):
+            for n, name in enumerate(cfg.branches):
+                for group in plan.branch(name, s, e, n_chunk, grads):
+                    kept = next(stored)
+                    og, lg = kept if kept is not None else _group_forward(plan, group)
+                    a, z = group[0].r0, group[0].r1
+                    go_g = gof[:, a:z]  # [BH,rows,d]
+                    if nb > 1:
+                        dg[:, a:z, n] += (go_g * og).sum(-1)
+                        go_g = go_g * gf[:, a:z, n: n + 1]
+                    for p in group:
+                        shape = p.q.shape
+                        dq_p, dk_p, dv_p = _attn_bwd(go_g.reshape(shape), p.q, p.k, p.v, og.reshape(shape),
+                                                     lg.reshape(shape[:-1]), p.mask, plan.scale)
+                        grads.dq[:, a:z] += dq_p.reshape(BH, z - a, d)
+                        p.sink(dk_p, dv_p)
+        dwk = dwv = None  # (saved_groups stay: backward may run again with retain_graph, as Grad-CAM does)
+        if has_cmp:  # summaries -> the keys/values they pool and the pooling weights
+            dwk = _pool_backward(grads.dck, plan.kf, wk, grads.dk, cfg.compress_block)
+            dwv = _pool_backward(grads.dcv, plan.vf, wv, grads.dv, cfg.compress_block)
+        view = lambda t, like: None if t is None else t.view(like.shape)  # noqa: E731
+        return (view(grads.dq, q), view(grads.dk, k), view(grads.dv, v), dwk, dwv, view(dg, gates),
+                None, None, None, None, None)
 
 
-# Under autograd, chunk graphs are kept (no recompute) while B*T is at most this many tokens:
-# ~0.5 MB per token per layer at the demo sizes, i.e. <= ~100 MB per layer here.
+# Under autograd, each softmax's output and log-sum-exp are kept from forward (no recompute in
+# backward) while B*T is at most this many tokens: ~(branches x d + branches) floats per token and
+# head, ~13 MB per layer at the demo sizes; above it backward recomputes them chunk by chunk.
 KEEP_GRAPH_MAX_TOKENS = 4096
 
 
@@ -326,37 +502,24 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cf
     """Block-sparse attention of post-RoPE q, k, v [B, H, T, d] -> [B, H, T, d].
 
     gates: [B, H, T, len(cfg.branches)] (ignored with one branch).  cmp_weight_*: [compress_block]
-    logits of the pooling weights (None: plain mean).  Under autograd each query chunk is recomputed
-    in backward when ``checkpoint_chunks`` (default: when B*T > KEEP_GRAPH_MAX_TOKENS); otherwise
-    the chunks' graphs are kept from forward.
+    logits of the pooling weights (None: plain mean).  Under autograd the softmax outputs are
+    recomputed chunk by chunk in backward when ``checkpoint_chunks`` (default: when
+    B*T > KEEP_GRAPH_MAX_TOKENS); otherwise they are kept from forward.  Any T works: no padding.
     """
     B, H, T, d = q.shape
-    b = cfg.block_size
-    unit = cfg.compress_block if cfg.uses_compressed else b
-    Tp = -(-T // unit) * unit
-    if Tp != T:  # right-pad to whole blocks; causality keeps the padding invisible to real queries
-        pad = (0, 0, 0, Tp - T)
-        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-        if gates is not None:
-            gates = F.pad(gates, pad)
-    N = Tp // b
-    qb = (q * (1.0 / math.sqrt(d))).reshape(B, H, N, b, d)  # [B,H,N,b,d], softmax scale folded in
-    kb = k.reshape(B, H, N, b, d)
-    vb = v.reshape(B, H, N, b, d)
-    gb = gates.reshape(B, H, N, b, -1) if gates is not None and len(cfg.branches) > 1 else None  # [B,H,N,b,G]
-    cmp_k = cmp_v = kmin = kmax = None
-    if cfg.uses_compressed:
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    gates = gates.contiguous() if gates is not None and len(cfg.branches) > 1 else None
+    wk = wv = kmin = kmax = None
+    if cfg.uses_compressed and T >= cfg.compress_block:
         c = cfg.compress_block
-        zero = q.new_zeros(c)
-        if "compressed" in cfg.branches:
-            cmp_k = compress_kv(k, zero if cmp_weight_k is None else cmp_weight_k, c)  # [B,H,C,d]
-            cmp_v = compress_kv(v, zero if cmp_weight_v is None else cmp_weight_v, c)
+        if "compressed" in cfg.branches:  # pooling weights (uniform without learned logits)
+            wk, wv = ((q.new_full((c,), 1.0 / c) if w is None else w.softmax(0).to(q.dtype)) for w in (cmp_weight_k, cmp_weight_v))
         if "selected" in cfg.branches:
             with torch.no_grad():
                 kmin, kmax = key_bounds(k.detach(), c)  # [B,H,C,d] each
     recompute = B * T > KEEP_GRAPH_MAX_TOKENS if checkpoint_chunks is None else checkpoint_chunks
-    o = _BlockSparseFn.apply(qb, kb, vb, cmp_k, cmp_v, gb, kmin, kmax, cfg, recompute)  # [B,H,N,b,d]
-    return o.reshape(B, H, Tp, d)[:, :, :T]
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, wk, wv, gates))
+    return _BlockSparseFn.apply(q, k, v, wk, wv, gates, kmin, kmax, cfg, recompute, grad)  # [B,H,T,d]
 
 
 # ----------------------------------------------------------------------------- dense reference
@@ -516,13 +679,13 @@ class BlockSparseAttention(nn.Module):
         if cfg.uses_compressed:
             cap = max(capacity, T)
             capc = cap // c + 1
-            cache.full_k, cache.full_v = k.new_zeros(B, H, cap, d), k.new_zeros(B, H, cap, d)
+            # rows below each prefix length are copied from k/v below; only the rest needs zeros
+            cache.full_k, cache.full_v = k.new_empty(B, H, cap, d), k.new_empty(B, H, cap, d)
             cache.cmp_k, cache.cmp_v = k.new_zeros(B, H, capc, d), k.new_zeros(B, H, capc, d)
             cache.cmp_kmin, cache.cmp_kmax = k.new_zeros(B, H, capc, d), k.new_zeros(B, H, capc, d)
             kk = max(1, cfg.select_topk)
             cache.sel_idx = torch.zeros(B, kk, dtype=torch.long, device=k.device)
             cache.sel_ok = torch.zeros(B, kk, dtype=torch.bool, device=k.device)
-        qs = q * (1.0 / math.sqrt(d))
         for n in range(B):
             L = int(lengths_B[n])
             g_n = min(G, L)
@@ -532,6 +695,8 @@ class BlockSparseAttention(nn.Module):
             cache.ring_pos[n, pos % R] = pos
             if cfg.uses_compressed:
                 cache.full_k[n, :, :L], cache.full_v[n, :, :L] = k[n, :, :L], v[n, :, :L]
+                cache.full_k[n, :, L:].zero_()
+                cache.full_v[n, :, L:].zero_()
                 nc = L // c
                 cache.cmp_k[n, :, :nc] = compress_kv(k[n:n + 1, :, :L], wk, c)[0]
                 cache.cmp_v[n, :, :nc] = compress_kv(v[n:n + 1, :, :L], wv, c)[0]
@@ -539,7 +704,7 @@ class BlockSparseAttention(nn.Module):
                 cache.cmp_kmin[n, :, :nc], cache.cmp_kmax[n, :, :nc] = kmin[0], kmax[0]
                 if L % b:  # the prefix ends inside a block: its selection came from the block's first query
                     first = (L // b) * b
-                    self._select(cache, qs[n:n + 1, :, first:first + 1], torch.tensor([first], device=k.device),
+                    self._select(cache, q[n:n + 1, :, first:first + 1] * (1.0 / math.sqrt(d)), torch.tensor([first], device=k.device),
                                  rows=torch.tensor([n], device=k.device))
         return y, cache
 

@@ -22,4 +22,11 @@ def apply_rope(x_BHTd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     if cos.dim() == 3:  # [B, T, d/2] -> [B, 1, T, d/2]
         cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x_BHTd.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    if torch.is_grad_enabled() and (x_BHTd.requires_grad or cos.requires_grad):
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    # inference (the 100K-token prefill): the same arithmetic written into one output, no cat copy
+    out = torch.empty_like(x_BHTd)
+    o1, o2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).sub_(x2 * sin)  # x1 cos - x2 sin
+    torch.mul(x2, cos, out=o2).add_(x1 * sin)  # x2 cos + x1 sin
+    return out

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from core import attention
 from core.attention import BRANCHES, AttentionConfig, BlockSparseAttention, block_sparse_attention, dense_reference
 
 SMALL = dict(d_model=16, n_heads=2, head_dim=8, block_size=8, window_blocks=1, global_blocks=1,
@@ -19,10 +20,15 @@ def _inputs(cfg, B, T, seed=0):
     return q, k, v, gates, wk
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-kernel", "plain-matmul"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-graph", "recompute"])
 @pytest.mark.parametrize("branches", CASES)
 @pytest.mark.parametrize("T", [1, 45, 160, 203])
-def test_kernel_matches_dense_reference_fp64_with_gradients(branches, T, recompute):
+def test_kernel_matches_dense_reference_fp64_with_gradients(branches, T, recompute, fused, monkeypatch):
+    """Both implementations of each attention call (PyTorch's fused CPU kernel, used on CPU, and the
+    plain matmuls used elsewhere) against dense masks, at lengths that are and are not multiples of
+    the block and the compressed block."""
+    monkeypatch.setattr(attention, "FUSED_CPU", fused)
     cfg = AttentionConfig(**SMALL, branches=branches)
     q, k, v, gates, wk = _inputs(cfg, 2, T)
     out = block_sparse_attention(q, k, v, cfg, gates, wk, None, checkpoint_chunks=recompute)
@@ -104,3 +110,15 @@ def test_config_round_trip_and_validation():
         AttentionConfig(block_size=64, compress_block=96)
     with pytest.raises(ValueError, match="subset"):
         AttentionConfig(branches=("dense",))
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-graph", "recompute"])
+def test_backward_twice_with_retained_graph(recompute):
+    """Grad-CAM evidence runs one backward per sentence through one retained graph."""
+    cfg = AttentionConfig(**SMALL)
+    q, k, v, gates, wk = _inputs(cfg, 1, 100)
+    out = block_sparse_attention(q, k, v, cfg, gates, wk, None, checkpoint_chunks=recompute)
+    g1 = torch.autograd.grad(out[0, :, -1].sum(), q, retain_graph=True)[0]
+    g2 = torch.autograd.grad(out[0, :, -1].sum(), q)[0]
+    torch.testing.assert_close(g1, g2)
+    assert g1.abs().sum() > 0
