@@ -191,10 +191,11 @@ def _attn_bwd(do, q, k, v, o, lse, mask, scale: float) -> tuple[torch.Tensor, to
 class _Part:
     """One attention call: queries of token rows [r0, r1) against one key set.  ``sink`` adds the
     key/value gradients of the call into the full gradient tensors."""
-    __slots__ = ("r0", "r1", "q", "k", "v", "mask", "sink")
+    __slots__ = ("r0", "r1", "q", "k", "v", "mask", "sink", "sel")
 
-    def __init__(self, r0, r1, q, k, v, mask, sink):
+    def __init__(self, r0, r1, q, k, v, mask, sink, sel=None):
         self.r0, self.r1, self.q, self.k, self.v, self.mask, self.sink = r0, r1, q, k, v, mask, sink
+        self.sel = sel  # selected branch: (first block, ix [B,Q*K], ok [B,Q,K]) for the grouped backward
 
 
 def _tail_causal_mask(pre: int, lq: int, dtype, device, cache: dict) -> torch.Tensor:
@@ -323,7 +324,7 @@ class _Plan:
         top = selection_scores(qs, self.kmin, self.kmax, cand[None].expand(self.B, i1 - i0, self.C)).topk(kk, dim=-1)
         return top.indices, torch.isfinite(top.values)  # [B,Q,K] each
 
-    def selected(self, s: int, e: int, n_chunk: int, grads) -> list[list[_Part]]:
+    def selected(self, s: int, e: int, n_chunk: int, grads, gather: bool = True) -> list[list[_Part]]:
         cfg, b, c = self.cfg, self.cfg.block_size, self.cfg.compress_block
         i_first = max(s, c // b)  # blocks before it have no complete compressed block behind them
         if self.C == 0 or i_first >= e:
@@ -340,6 +341,11 @@ class _Plan:
             a, z = i0 - i_first, i1 - i_first
             Q = i1 - i0
             ix = idx[:, a:z].reshape(B, Q * kk)  # [B,Q*K]
+            r0 = i0 * b
+            if not gather:  # backward: selected_backward reads the chosen blocks in place
+                groups.append([_Part(r0, r0 + (Q - 1) * b + lq, self._blocks(self.qf, i0, i1, lq), None, None, None,
+                                     None, sel=(i0, ix, ok[:, a:z]))])
+                continue
             ks, vs = self._gather_buffers(Q * kk, a * kk)  # [BH,Q*K,c,d] each, reused across chunks
             for r in range(B * H):  # contiguous per-row gathers straight into the buffer
                 torch.index_select(self.kf[r, :Cc].view(self.C, c, d), 0, ix[r // H], out=ks[r])
@@ -348,15 +354,8 @@ class _Plan:
             if not bool(ok[:, a:z].all()):
                 m = torch.zeros(B, 1, Q, 1, kk, dtype=ks.dtype, device=ks.device).masked_fill_(~ok[:, None, a:z, None, :], float("-inf"))
                 mask = m.expand(B, H, Q, 1, kk).repeat_interleave(c, dim=-1).reshape(B * H, Q, 1, kk * c)
-
-            def sink(dk, dv, ix=ix, Q=Q):
-                dk, dv = dk.reshape(B * H, Q * kk, c, d), dv.reshape(B * H, Q * kk, c, d)
-                for r in range(B * H):
-                    grads.dk[r, :Cc].view(self.C, c, d).index_add_(0, ix[r // H], dk[r])
-                    grads.dv[r, :Cc].view(self.C, c, d).index_add_(0, ix[r // H], dv[r])
-            r0 = i0 * b
             groups.append([_Part(r0, r0 + (Q - 1) * b + lq, self._blocks(self.qf, i0, i1, lq),
-                                 ks.view(B * H, Q, kk * c, d), vs.view(B * H, Q, kk * c, d), mask, sink)])
+                                 ks.view(B * H, Q, kk * c, d), vs.view(B * H, Q, kk * c, d), mask, None)])
         return groups
 
     def _gather_buffers(self, n: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,12 +368,40 @@ class _Plan:
             self._bufs = (self.kf.new_empty(shape), self.kf.new_empty(shape))
         return self._bufs[0][:, offset: offset + n], self._bufs[1][:, offset: offset + n]
 
-    def branch(self, name: str, s: int, e: int, n_chunk: int, grads=None) -> list[list[_Part]]:
+    def selected_backward(self, p: _Part, og, lg, go, grads) -> None:
+        """Backward of one selected-branch call without gathering: the query blocks that chose
+        the same compressed block (per batch row) go through one flash backward against that
+        block's keys in place, whose gradient is added straight into its rows of dk and dv.
+        Each (query block, chosen block) pair is one key set of the block's softmax, so the
+        kernel's backward with the merged output and log-sum-exp is exact per pair.
+        og/lg/go: [BH, rows, d] / [BH, rows] / [BH, rows, d] for the call's rows."""
+        b, c, H, d = self.cfg.block_size, self.cfg.compress_block, self.H, self.d
+        i0, ix, ok = p.sel
+        Q, kk = ok.shape[1], ok.shape[2]
+        lq = (p.r1 - p.r0) - (Q - 1) * b
+        ar = torch.arange(lq, device=og.device)
+        ix_l, ok_l = ix.tolist(), ok.reshape(ok.shape[0], -1).tolist()
+        for n in range(self.B):
+            by_block: dict[int, list[int]] = {}
+            for m, (j, good) in enumerate(zip(ix_l[n], ok_l[n])):
+                if good:
+                    by_block.setdefault(j, []).append(m // kk)  # query block (within the call)
+            hs = slice(n * H, (n + 1) * H)
+            for j, qbs in by_block.items():
+                rows = (torch.tensor(qbs, device=og.device)[:, None] * b + ar).reshape(-1)  # [m*lq] call rows
+                take = lambda t: t[hs].index_select(1, rows)  # noqa: E731
+                dq, dk, dv = _attn_bwd(take(go), self.qf[hs, p.r0:p.r1].index_select(1, rows), self.kf[hs, j * c:(j + 1) * c],
+                                       self.vf[hs, j * c:(j + 1) * c], take(og), take(lg), None, self.scale)
+                grads.dq[hs, p.r0:p.r1].index_add_(1, rows, dq)
+                grads.dk[hs, j * c:(j + 1) * c] += dk
+                grads.dv[hs, j * c:(j + 1) * c] += dv
+
+    def branch(self, name: str, s: int, e: int, n_chunk: int, grads=None, gather: bool = True) -> list[list[_Part]]:
         if name == "local":
             return self.local(s, e, grads)
         if name == "compressed":
             return self.compressed(s, e, grads)
-        return self.selected(s, e, n_chunk, grads)
+        return self.selected(s, e, n_chunk, grads, gather)
 
 
 def _group_forward(plan: _Plan, group: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,7 +494,7 @@ class _BlockSparseFn(torch.autograd.Function):
         stored = iter(ctx.saved_groups)
         for n_chunk, (s, e) in enumerate(plan.chunks()):
             for n, name in enumerate(cfg.branches):
-                for group in plan.branch(name, s, e, n_chunk, grads):
+                for group in plan.branch(name, s, e, n_chunk, grads, gather=False):
                     kept = next(stored)
                     og, lg = kept if kept is not None else _group_forward(plan, group)
                     a, z = group[0].r0, group[0].r1
@@ -475,6 +502,9 @@ class _BlockSparseFn(torch.autograd.Function):
                     if nb > 1:
                         dg[:, a:z, n] += (go_g * og).sum(-1)
                         go_g = go_g * gf[:, a:z, n: n + 1]
+                    if group[0].sel is not None:
+                        plan.selected_backward(group[0], og, lg, go_g, grads)
+                        continue
                     for p in group:
                         shape = p.q.shape
                         dq_p, dk_p, dv_p = _attn_bwd(go_g.reshape(shape), p.q, p.k, p.v, og.reshape(shape),
