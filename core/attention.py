@@ -34,7 +34,6 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from core.rope import apply_rope, rope_angles
@@ -189,13 +188,23 @@ def _attn_bwd(do, q, k, v, o, lse, mask, scale: float) -> tuple[torch.Tensor, to
 
 
 class _Part:
-    """One attention call: queries of token rows [r0, r1) against one key set.  ``sink`` adds the
-    key/value gradients of the call into the full gradient tensors."""
+    """One attention call: queries of token rows [r0, r1) against one key set.  ``sink(grads, dk,
+    dv)`` adds the key/value gradients of the call into the full gradient tensors."""
     __slots__ = ("r0", "r1", "q", "k", "v", "mask", "sink", "sel")
 
     def __init__(self, r0, r1, q, k, v, mask, sink, sel=None):
         self.r0, self.r1, self.q, self.k, self.v, self.mask, self.sink = r0, r1, q, k, v, mask, sink
-        self.sel = sel  # selected branch: (first block, ix [B,Q*K], ok [B,Q,K]) for the grouped backward
+        self.sel = sel  # selected branch: (ix [B,Q*K], ok [B,Q,K]) for the grouped backward
+
+
+def _prefix_sink(n: int, summaries: bool = False):
+    """A sink adding a call's key/value gradients into the first n rows of dk, dv (or of the
+    summaries' gradients): for keys that are a leading slice."""
+    def sink(grads, dk, dv):
+        gk, gv = (grads.dck, grads.dcv) if summaries else (grads.dk, grads.dv)
+        gk[:, :n] += dk
+        gv[:, :n] += dv
+    return sink
 
 
 def _tail_causal_mask(pre: int, lq: int, dtype, device, cache: dict) -> torch.Tensor:
@@ -220,14 +229,13 @@ class _Plan:
         self.B, self.H, self.T, self.d, self.cfg = B, H, T, d, cfg
         self.scale = 1.0 / math.sqrt(d)
         self.qf, self.kf, self.vf = (x.reshape(B * H, T, d) for x in (q, k, v))  # [BH,T,d] views
-        self.q4 = q
         b, c = cfg.block_size, cfg.compress_block
         self.N, self.Nf = -(-T // b), T // b  # blocks, complete blocks
         self.C = T // c if cfg.uses_compressed else 0
         self.cmp_kf = None if cmp_k is None else cmp_k.reshape(B * H, -1, d)  # [BH,C,d]
         self.cmp_vf = None if cmp_v is None else cmp_v.reshape(B * H, -1, d)
         self.kmin, self.kmax = kmin, kmax
-        self.sel = [] if sel is None else sel  # per chunk: (first block, idx [B,Q,K], ok [B,Q,K]) or None
+        self.sel = [] if sel is None else sel  # per chunk: (idx [B,Q,K], ok [B,Q,K]) of its selecting blocks, or None
         self.masks: dict = {}
         self._bufs = None
 
@@ -260,8 +268,8 @@ class _Plan:
                              xf.storage_offset() + (i0 - w) * b * st[1])
 
     # -- branches: each returns groups of parts; the parts of one group share the softmax
-    def local(self, s: int, e: int, grads) -> list[list[_Part]]:
-        cfg, b, w, g = self.cfg, self.cfg.block_size, self.cfg.window_blocks, self.cfg.global_blocks
+    def local(self, s: int, e: int) -> list[list[_Part]]:
+        b, w, g = self.cfg.block_size, self.cfg.window_blocks, self.cfg.global_blocks
         qf, kf, vf = self.qf, self.kf, self.vf
         groups = []
         for i0, i1, lq in self.segments(s, e):
@@ -269,18 +277,15 @@ class _Plan:
             for i in range(i0, min(i1, w + g)):
                 r0, pre = i * b, i * b
                 mask = _tail_causal_mask(pre, lq, qf.dtype, qf.device, self.masks)
-
-                def sink(dk, dv, n=pre + lq):
-                    grads.dk[:, :n] += dk
-                    grads.dv[:, :n] += dv
-                groups.append([_Part(r0, r0 + lq, qf[:, r0: r0 + lq], kf[:, :pre + lq], vf[:, :pre + lq], mask, sink)])
+                groups.append([_Part(r0, r0 + lq, qf[:, r0: r0 + lq], kf[:, :pre + lq], vf[:, :pre + lq], mask,
+                                     _prefix_sink(pre + lq))])
             j0 = max(i0, w + g)
             if j0 >= i1:
                 continue
             r0, r1 = j0 * b, j0 * b + (i1 - j0 - 1) * b + lq
             mask = _tail_causal_mask(w * b, lq, qf.dtype, qf.device, self.masks)
 
-            def sink_win(dk, dv, j0=j0, i1=i1, lq=lq):
+            def sink_win(grads, dk, dv, j0=j0, i1=i1, lq=lq):
                 # dk [BH,Q,w*b+lq,d]: slot m of query block i holds key block i-w+m
                 Q = i1 - j0
                 for m in range(w + 1):
@@ -290,14 +295,11 @@ class _Plan:
                     grads.dv[:, a: a + (Q - 1) * b + n].view(-1, Q, n, self.d).add_(dv[:, :, m * b: m * b + n])
             group = [_Part(r0, r1, self._blocks(qf, j0, i1, lq), self._window(kf, j0, i1, lq), self._window(vf, j0, i1, lq), mask, sink_win)]
             if g:
-                def sink_glob(dk, dv, n=g * b):
-                    grads.dk[:, :n] += dk
-                    grads.dv[:, :n] += dv
-                group.append(_Part(r0, r1, qf[:, r0:r1], kf[:, :g * b], vf[:, :g * b], None, sink_glob))
+                group.append(_Part(r0, r1, qf[:, r0:r1], kf[:, :g * b], vf[:, :g * b], None, _prefix_sink(g * b)))
             groups.append(group)
         return groups
 
-    def compressed(self, s: int, e: int, grads) -> list[list[_Part]]:
+    def compressed(self, s: int, e: int) -> list[list[_Part]]:
         b, c = self.cfg.block_size, self.cfg.compress_block
         r0, r1 = max(s * b, c), min(e * b, self.T)  # rows whose block starts at or after the first summary's end
         if r0 >= r1:
@@ -308,24 +310,22 @@ class _Plan:
         if int(nvis[0]) < ncv:
             j = torch.arange(ncv, device=self.qf.device)
             mask = torch.zeros(r1 - r0, ncv, dtype=self.qf.dtype, device=self.qf.device).masked_fill_(j[None] >= nvis[:, None], float("-inf"))
-
-        def sink(dk, dv):
-            grads.dck[:, :ncv] += dk
-            grads.dcv[:, :ncv] += dv
-        return [[_Part(r0, r1, self.qf[:, r0:r1], self.cmp_kf[:, :ncv], self.cmp_vf[:, :ncv], mask, sink)]]
+        return [[_Part(r0, r1, self.qf[:, r0:r1], self.cmp_kf[:, :ncv], self.cmp_vf[:, :ncv], mask,
+                       _prefix_sink(ncv, summaries=True))]]
 
     def _selection(self, i0: int, i1: int):
         """Top-k compressed blocks of query blocks i0..i1-1, chosen by each block's first query."""
         cfg, b, c = self.cfg, self.cfg.block_size, self.cfg.compress_block
         kk = min(cfg.select_topk, self.C)
-        qs = self.q4[:, :, i0 * b: min(i1 * b, self.T): b] * self.scale  # [B,H,Q,d] first query of each block
+        q4 = self.qf.view(self.B, self.H, self.T, self.d)
+        qs = q4[:, :, i0 * b: min(i1 * b, self.T): b] * self.scale  # [B,H,Q,d] first query of each block
         i_blk = torch.arange(i0, i1, device=qs.device)
         cand = (torch.arange(self.C, device=qs.device)[None, :] + 1) * c <= i_blk[:, None] * b  # [Q,C]
         top = selection_scores(qs, self.kmin, self.kmax, cand[None].expand(self.B, i1 - i0, self.C)).topk(kk, dim=-1)
         return top.indices, torch.isfinite(top.values)  # [B,Q,K] each
 
-    def selected(self, s: int, e: int, n_chunk: int, grads, gather: bool = True) -> list[list[_Part]]:
-        cfg, b, c = self.cfg, self.cfg.block_size, self.cfg.compress_block
+    def selected(self, s: int, e: int, n_chunk: int, gather: bool = True) -> list[list[_Part]]:
+        b, c = self.cfg.block_size, self.cfg.compress_block
         i_first = max(s, c // b)  # blocks before it have no complete compressed block behind them
         if self.C == 0 or i_first >= e:
             if len(self.sel) <= n_chunk:
@@ -344,7 +344,7 @@ class _Plan:
             r0 = i0 * b
             if not gather:  # backward: selected_backward reads the chosen blocks in place
                 groups.append([_Part(r0, r0 + (Q - 1) * b + lq, self._blocks(self.qf, i0, i1, lq), None, None, None,
-                                     None, sel=(i0, ix, ok[:, a:z]))])
+                                     None, sel=(ix, ok[:, a:z]))])
                 continue
             ks, vs = self._gather_buffers(Q * kk, a * kk)  # [BH,Q*K,c,d] each, reused across chunks
             for r in range(B * H):  # contiguous per-row gathers straight into the buffer
@@ -375,8 +375,8 @@ class _Plan:
         Each (query block, chosen block) pair is one key set of the block's softmax, so the
         kernel's backward with the merged output and log-sum-exp is exact per pair.
         og/lg/go: [BH, rows, d] / [BH, rows] / [BH, rows, d] for the call's rows."""
-        b, c, H, d = self.cfg.block_size, self.cfg.compress_block, self.H, self.d
-        i0, ix, ok = p.sel
+        b, c, H = self.cfg.block_size, self.cfg.compress_block, self.H
+        ix, ok = p.sel
         Q, kk = ok.shape[1], ok.shape[2]
         lq = (p.r1 - p.r0) - (Q - 1) * b
         ar = torch.arange(lq, device=og.device)
@@ -396,12 +396,12 @@ class _Plan:
                 grads.dk[hs, j * c:(j + 1) * c] += dk
                 grads.dv[hs, j * c:(j + 1) * c] += dv
 
-    def branch(self, name: str, s: int, e: int, n_chunk: int, grads=None, gather: bool = True) -> list[list[_Part]]:
+    def branch(self, name: str, s: int, e: int, n_chunk: int, gather: bool = True) -> list[list[_Part]]:
         if name == "local":
-            return self.local(s, e, grads)
+            return self.local(s, e)
         if name == "compressed":
-            return self.compressed(s, e, grads)
-        return self.selected(s, e, n_chunk, grads, gather)
+            return self.compressed(s, e)
+        return self.selected(s, e, n_chunk, gather)
 
 
 def _group_forward(plan: _Plan, group: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -494,7 +494,7 @@ class _BlockSparseFn(torch.autograd.Function):
         stored = iter(ctx.saved_groups)
         for n_chunk, (s, e) in enumerate(plan.chunks()):
             for n, name in enumerate(cfg.branches):
-                for group in plan.branch(name, s, e, n_chunk, grads, gather=False):
+                for group in plan.branch(name, s, e, n_chunk, gather=False):
                     kept = next(stored)
                     og, lg = kept if kept is not None else _group_forward(plan, group)
                     a, z = group[0].r0, group[0].r1
@@ -510,7 +510,7 @@ class _BlockSparseFn(torch.autograd.Function):
                         dq_p, dk_p, dv_p = _attn_bwd(go_g.reshape(shape), p.q, p.k, p.v, og.reshape(shape),
                                                      lg.reshape(shape[:-1]), p.mask, plan.scale)
                         grads.dq[:, a:z] += dq_p.reshape(BH, z - a, d)
-                        p.sink(dk_p, dv_p)
+                        p.sink(grads, dk_p, dv_p)
         dwk = dwv = None  # (saved_groups stay: backward may run again with retain_graph, as Grad-CAM does)
         if has_cmp:  # summaries -> the keys/values they pool and the pooling weights
             dwk = _pool_backward(grads.dck, plan.kf, wk, grads.dk, cfg.compress_block)
