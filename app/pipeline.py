@@ -338,6 +338,7 @@ class ReportPipeline:
                 it.side = torch.softmax(heads.side_logits_BK4[0].float(), -1).cpu().numpy()  # [K,4]
                 it.loc = heads.location_logits_BKL[0].argmax(-1).cpu().numpy()  # [K]
                 it.gates = {m: float(g) for m, g in zip(MODALITIES, enc.gates_BM[0].float().cpu())}
+                it.prompt = model.prompt_ids(model.calls(heads)[0]) if model.cfg.finding_prompt else []
                 c, m = model.decoder_context(enc.fused_BFD, enc.mask_BF, heads)  # [1,F_i,D], [1,F_i]
                 ctxs.append(c[0])
                 masks.append(m[0])
@@ -346,7 +347,9 @@ class ReportPipeline:
         t0 = time.perf_counter()
         notify("generating", _STAGE_SPAN["generating"][0])
         x = collate([it.inputs for it in items])  # history ids and digest spans, padded
-        prefixes = [[tok.bos_id] + list(it.inputs.history_ids or ()) + [tok.report_id] for it in items]
+        if model.cfg.finding_prompt:  # the heads' calls as text between the history and [REPORT]
+            x.prompt_len = torch.as_tensor([len(it.prompt) for it in items], dtype=torch.long)
+        prefixes = [[tok.bos_id] + list(it.inputs.history_ids or ()) + it.prompt + [tok.report_id] for it in items]
         with torch.inference_mode():
             ctx = torch.nn.utils.rnn.pad_sequence(ctxs, batch_first=True)  # [B,F,D] zero-padded
             cmask = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)  # [B,F] False on padding
@@ -469,6 +472,7 @@ class _Item:
     gates: dict | None = None
     token_ids: list[int] | None = None
     batch_size: int = 1
+    prompt: list[int] = dataclasses.field(default_factory=list)  # finding-prompt ids (model.cfg.finding_prompt)
 
 
 def _audio_config(cfg):

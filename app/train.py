@@ -440,7 +440,7 @@ class TrainStep(nn.Module):
         losses = heads_loss(heads, x.labels, m.cfg.heads)
         total = m.cfg.heads_weight * losses["heads"]
         if lm and x.ids is not None:
-            out = m.decoder(x.ids, *m.decoder_context(fused, mask, heads), copy_mask_BT=x.copy_mask)
+            out = m.decoder(x.ids, *m.decoder_context(fused, mask, heads, x.labels), copy_mask_BT=x.copy_mask)
             dl = decoder_losses(m.cfg, out, x, m.decoder.copy_canon())
             total = total + dl.pop("weighted")
             losses.update(dl)
@@ -710,6 +710,17 @@ def save_checkpoint(run_dir: Path, model: ReportModel, tok, state: dict, keep: i
     return final
 
 
+def keep_stage_end(run_dir: Path, checkpoint: Path, name: str) -> Path:
+    """Copy a stage's last checkpoint to ``stages/<name>`` (atomically; not rotated)."""
+    dst = run_dir / "stages" / name
+    tmp = dst.with_name(f".tmp_{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
+
+
 def load_state(path: Path) -> dict:
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
 
@@ -759,12 +770,19 @@ class _Batches:
 
 
 def train(manifest: str | Path, run_dir: str | Path, cfg: TrainConfig | None = None, resume: bool = False,
-          progress: bool = True, stop_at: int | None = None) -> Path | None:
+          progress: bool = True, stop_at: int | None = None, start_from: str | Path | None = None) -> Path | None:
     """Train on ``manifest`` into ``run_dir``; returns ``run_dir/final``. See the module docstring.
 
     ``stop_at``: stop after that global step with a checkpoint (and return None); continue later
-    with ``resume=True``. The result is identical to an uninterrupted run."""
+    with ``resume=True``. The result is identical to an uninterrupted run.
+    ``start_from``: a checkpoint of another run (``checkpoints/step_N`` or its kept stage end
+    ``stages/<name>``) whose recipe equals this one up to step N: this run starts there, with its
+    weights, tokenizer, data position, RNG and seconds of training, and runs only the rest (e.g. a
+    changed decoder stage without redoing the encoder stage). The weights load into this recipe's
+    model: tensors the checkpoint lacks stay at their initialisation and are logged."""
     run_dir = Path(run_dir)
+    if start_from is not None and resume:
+        raise ConfigError("give --resume or --start-from, not both")
     if resume:
         saved = run_dir / CONFIG_FILE
         if not saved.is_file():
@@ -776,14 +794,15 @@ def train(manifest: str | Path, run_dir: str | Path, cfg: TrainConfig | None = N
     cfg = cfg or TrainConfig()
     d = setup_distributed(cfg.device)
     try:
-        return _train(Path(manifest), run_dir, cfg, resume, d, progress, stop_at)
+        return _train(Path(manifest), run_dir, cfg, resume, d, progress, stop_at,
+                      None if start_from is None else Path(start_from))
     finally:
         if d.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dist, progress: bool,
-           stop_at: int | None = None) -> Path | None:
+           stop_at: int | None = None, start_from: Path | None = None) -> Path | None:
     from tqdm.auto import tqdm
 
     if cfg.threads > 0:
@@ -797,6 +816,12 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
         if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
             raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue, or choose a new --out")
     d.barrier()
+    if start_from is not None:
+        if not (start_from / STATE_FILE).is_file():
+            raise ConfigError(f"--start-from {start_from}: not a training checkpoint (no {STATE_FILE}); give a run's "
+                              "checkpoints/step_N or stages/<name> folder")
+        if (start_from / "tokenizer").is_dir():  # the checkpoint's ids must mean the same tokens
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(start_from / "tokenizer")))
     tok = build_tokenizer(cfg, entries, run_dir, d)
 
     torch.manual_seed(cfg.seed)
@@ -808,11 +833,19 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
         model.cfg.decoder.grad_checkpoint = mcfg.decoder.grad_checkpoint
     else:
         model = ReportModel(mcfg)
+        if start_from is not None:
+            model.load_weights(start_from)
     model.set_tokenizer(tok)
     model.to(d.device)
     if d.main:
-        (run_dir / CONFIG_FILE).write_text(json.dumps({"train": cfg.to_dict(), "model": model.cfg.to_dict(),
-                                                       "manifest": str(manifest), "world_size": d.world}, indent=2))
+        saved_cfg = {"train": cfg.to_dict(), "model": model.cfg.to_dict(), "manifest": str(manifest), "world_size": d.world}
+        if start_from is not None:
+            saved_cfg["start_from"] = str(start_from)
+        elif resume and (run_dir / CONFIG_FILE).is_file():  # keep where a resumed run first started
+            prev = json.loads((run_dir / CONFIG_FILE).read_text()).get("start_from")
+            if prev:
+                saved_cfg["start_from"] = prev
+        (run_dir / CONFIG_FILE).write_text(json.dumps(saved_cfg, indent=2))
 
     pre = PreprocessConfig.from_model(model.cfg, audio=cfg.data.audio)
     cache = StudyCache(cfg.data.cache_dir or run_dir / "cache", pre)
@@ -826,12 +859,23 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
         log.warning("the manifest has no 'val' split: no validation and no temperature calibration")
 
     state = load_state(ckpt) if ckpt is not None else None
+    if start_from is not None:
+        state = load_state(start_from)
+        if state["step"] >= cfg.total_steps:
+            raise ConfigError(f"--start-from {start_from} is at step {state['step']}, and this recipe has "
+                              f"{cfg.total_steps} steps: nothing left to train")
+        log.info("starting at step %d from %s (stages before it are taken as trained)", state["step"], start_from)
+        if d.main:  # its learning curve up to there
+            src = start_from.parent.parent / METRICS_FILE
+            rows = [r for r in read_metrics(start_from.parent.parent) if r.get("step", 0) <= state["step"]] \
+                if src.is_file() else []
+            (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if state is not None and state.get("world_size", 1) != d.world:
         raise ConfigError(f"{ckpt.name} was written by {state.get('world_size', 1)} processes and this run has {d.world}: "
                           "resume with the same --nproc_per_node (the data order depends on it)")
     step = state["step"] if state else 0
     batches = _Batches(train_ds, cfg.data.batch_size, d, cfg.seed, *(state["data"] if state else (0, 0)))
-    if state is None and d.main and (run_dir / METRICS_FILE).exists():
+    if state is None and d.main and (run_dir / METRICS_FILE).exists() and start_from is None:
         (run_dir / METRICS_FILE).unlink()
     if state is not None and d.main:  # drop rows logged after the checkpoint (they will be redone)
         rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
@@ -920,11 +964,13 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
         stop = stop_at is not None and step >= stop_at and step < total
         if (cfg.save_every and step % cfg.save_every == 0) or stage_end or stop:
             if d.main:
-                save_checkpoint(run_dir, model, tok, {
+                saved = save_checkpoint(run_dir, model, tok, {
                     "step": step, "stage": i,
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
                     "data": [batches.epoch, batches.pos], "world_size": d.world, "train_seconds": train_s,
                 }, cfg.keep_checkpoints)
+                if stage_end:  # kept out of the rotation: a later recipe may --start-from it
+                    keep_stage_end(run_dir, saved, stage.name)
             d.barrier()
         if stop:
             bar.close()

@@ -37,7 +37,7 @@ from core.decoder import spans_to_mask
 from data.errors import MedreportError
 from data.history_digest import digest_ids
 from multimodal.heads import SIDES, FindingLabels, coarse_location, side_index
-from multimodal.model import ModelInputs, StudyInputs, collate, digest_spans
+from multimodal.model import ModelInputs, StudyInputs, collate, digest_spans, prompt_token_ids
 from multimodal.presets import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -258,6 +258,7 @@ class Example:
     side_K: np.ndarray  # class index / -100
     location_K: np.ndarray  # class index / -100
     token_targets_NK: np.ndarray | None = None  # [S*G*G, K] (heads.token_loss_weight > 0)
+    n_prompt: int = 0  # finding-prompt tokens right before [REPORT] (model.finding_prompt)
 
 
 def below_resolution(labels) -> set[str]:
@@ -282,6 +283,12 @@ def finding_targets(labels, finding_names: Sequence[str], locations: Sequence[st
             c = coarse_location(lab.location)
             loc[k] = locations.index(c) if lab.location and c in locations else -100
     return present, side, loc
+
+
+def label_calls(labels) -> list[tuple[str, str | None, str]]:
+    """The findings a study's labels say are present, as finding-prompt calls ``(name, side,
+    coarse location)``: what the heads would call if they were right (the prompt's teacher)."""
+    return [(lab.finding, lab.side, coarse_location(lab.location)) for lab in labels if lab.present]
 
 
 def history_text(entry) -> str | None:
@@ -368,13 +375,14 @@ class ReportDataset(torch.utils.data.Dataset):
         arrays = self.cache.arrays(e)
         study = self.study_inputs(e, rng, arrays)
         report = self.tok.encode_report(e.sections)[: self.max_report_tokens]
-        prefix = [self.tok.bos_id, *(study.history_ids or []), self.tok.report_id]
+        prompt = prompt_token_ids(self.tok, label_calls(e.labels)) if self.cfg.finding_prompt else []
+        prefix = [self.tok.bos_id, *(study.history_ids or []), *prompt, self.tok.report_id]
         present, side, loc = finding_targets(e.labels, self.cfg.heads.finding_names, self.cfg.heads.locations)
         tt = None
         if self.cfg.heads.token_loss_weight > 0:
             tt = token_targets(e.lesions, arrays["z_index_range"], arrays["spacing_zyx"], arrays["shape_zyx"][1:],
                                self.cfg.image.grid, self.cfg.heads.finding_names)
-        return Example(e.id, study, prefix + report + [self.tok.eos_id], len(prefix), present, side, loc, tt)
+        return Example(e.id, study, prefix + report + [self.tok.eos_id], len(prefix), present, side, loc, tt, len(prompt))
 
 
 def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInputs:
@@ -387,7 +395,9 @@ def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInput
         ids[b, : len(ex.ids)] = torch.as_tensor(ex.ids)
         lm[b, ex.n_prefix: len(ex.ids)] = ids[b, ex.n_prefix: len(ex.ids)]
     x.ids, x.lm_labels = ids, lm
-    x.copy_mask = spans_to_mask(digest_spans(x), T)  # [B, T]: the digest, right before [REPORT]
+    if any(ex.n_prompt for ex in examples):
+        x.prompt_len = torch.as_tensor([ex.n_prompt for ex in examples], dtype=torch.long)  # [B]
+    x.copy_mask = spans_to_mask(digest_spans(x), T)  # [B, T]: the digest and prompt, right before [REPORT]
     x.labels = FindingLabels(
         torch.as_tensor(np.stack([ex.present_K for ex in examples])),
         torch.as_tensor(np.stack([ex.side_K for ex in examples])),

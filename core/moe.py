@@ -2,10 +2,13 @@
 
 Tokens are sorted by their assigned expert so each expert runs one dense matmul chain on a
 contiguous slice (a loop over experts, never over tokens); outputs are weighted and summed back
-with ``index_add_``.  At decode sizes the sorted slices are instead laid out padded as [E, M, D]
-(M = the busiest expert's count) and all experts run in one batched matmul (~10 ops instead of
-~6 per expert).  There the cost is bound by reading the active experts' weights: 16 tokens x top-2
-touch nearly every expert, several times the bytes of a dense FFN with the same active width.  Balance: Switch-style auxiliary loss (``balance="aux"``) or DeepSeek-V3's
+with ``index_add_``.  Inference picks by size (``MoEConfig.dispatch="auto"``, thresholds measured
+with bench.moe): up to ~4K tokens the experts' matmuls write into shared buffers and the SwiGLU
+runs once over all rows ("grouped"); at decode sizes (N <= E tokens) every expert runs on every
+token in two batched matmuls, mixed by the routing weights, which are zero off the top-k ("all":
+16 tokens x top-2 read nearly every expert's weights anyway, and the sort/gather/scatter is
+skipped); above, one expert at a time without [N*K, D] buffers.  Training uses per-expert slices
+(or the zero-padded [E, M, D] bmm at decode sizes).  Balance: Switch-style auxiliary loss (``balance="aux"``) or DeepSeek-V3's
 auxiliary-loss-free bias (``balance="bias"``: a non-learned per-expert bias added to the scores
 for selection only, nudged by ``update_bias`` after each optimiser step).
 
@@ -13,11 +16,15 @@ Legend: B batch, T tokens, N flattened tokens, D width, E experts, K top-k, F ex
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+DISPATCH = ("auto", "loop", "grouped", "padded", "all")
 
 
 @dataclass
@@ -30,15 +37,18 @@ class MoEConfig:
     balance: str = "aux"  # "aux" | "bias"
     aux_loss_coef: float = 0.01
     bias_update_rate: float = 1e-3
-    dispatch: str = "auto"  # "auto" | "loop" (per-expert slices) | "padded" (one bmm over experts)
+    # "auto" | "loop" (per-expert slices) | "grouped" (per-expert matmuls into shared buffers,
+    # elementwise work once; inference) | "padded" (one bmm over experts) | "all" (every expert on
+    # every token, mixed by the sparse routing weights; inference at decode sizes)
+    dispatch: str = "auto"
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.n_experts:
             raise ValueError("need 1 <= top_k <= n_experts")
         if self.balance not in ("aux", "bias"):
             raise ValueError("balance must be 'aux' or 'bias'")
-        if self.dispatch not in ("auto", "loop", "padded"):
-            raise ValueError("dispatch must be 'auto', 'loop' or 'padded'")
+        if self.dispatch not in DISPATCH:
+            raise ValueError(f"dispatch must be one of {', '.join(DISPATCH)}, got {self.dispatch!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "MoEConfig":
@@ -125,6 +135,53 @@ class MoE(nn.Module):
             y = y + self.lora.batched("w2", h)
         return y[expert_sorted, slot]  # [N*K,D] back in sorted order
 
+    def _experts_grouped(self, x: torch.Tensor, tok: torch.Tensor, ws: torch.Tensor, counts_l: list[int]) -> torch.Tensor:
+        """Inference at mid sizes: one gather, each expert's two matmuls written into shared
+        [N*K, 2F] and [N*K, D] buffers, the SwiGLU and routing scale once over all rows, one
+        scatter-add. (The loop path does ~8 ops per expert; at 1K tokens those dominate.)"""
+        Fh = self.cfg.d_expert
+        xs = x.index_select(0, tok)  # [N*K,D] sorted by expert
+        h13 = x.new_empty(xs.shape[0], 2 * Fh)  # [N*K,2F]
+        ends = list(itertools.accumulate(counts_l))
+        spans = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts_l, ends)) if c]
+        for e, a, b in spans:
+            torch.mm(xs[a:b], self.w13[e], out=h13[a:b])
+        h = F.silu(h13[:, :Fh]).mul_(h13[:, Fh:]).mul_(ws[:, None])  # [N*K,F] routing weight applied
+        ys = x.new_empty(xs.shape)  # [N*K,D]
+        for e, a, b in spans:
+            torch.mm(h[a:b], self.w2[e], out=ys[a:b])
+        return torch.zeros_like(x).index_add_(0, tok, ys)  # [N,D]
+
+    def _experts_all(self, x: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        """Inference at decode sizes: every expert on every token (two batched matmuls over the
+        experts), mixed by the routing weights, which are zero off the top-k. At <= 16 tokens top-2
+        reads nearly every expert's weights anyway, and this skips the sort/gather/scatter."""
+        E, N = self.cfg.n_experts, x.shape[0]
+        Fh = self.cfg.d_expert
+        h13 = torch.bmm(x.expand(E, N, x.shape[1]), self.w13)  # [E,N,2F]
+        h = F.silu(h13[..., :Fh]) * h13[..., Fh:]  # [E,N,F]
+        y_END = torch.bmm(h, self.w2)  # [E,N,D]
+        w_NE = x.new_zeros(N, E).scatter_(1, idx_NK, w_NK.to(x.dtype))  # [N,E] routing weights, 0 off the top-k
+        y = torch.bmm(w_NE[:, None, :], y_END.transpose(0, 1))[:, 0]  # [N,1,E] @ [N,E,D] -> [N,D]
+        return y.to(x.dtype)  # (autocast: the matmuls may run in bf16)
+
+    def _mode(self, N: int, M: int, grad: bool) -> str:
+        """The dispatch for N tokens (M: the busiest expert's count), from the config."""
+        cfg = self.cfg
+        E, NK = cfg.n_experts, N * cfg.top_k
+        if cfg.dispatch != "auto":
+            mode = cfg.dispatch
+            if mode in ("grouped", "all") and (grad or self.lora is not None):
+                mode = "loop"  # inference-only paths
+            return mode
+        if not grad and self.lora is None:
+            if N <= E:  # measured (bench.moe): decode sizes
+                return "all"
+            if NK <= 8192:  # measured: up to ~4K tokens; above, fresh [N*K,*] buffers cost more than they save
+                return "grouped"
+        # measured: padded wins only at decode sizes
+        return "padded" if NK <= 8 * E and M * E <= max(2 * NK, 4 * E) else "loop"
+
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         shape = x_BTD.shape
@@ -132,27 +189,29 @@ class MoE(nn.Module):
         N, K, E = x.shape[0], cfg.top_k, cfg.n_experts
         w_NK, idx_NK, probs_NE = self.route(x)
         flat = idx_NK.reshape(-1)  # [N*K]
-        order = flat.argsort(stable=True)  # assignments sorted by expert
-        tok = order // K  # [N*K] source token of each sorted assignment
         counts = torch.bincount(flat, minlength=E)  # [E]
-        counts_l = counts.tolist()
-        M = max(counts_l)
-        if cfg.dispatch == "auto":  # measured: padded wins only at decode sizes
-            padded = N * K <= 8 * E and M * E <= max(2 * N * K, 4 * E)
-        else:
-            padded = cfg.dispatch == "padded"
-        if padded:
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad or self.lora is not None)
+        mode = "all" if cfg.dispatch == "all" or (cfg.dispatch == "auto" and N <= E) else None
+        if mode is None or grad or self.lora is not None:
+            order = flat.argsort(stable=True)  # assignments sorted by expert
+            tok = order // K  # [N*K] source token of each sorted assignment
+            counts_l = counts.tolist()
+            mode = self._mode(N, max(counts_l), grad)
+        if mode == "all":
+            y = self._experts_all(x, w_NK, idx_NK)
+        elif mode == "padded":
             expert_sorted = flat[order]  # [N*K]
             starts = torch.cumsum(counts, 0) - counts  # [E]
             slot = torch.arange(N * K, device=x.device) - starts[expert_sorted]  # row within its expert
-            ys = self._experts_padded(x.index_select(0, tok), expert_sorted, slot, M)  # [N*K,D]
+            ys = self._experts_padded(x.index_select(0, tok), expert_sorted, slot, max(counts_l))  # [N*K,D]
             ys = ys * w_NK.reshape(-1)[order, None]  # [N*K,D] weighted
             y = torch.zeros_like(x).index_add_(0, tok, ys.to(x.dtype))  # [N,D] (autocast: experts may run in bf16)
+        elif mode == "grouped":
+            y = self._experts_grouped(x, tok, w_NK.reshape(-1)[order].to(x.dtype), counts_l)
         else:
             ws = w_NK.reshape(-1)[order]  # [N*K] routing weights in sorted order
             tok_e, ws_e = tok.split(counts_l), ws.split(counts_l)
             w13_e, w2_e = self.w13.unbind(0), self.w2.unbind(0)
-            grad = torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad or self.lora is not None)
             if grad:
                 # split/unbind instead of slicing per expert: their backward is one cat/stack, where
                 # E slices would each build a zero-filled full-size gradient and add it up.
@@ -160,9 +219,9 @@ class MoE(nn.Module):
                 parts = [self._expert(e, xs_e[e], ws_e[e], w13=w13_e[e], w2=w2_e[e]) for e in range(E) if counts_l[e]]
                 y = torch.zeros_like(x).index_add_(0, tok, torch.cat(parts).to(x.dtype))  # [N,D] (autocast: bf16 parts)
             else:
-                # Inference: gather and scatter-add one expert at a time; no [N*K,D] buffers (at 16K
-                # tokens those are >32 MB fresh mmap allocations whose page faults cost as much as
-                # the gather itself).
+                # Inference at large sizes: gather and scatter-add one expert at a time; no [N*K,D]
+                # buffers (at 16K tokens those are >32 MB fresh mmap allocations whose page faults
+                # cost as much as the gather itself).
                 y = torch.zeros_like(x)  # [N,D]
                 for e in range(E):
                     if counts_l[e]:

@@ -50,6 +50,16 @@ class HeadsConfig:
     # every word; these tokens tell it compactly what the heads saw, so that its text agrees with
     # the findings table (text-finding consistency) and it learns the mapping in few steps.
     finding_context: bool = False
+    # What the finding-context tokens encode. "probs": the heads' raw probabilities (sessions 2-5).
+    # "calls": the calls themselves, as the findings table shows them: presence 1/0 at each
+    # finding's operating point on the calibrated probability, side and location one-hot (argmax)
+    # where called present. "calls" lets training feed the same format from the labels.
+    context_mode: str = "probs"
+    # Share of training studies whose finding context is built from their labels instead of the
+    # heads' calls (teacher forcing of the context; needs context_mode "calls"). The decoder then
+    # learns from a clean signal how the calls map to the text; at inference the context always
+    # comes from the heads, so the report says what the findings table says.
+    context_teacher: float = 0.0
     # Weight of a per-image-token localisation loss (0 = off): with data that knows where each
     # lesion is (the synthetic manifest's lesion centres and radii), every image token gets a
     # finding target, a much denser signal for the image encoder than one label per study.
@@ -165,19 +175,58 @@ class FindingHeads(nn.Module):
             self.context_proj = nn.Linear(1 + len(SIDES) + L, dim)  # prediction -> D
             self.context_norm = nn.LayerNorm(dim)
 
-    def context_tokens(self, out: HeadsOutput) -> torch.Tensor | None:
+    def context_tokens(self, out: HeadsOutput, labels: FindingLabels | None = None) -> torch.Tensor | None:
         """[B, K, D] decoder-context tokens from the predictions (None when not configured).
 
-        Inputs are detached, uncalibrated probabilities (the temperature fitted after training
-        does not change what the decoder reads)."""
+        ``context_mode`` "probs": detached, uncalibrated probabilities (the temperature fitted after
+        training does not change what the decoder reads). "calls": the calls (see
+        :meth:`call_features`); in training mode, with ``labels``, a ``context_teacher`` share
+        of the studies reads its labels instead."""
         if not self.cfg.finding_context:
             return None
-        p_BK1 = torch.sigmoid(out.presence_logits_BK.detach().float())[..., None]  # [B, K, 1]
-        side_BK4 = torch.softmax(out.side_logits_BK4.detach().float(), -1)  # [B, K, 4]
-        loc_BKL = torch.softmax(out.location_logits_BKL.detach().float(), -1)  # [B, K, L]
-        feats = torch.cat([p_BK1, side_BK4 * p_BK1, loc_BKL * p_BK1], -1)  # [B, K, 1+4+L]
+        if self.cfg.context_mode == "calls":
+            feats = self.call_features(out)  # [B, K, 1+4+L]
+            share = self.cfg.context_teacher
+            if self.training and labels is not None and share > 0:
+                teach_B = torch.rand(feats.shape[0], device=feats.device) < share if share < 1 else \
+                    torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
+                feats = torch.where(teach_B[:, None, None], self.label_features(labels).to(feats), feats)
+        elif self.cfg.context_mode == "probs":
+            p_BK1 = torch.sigmoid(out.presence_logits_BK.detach().float())[..., None]  # [B, K, 1]
+            side_BK4 = torch.softmax(out.side_logits_BK4.detach().float(), -1)  # [B, K, 4]
+            loc_BKL = torch.softmax(out.location_logits_BKL.detach().float(), -1)  # [B, K, L]
+            feats = torch.cat([p_BK1, side_BK4 * p_BK1, loc_BKL * p_BK1], -1)  # [B, K, 1+4+L]
+        else:
+            raise ValueError(f"heads.context_mode must be 'probs' or 'calls', got {self.cfg.context_mode!r}")
         feats = feats.to(self.context_emb.dtype)
         return self.context_norm(self.context_emb + self.context_proj(feats))  # [B, K, D]
+
+    def call_features(self, out: HeadsOutput) -> torch.Tensor:
+        """[B, K, 1+4+L] the heads' calls: presence 1/0 (calibrated probability at the finding's
+        operating point), side and location one-hot where present, zeros elsewhere."""
+        probs_BK = out.presence_probs.detach().float()
+        thr_K = torch.as_tensor(self.cfg.thresholds(), dtype=probs_BK.dtype, device=probs_BK.device)
+        present_BK = (probs_BK >= thr_K).float()
+        side_BK = out.side_logits_BK4.detach().argmax(-1)
+        loc_BK = out.location_logits_BKL.detach().argmax(-1)
+        return self._one_hot_features(present_BK, side_BK, loc_BK)
+
+    def label_features(self, labels: FindingLabels) -> torch.Tensor:
+        """[B, K, 1+4+L] the same features from labels (unknown presence reads as absent; an
+        unknown side or location of a present finding as all zeros)."""
+        present_BK = (labels.present_BK > 0.5).float()
+        B, K = present_BK.shape
+        unknown = torch.full((B, K), -100, dtype=torch.long, device=present_BK.device)
+        side_BK = labels.side_BK if labels.side_BK is not None else unknown
+        loc_BK = labels.location_BK if labels.location_BK is not None else unknown
+        return self._one_hot_features(present_BK, side_BK.to(present_BK.device), loc_BK.to(present_BK.device))
+
+    def _one_hot_features(self, present_BK: torch.Tensor, side_BK: torch.Tensor, loc_BK: torch.Tensor) -> torch.Tensor:
+        L = len(self.cfg.locations)
+        side_BK4 = F.one_hot(side_BK.clamp_min(0), len(SIDES)).float() * (side_BK >= 0)[..., None]  # [B, K, 4]
+        loc_BKL = F.one_hot(loc_BK.clamp_min(0), L).float() * (loc_BK >= 0)[..., None]  # [B, K, L]
+        p_BK1 = present_BK[..., None]  # [B, K, 1]
+        return torch.cat([p_BK1, side_BK4 * p_BK1, loc_BKL * p_BK1], -1)  # [B, K, 1+4+L]
 
     def pooled_token_logits(self, tokens_BND: torch.Tensor, mask_BN: torch.Tensor) -> torch.Tensor:
         """Smooth max (log-mean-exp, sharpness r) over a study's valid image tokens of their
@@ -262,13 +311,17 @@ def fit_temperature(logits, labels, max_iter: int = 100) -> float:
 
 
 def fit_decision_thresholds(probs, labels, min_positives: int = 10, min_gain: float = 0.002,
-                            passes: int = 2) -> tuple[float, ...]:
+                            passes: int = 2, min_lift: float = 1.5) -> tuple[float, ...]:
     """Per-finding operating points (on a 0.05 grid, 0.10-0.90) that maximise the **micro-F1**
     over all findings on held-out data, by coordinate ascent from 0.5 (``passes`` sweeps over the
     findings; a finding moves only when that raises micro-F1 by ``min_gain``, nearest 0.5 on
     ties). Micro-F1, not each finding's own F1: a finding the model does not see would maximise
     its own F1 by being called in every study, flooding the calls with false positives. A finding
-    with fewer than ``min_positives`` known positives or negatives keeps 0.5.
+    with fewer than ``min_positives`` known positives or negatives keeps 0.5. An operating point
+    other than 0.5 must be informative: its precision on the held-out data at least ``min_lift``
+    times the finding's prevalence (calling a finding the model barely sees in nearly every study
+    can raise micro-F1 at a 30 % prevalence, but the call then says nothing about the study: found
+    in session 7, a nodule called in 297 of 310 test studies).
     probs, labels: [N, K] (labels 1/0, negative = unknown)."""
     P, Y = np.asarray(probs, dtype=np.float64), np.asarray(labels)
     K = P.shape[1]
@@ -281,6 +334,9 @@ def fit_decision_thresholds(probs, labels, min_positives: int = 10, min_gain: fl
     half = int(np.argmin(np.abs(grid - 0.5)))
     cur = np.full(K, half)
     cols = np.arange(K)
+    prevalence = (pos & known).sum(0) / np.maximum(known.sum(0), 1)  # [K]
+    informative = tp >= min_lift * prevalence[None] * np.maximum(tp + fp, 1)  # [G,K] precision >= lift x prevalence
+    informative[half] = True
 
     def micro(sel: np.ndarray) -> float:
         t, f, n = tp[sel, cols].sum(), fp[sel, cols].sum(), fn[sel, cols].sum()
@@ -295,7 +351,7 @@ def fit_decision_thresholds(probs, labels, min_positives: int = 10, min_gain: fl
             for g in range(len(grid)):
                 trial = cur.copy()
                 trial[k] = g
-                scores.append(micro(trial))
+                scores.append(micro(trial) if informative[g, k] else -1.0)
             scores = np.asarray(scores)
             best = int(np.lexsort((np.abs(grid - 0.5), -scores))[0])  # highest micro-F1, then nearest 0.5
             if scores[best] >= base + min_gain:

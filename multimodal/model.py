@@ -29,6 +29,7 @@ from torch import nn
 from core.decoder import Decoder, copy_loss, spans_to_mask
 from core.generate import GenerationConfig, generate
 from data.errors import MedreportError
+from data.finding_prompt import finding_prompt
 from multimodal.audio_encoder import AudioEncoder
 from multimodal.evidence import Evidence, evidence_from_maps, gradcam_maps
 from multimodal.fusion import MODALITIES, Fusion, HistorySummary
@@ -88,6 +89,7 @@ class ModelInputs:
     token_targets: torch.Tensor | None = None  # [B, S*G*G, K] which image token shows which finding
     history_digest_len: torch.Tensor | None = None  # [B] long: trailing history tokens that are the digest
     copy_mask: torch.Tensor | None = None  # [B, T] bool: decoder positions the copy head may copy from
+    prompt_len: torch.Tensor | None = None  # [B] long: finding-prompt tokens between the history and [REPORT]
 
     @property
     def batch_size(self) -> int:
@@ -172,13 +174,23 @@ def decoder_losses(cfg: ModelConfig, out, x: ModelInputs, canon_V: torch.Tensor 
     return losses
 
 
+def prompt_token_ids(tokenizer, calls: Sequence[tuple[str, str | None, str | None]]) -> list[int]:
+    """Token ids (no special tokens) of ``data.finding_prompt.finding_prompt(calls)``."""
+    return list(tokenizer.tk.encode(finding_prompt(calls), add_special_tokens=False).ids)
+
+
 def digest_spans(x: ModelInputs) -> list[tuple[int, int] | None] | None:
-    """Per study, the ``[start, end)`` positions of the history digest in the decoder sequence
-    ``[BOS] history [REPORT] ...`` (None where a study has no digest)."""
-    if x.history_digest_len is None or x.history_mask is None:
+    """Per study, the ``[start, end)`` positions of the copy sources in the decoder sequence
+    ``[BOS] history [prompt] [REPORT] ...``: the history digest (the history's last tokens) and
+    the finding prompt right after it (None where a study has neither)."""
+    if x.history_mask is None and x.prompt_len is None:
         return None
-    n_hist = x.history_mask.sum(1).tolist()
-    return [(1 + n - d, 1 + n) if d > 0 else None for n, d in zip(n_hist, x.history_digest_len.tolist())]
+    B = x.batch_size
+    n_hist = x.history_mask.sum(1).tolist() if x.history_mask is not None else [0] * B
+    dig = x.history_digest_len.tolist() if x.history_digest_len is not None else [0] * B
+    pl = x.prompt_len.tolist() if x.prompt_len is not None else [0] * B
+    spans = [(1 + n - d, 1 + n + p) if d + p > 0 else None for n, d, p in zip(n_hist, dig, pl)]
+    return None if all(sp is None for sp in spans) else spans
 
 
 def token_loss(logits_BNK: torch.Tensor, targets_BNK: torch.Tensor, mask_BN: torch.Tensor,
@@ -298,10 +310,11 @@ class ReportModel(nn.Module):
         return Encoded(fused, mask, gates, feats, rows, img)
 
     def decoder_context(self, fused_BFD: torch.Tensor, mask_BF: torch.Tensor,
-                        heads: HeadsOutput) -> tuple[torch.Tensor, torch.Tensor]:
+                        heads: HeadsOutput, labels: FindingLabels | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """What the decoder cross-attends to: the fused tokens, plus one token per finding when
-        ``heads.finding_context`` is on. -> ([B, F(+K), D], [B, F(+K)])"""
-        extra = self.heads.context_tokens(heads)  # [B, K, D] or None
+        ``heads.finding_context`` is on (``labels``: in training, for ``heads.context_teacher``).
+        -> ([B, F(+K), D], [B, F(+K)])"""
+        extra = self.heads.context_tokens(heads, labels)  # [B, K, D] or None
         if extra is None:
             return fused_BFD, mask_BF
         extra = extra.to(fused_BFD.dtype)
@@ -326,13 +339,44 @@ class ReportModel(nn.Module):
                                          enc.image_tokens[1])
             total = total + self.cfg.heads.token_loss_weight * losses["token"]
         if x.ids is not None:
-            out = self.decoder(x.ids, *self.decoder_context(enc.fused_BFD, enc.mask_BF, heads), copy_mask_BT=x.copy_mask)
+            out = self.decoder(x.ids, *self.decoder_context(enc.fused_BFD, enc.mask_BF, heads, x.labels),
+                               copy_mask_BT=x.copy_mask)
             logits = out.logits
             dl = decoder_losses(self.cfg, out, x, self.decoder.copy_canon())
             total = total + dl.pop("weighted")
             losses.update(dl)
         losses["loss"] = total
         return ModelOutput(losses, heads, enc.gates_BM, logits)
+
+    # -- finding prompt (cfg.finding_prompt)
+    def calls(self, heads: HeadsOutput) -> list[list[tuple[str, str, str]]]:
+        """Per study, the findings called present (calibrated probability at each finding's
+        operating point) as ``(name, side, location)`` with the heads' most likely side and
+        coarse location."""
+        probs = heads.presence_probs.detach().float().cpu().numpy()  # [B, K]
+        called = probs >= self.cfg.heads.thresholds()[None]  # [B, K]
+        side = heads.side_logits_BK4.detach().argmax(-1).cpu().tolist()  # [B, K]
+        loc = heads.location_logits_BKL.detach().argmax(-1).cpu().tolist()  # [B, K]
+        locs = self.cfg.heads.locations
+        return [[(n, SIDES[side[b][k]], locs[loc[b][k]]) for k, n in enumerate(self.finding_names) if called[b, k]]
+                for b in range(probs.shape[0])]
+
+    def prompt_ids(self, calls: Sequence[tuple[str, str | None, str | None]]) -> list[int]:
+        """Token ids of the finding prompt for one study's calls (needs the tokenizer)."""
+        if self.tokenizer is None:
+            raise ValueError("the finding prompt needs the model's tokenizer (model.set_tokenizer)")
+        return prompt_token_ids(self.tokenizer, calls)
+
+    def with_prompts(self, x: ModelInputs, prefixes: list[list[int]], heads: HeadsOutput) -> tuple[ModelInputs, list[list[int]]]:
+        """Insert each study's finding prompt (from the heads' calls) before the last prefix token
+        ([REPORT]); -> (inputs with ``prompt_len``, new prefixes). A no-op without
+        ``cfg.finding_prompt``."""
+        if not self.cfg.finding_prompt:
+            return x, prefixes
+        prompts = [self.prompt_ids(c) for c in self.calls(heads)]
+        out = [list(p[:-1]) + q + list(p[-1:]) for p, q in zip(prefixes, prompts)]
+        lens = torch.tensor([len(q) for q in prompts], dtype=torch.long, device=x.slabs.device)  # [B]
+        return dataclasses.replace(x, prompt_len=lens), out
 
     # -- inference
     @torch.inference_mode()
@@ -385,6 +429,7 @@ class ReportModel(nn.Module):
                 with torch.inference_mode():
                     enc = self.encode(x)
                     heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
+            x, prefixes = self.with_prompts(x, prefixes, heads)
             with torch.inference_mode():
                 ctx, cmask = self.decoder_context(enc.fused_BFD.detach(), enc.mask_BF, heads)
                 token_ids = generate(self.decoder, prefixes, ctx, cmask, gen or GenerationConfig(),
@@ -476,16 +521,15 @@ class ReportModel(nn.Module):
             tok.save(d / TOKENIZER_DIR)
         return d
 
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "ReportModel":
+    def load_weights(self, directory: str | Path, device: str | torch.device = "cpu") -> tuple[list[str], list[str]]:
+        """Load a saved model folder's weights into this model (safetensors, not strict: tensors
+        the file lacks stay as they are, extra ones are ignored; both are logged). Shapes must
+        match. -> (missing, unexpected) names."""
         d = Path(directory)
-        cfg = read_config(d)
-        cfg.image.weights_file = cfg.audio.weights_file = None  # the checkpoint carries all weights
         weights = d / WEIGHTS_FILE
         _check_safetensors(weights)
-        model = cls(cfg)
         try:
-            missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+            missing, unexpected = load_model(self, str(weights), strict=False, device=str(device))
         except RuntimeError as exc:  # shape mismatch: config and weights disagree
             raise CheckpointError(
                 f"{weights.name} does not match {CONFIG_FILE} in {d} ({str(exc).splitlines()[0][:200]}): "
@@ -498,6 +542,17 @@ class ReportModel(nn.Module):
             log.warning("checkpoint %s lacks %d tensors (left at init): %s", d.name, len(missing), ", ".join(missing[:10]))
         if unexpected:
             log.warning("checkpoint %s has %d unexpected tensors (ignored): %s", d.name, len(unexpected), ", ".join(unexpected[:10]))
+        return missing, unexpected
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "ReportModel":
+        d = Path(directory)
+        cfg = read_config(d)
+        cfg.image.weights_file = cfg.audio.weights_file = None  # the checkpoint carries all weights
+        weights = d / WEIGHTS_FILE
+        _check_safetensors(weights)
+        model = cls(cfg)
+        model.load_weights(d, device)
         if (d / TOKENIZER_DIR).is_dir():
             from data.tokenizer import ReportTokenizer  # data helper's JSON tokenizer
 

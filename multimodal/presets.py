@@ -45,6 +45,10 @@ class ModelConfig:
     # words, appended to the history prefix right before [REPORT] and used as the decoder's copy
     # sources (decoder.copy). 0 = off.
     history_digest_words: int = 0
+    # Finding prompt (data.finding_prompt): the finding calls as a line of text between the
+    # history and [REPORT] ("Calls: cardiomegaly; right lower lobe nodule."), from the heads at
+    # inference and from the labels in training; a copy source with the digest. False = off.
+    finding_prompt: bool = False
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = DEFAULT_VOCAB_SIZE, **overrides) -> "ModelConfig":
@@ -79,7 +83,7 @@ class ModelConfig:
             decoder=_decoder_from_dict(d.get("decoder", {})),
             heads=build(HeadsConfig, d.get("heads", {})),
             **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "copy_weight", "name", "use_image", "use_audio",
-                                      "history_digest_words") if k in d},
+                                      "history_digest_words", "finding_prompt") if k in d},
         )
 
 

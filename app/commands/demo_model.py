@@ -183,6 +183,13 @@ def model_card(args, cfg, metrics: dict) -> str:
     if facts is not None and facts < 0.5:
         weak_note += (f"* **It rarely carries facts from the patient's record into the report** ({facts:.0%} of the "
                       "planted history facts on the test split): read the history yourself.\n")
+    started = ""
+    run_cfg = Path(getattr(args, "run", None) or ".") / "config.json"
+    if getattr(args, "run", None) and run_cfg.is_file() and json.loads(run_cfg.read_text()).get("start_from"):
+        src = json.loads(run_cfg.read_text())["start_from"]
+        started = (f"\nThis run started at the checkpoint `{src}` (`medreport train --start-from`): the stages before it "
+                   "were trained by that run with the same recipe and seed, so the result is the one a straight run "
+                   "gives; the training time below includes theirs.")
     per_table = (f"\n## Per finding (test split, called present at {at})\n"
                  "| finding | positives | threshold | precision | recall | F1 | AUC |\n"
                  "|---|---|---|---|---|---|---|\n" + _finding_rows(per) + "\n") if per else ""
@@ -207,7 +214,7 @@ f"{'LM + finding loss' if s.lm else 'finding loss'})" for s in cfg.stages)}. His
 Finding probabilities are temperature-scaled on the validation split, and each finding's decision
 threshold (its operating point) is chosen there to maximise the micro-F1 over all findings (0.5
 where val has too few cases). Weights stored in
-{"fp32" if args.fp32 else "fp16 (loaded as fp32)"}. See docs/training.md.
+{"fp32" if args.fp32 else "fp16 (loaded as fp32)"}. See docs/training.md.{started}
 
 ## Test-split metrics
 Test history policy: the most recent {args.eval_history_tokens} tokens of each record.

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="a saved tokenizer folder (default: train one on the train split)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    parser.add_argument("--start-from", type=Path, default=None, metavar="CHECKPOINT",
+                        help="start at another run's checkpoint (e.g. runs/demo/stages/encoders) whose recipe "
+                             "equals this one up to its step, and train only the rest")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="stop after this step with a checkpoint (continue later with --resume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -36,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.tokenizer={args.tokenizer}")
     cfg = None if (args.resume and not (args.preset or args.config or overrides)) else \
         load_config(args.preset, args.config, overrides)
-    final = train(args.manifest, args.out, cfg, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at)
+    final = train(args.manifest, args.out, cfg, resume=args.resume, progress=not args.no_progress, stop_at=args.stop_at,
+                  start_from=args.start_from)
     if final is None:
         print(f"stopped at step {args.stop_at}; continue with: medreport train --manifest {args.manifest} --out {args.out} --resume")
     elif int(os.environ.get("RANK", "0")) == 0:

@@ -222,3 +222,39 @@ def test_digest_counts_inside_the_history_budget(pipe, tmp_path):
     assert h["truncated"] and h["digest_tokens"] > 0
     assert h["tokens_used"] + h["digest_tokens"] == 120 and "digest of the whole record" in h["message"]
     assert rep.provenance["input"]["history_tokens"] == 120
+
+
+def test_finding_prompt_in_the_pipeline_matches_the_report_findings(pipe, tmp_path, monkeypatch):
+    """A finding-prompt model served by the pipeline: the decoder's prefix carries the calls
+    that the report's findings table shows, as text right before [REPORT]."""
+    import dataclasses
+
+    import torch
+
+    import app.pipeline as ap
+    from data.finding_prompt import finding_prompt
+    from multimodal.model import ReportModel
+    from multimodal.presets import ModelConfig
+
+    tok = pipe.tokenizer
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, finding_prompt=True)
+    K = cfg.heads.num_findings
+    cfg.heads.decision_thresholds = tuple(0.0 if n in ("cardiomegaly", "nodule") else 1.0 for n in cfg.heads.finding_names)
+    torch.manual_seed(0)
+    ReportModel(cfg, tokenizer=tok).save_pretrained(tmp_path / "m", tok)
+    seen = {}
+    real = ap.generate
+
+    def spy(decoder, prefixes, *a, **kw):
+        seen["prefixes"] = prefixes
+        return real(decoder, prefixes, *a, **kw)
+
+    monkeypatch.setattr(ap, "generate", spy)
+    p = ReportPipeline.from_dir(tmp_path / "m", dataclasses.replace(CFG, evidence=False))
+    rep = p.run(STUDIES / "syn00003")  # no history: the prefix is [BOS] prompt [REPORT]
+    present = [f for f in rep.findings if f.present]
+    assert sorted(f.name for f in present) == ["cardiomegaly", "nodule"] and K > 2
+    nod = next(f for f in present if f.name == "nodule")
+    calls = [("cardiomegaly", "none", "unspecified"), ("nodule", nod.side, nod.location)]
+    prompt = tok.tk.encode(finding_prompt(calls), add_special_tokens=False).ids
+    assert seen["prefixes"][0] == [tok.bos_id, *prompt, tok.report_id]

@@ -123,6 +123,21 @@ def test_two_stage_recipe_runs_with_cached_encoder_tokens(shared, repo_root, tmp
     # the supervised copy loss runs on the cached path too (the tiny examples' reports share
     # trigrams with their digests) and is part of the logged losses
     assert "copy" not in rows[0] and all(r["copy"] > 0 and math.isfinite(r["copy"]) for r in rows[2:])
+    # each stage's end is kept out of the checkpoint rotation; a run started from the encoder
+    # stage's end trains only the decoder stage and ends exactly where the straight run ended
+    assert (tmp_path / "run" / "stages" / "encoders" / "trainer_state.pt").is_file()
+    assert (tmp_path / "run" / "stages" / "decoder" / "model.safetensors").is_file()
+    again = train(shared["manifest"], tmp_path / "again", cfg, progress=False,
+                  start_from=tmp_path / "run" / "stages" / "encoders")
+    a = load_file(final / "model.safetensors")
+    b = load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    rows2 = [json.loads(x) for x in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in rows2] == [1, 2, 3, 4]  # stage 1's rows come from the first run's log
+    with pytest.raises(ConfigError, match="nothing left to train"):
+        train(shared["manifest"], tmp_path / "late", cfg, progress=False, start_from=tmp_path / "run" / "stages" / "decoder")
+    with pytest.raises(ConfigError, match="not a training checkpoint"):
+        train(shared["manifest"], tmp_path / "bad", cfg, progress=False, start_from=final)
 
 
 def test_config_overrides_parse_and_reach_the_saved_config(repo_root):
@@ -328,7 +343,13 @@ def test_model_card_lists_findings_and_names_the_unlearned_ones(tmp_path):
                               eval_history_tokens=100000, fp32=False)
     card = model_card(args, load_config(None, "configs/demo.json"), {"finding_micro_f1": 0.6, "n": 4, "per_finding": per})
     assert "| cardiomegaly | 2 |" in card and "does not detect: nodule" in card
-    assert "not for clinical use" in card.lower()
+    assert "not for clinical use" in card.lower() and "--start-from" not in card
+    # a run that started from another run's stage end says so
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"start_from": "runs/a/stages/encoders"}))
+    args.run = tmp_path / "run"
+    card = model_card(args, load_config(None, "configs/demo.json"), {"finding_micro_f1": 0.6, "n": 4, "per_finding": per})
+    assert "`runs/a/stages/encoders` (`medreport train --start-from`)" in card
 
 
 def test_history_digest_and_copy_head_train_and_generate(shared, repo_root, tmp_path):
@@ -387,3 +408,37 @@ def test_calibrate_command_refits_operating_points_on_val(shared, repo_root, tmp
     assert "calibrated on" in capsys.readouterr().out
     assert main(["calibrate", "--model", str(final), "--manifest", str(shared["manifest"]), "--split", "test"]) == 2
     assert "leak" in capsys.readouterr().err
+
+
+def test_finding_prompt_in_training_comes_from_the_labels(shared, repo_root):
+    """model.finding_prompt: each training example's prefix ends with the prompt of its labels
+    (the teacher of the heads' calls) right before [REPORT], inside the copy sources, and never
+    in the history the fusion reads."""
+    from data.finding_prompt import finding_prompt
+    from data.tokenizer import ReportTokenizer
+    from multimodal.heads import coarse_location
+
+    cfg = _cfg(shared, repo_root, "model.finding_prompt=true", "model.history_digest_words=40", "model.decoder.copy=true")
+    tok = ReportTokenizer.load(shared["tok"])
+    mcfg = model_config(cfg, tok.vocab_size)
+    entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "train"]
+    ds = ReportDataset(entries, tok, mcfg, StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg, audio=False)),
+                       max_history_tokens=64, max_report_tokens=96)
+    exs = [ds[i] for i in range(len(ds))]
+    x = collate_examples(exs, tok.pad_id)
+    spans_checked = 0
+    for b, (e, ex) in enumerate(zip(entries, exs)):
+        calls = [(lab.finding, lab.side, coarse_location(lab.location)) for lab in e.labels if lab.present]
+        prompt = tok.tk.encode(finding_prompt(calls), add_special_tokens=False).ids
+        hist = list(ex.study.history_ids or [])
+        assert ex.n_prompt == len(prompt) > 0
+        assert ex.ids[: ex.n_prefix] == [tok.bos_id, *hist, *prompt, tok.report_id]
+        assert x.prompt_len[b] == len(prompt)
+        src = x.copy_mask[b].nonzero()[:, 0].tolist()
+        assert src[-1] == len(hist) + len(prompt)  # sources run to the prompt's end, right before [REPORT]
+        assert set(range(1 + len(hist), 1 + len(hist) + len(prompt))) <= set(src)
+        spans_checked += 1
+        if x.history_ids is not None:  # the fusion's history is the record alone
+            assert x.history_ids[b][x.history_mask[b]].tolist() == hist
+    assert spans_checked == len(entries)
+    assert any(lab.present for e in entries for lab in e.labels)  # some example has a real call

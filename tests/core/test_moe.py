@@ -51,7 +51,7 @@ def test_bias_balancing_moves_bias_against_load():
     assert m.route_bias[0] < 0 < m.route_bias[1]
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "padded"])
+@pytest.mark.parametrize("dispatch", ["loop", "padded", "grouped", "all"])
 def test_all_tokens_to_one_expert_and_empty_experts(dispatch):
     m = MoE(MoEConfig(d_model=8, n_experts=4, top_k=2, d_expert=8, dispatch=dispatch))
     with torch.no_grad():
@@ -63,10 +63,11 @@ def test_all_tokens_to_one_expert_and_empty_experts(dispatch):
     assert aux["expert_load"][2:].sum() == 0
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "padded"])
+@pytest.mark.parametrize("dispatch", ["loop", "padded", "grouped", "all", "auto"])
 def test_inference_path_equals_autograd_path_and_reference(dispatch):
-    """Without grad the loop dispatch gathers/scatters per expert (no [N*K,D] buffers); it must give
-    the same output as the autograd path and the naive reference."""
+    """Without grad the loop dispatch gathers/scatters per expert (no [N*K,D] buffers), "grouped"
+    writes every expert into shared buffers and "all" runs every expert on every token; each must
+    give the same output as the autograd path and the naive reference."""
     torch.manual_seed(1)
     m = MoE(MoEConfig(d_model=16, n_experts=8, top_k=2, d_expert=8, dispatch=dispatch)).double()
     x = torch.randn(2, 37, 16, dtype=torch.float64)
@@ -79,7 +80,7 @@ def test_inference_path_equals_autograd_path_and_reference(dispatch):
     assert aux["expert_load"].shape == (8,)
 
 
-@pytest.mark.parametrize("dispatch", ["padded", "loop"])
+@pytest.mark.parametrize("dispatch", ["padded", "loop", "grouped", "all"])
 @pytest.mark.parametrize("grad", [True, False])
 def test_moe_runs_under_bf16_autocast(dispatch, grad):
     """Mixed precision (as training on a GPU uses it): the experts' matmuls run in bf16 while the
@@ -90,9 +91,29 @@ def test_moe_runs_under_bf16_autocast(dispatch, grad):
     x = torch.randn(2, 24, 32, requires_grad=grad)
     with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
         y, info = moe(x)
-    assert y.shape == x.shape and torch.isfinite(y.float()).all()
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
     ref, _ = moe(x)  # fp32: bf16 rounding (and a rare token routed differently)
     assert (y.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
     if grad:
         y.float().sum().backward()
         assert x.grad is not None and moe.w2.grad is not None
+
+
+@pytest.mark.parametrize("n_tokens,expected", [(1, "all"), (16, "all"), (17, "grouped"), (1024, "grouped"),
+                                               (4096, "grouped"), (4097, "loop")])
+def test_auto_dispatch_by_size_at_inference(n_tokens, expected, monkeypatch):
+    """"auto" picks the measured inference path by size (16 experts, top-2); with grad it never
+    picks an inference-only path."""
+    m = MoE(MoEConfig(d_model=8, n_experts=16, top_k=2, d_expert=4))
+    used = []
+    for name in ("_experts_all", "_experts_grouped", "_experts_padded"):
+        orig = getattr(m, name)
+        monkeypatch.setattr(m, name, lambda *a, _n=name, _o=orig: used.append(_n) or _o(*a))
+    x = torch.randn(n_tokens, 8)
+    with torch.no_grad():
+        m(x)
+    got = {"_experts_all": "all", "_experts_grouped": "grouped", "_experts_padded": "padded"}.get(used[0]) if used else "loop"
+    assert got == expected
+    used.clear()
+    m(x.requires_grad_())
+    assert not {"_experts_all", "_experts_grouped"} & set(used)

@@ -240,3 +240,23 @@ def test_fit_decision_thresholds_moves_only_where_val_says_so():
     cfg = ModelConfig.preset("tiny")
     cfg.heads.decision_thresholds = tuple(0.5 for _ in cfg.heads.finding_names)
     assert ModelConfig.from_dict(cfg.to_dict()).heads.decision_thresholds == cfg.heads.decision_thresholds
+
+
+def test_operating_points_must_be_informative():
+    """A finding the model barely sees (probabilities unrelated to the labels, all just under
+    0.5, prevalence 35 %) raises micro-F1 by being called in many studies; such a call says
+    nothing about the study, so its operating point stays 0.5. A finding with signal still moves."""
+    from multimodal.heads import fit_decision_thresholds
+
+    rng = np.random.default_rng(0)
+    N = 400
+    y_blind = (rng.random(N) < 0.35).astype(int)
+    p_blind = rng.uniform(0.26, 0.45, N)  # no signal
+    y_seen = (rng.random(N) < 0.3).astype(int)
+    p_seen = np.where(y_seen == 1, rng.uniform(0.2, 0.45, N), rng.uniform(0.0, 0.25, N))  # under-called, separable
+    P, Y = np.stack([p_blind, p_seen], 1), np.stack([y_blind, y_seen], 1)
+    old = fit_decision_thresholds(P, Y, min_lift=0.0)  # the former rule: "always" for the blind finding
+    assert old[0] < 0.5  # moved, although the calls carry no signal
+    thr = fit_decision_thresholds(P, Y)
+    assert thr[0] == 0.5
+    assert 0.15 <= thr[1] <= 0.25

@@ -333,3 +333,90 @@ def test_model_with_token_presence_learns_an_image_only_finding():
     with torch.no_grad():
         pooled = m.heads.pooled_token_logits(*m.eval().encode(x).image_tokens)[:, 0]
     assert pooled[0] > pooled[1] + 1.0  # the separation is carried by the image-token path
+
+
+def test_finding_context_calls_mode_reads_calls_and_teacher_labels():
+    """heads.context_mode "calls": the context encodes the calls at the operating points (a
+    probability just under its threshold reads as absent, just over as present, whatever its
+    exact value), one-hot side and location where present; in training with context_teacher 1
+    it is built from the labels instead, and never in eval mode."""
+    from multimodal.heads import SIDES, FindingLabels, HeadsOutput
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=V)
+    cfg.heads.finding_context, cfg.heads.context_mode = True, "calls"
+    K, L = cfg.heads.num_findings, len(cfg.heads.locations)
+    cfg.heads.decision_thresholds = (0.3,) * K
+    m = ReportModel(cfg).eval()
+    k = m.finding_names.index("nodule")
+
+    def heads_with(p):
+        logits = torch.full((1, K), -6.0)
+        logits[0, k] = float(np.log(p / (1 - p)))
+        side = torch.zeros(1, K, len(SIDES))
+        side[0, k, 2] = 5.0
+        loc = torch.zeros(1, K, L)
+        loc[0, k, 3] = 5.0
+        return HeadsOutput(logits, side, loc)
+
+    f_over, f_over2, f_under = (m.heads.call_features(heads_with(p)) for p in (0.31, 0.9, 0.29))
+    torch.testing.assert_close(f_over, f_over2)  # same call, same context
+    assert f_over[0, k, 0] == 1 and f_under[0, k].abs().sum() == 0
+    assert f_over[0, k, 1 + 2] == 1 and f_over[0, k, 1 + len(SIDES) + 3] == 1 and f_over[0, k].sum() == 3
+    assert f_over[0, :k].abs().sum() == 0  # the other findings are called absent
+    labels = FindingLabels(torch.zeros(1, K), torch.full((1, K), -100), torch.full((1, K), -100))
+    labels.present_BK[0, k], labels.side_BK[0, k], labels.location_BK[0, k] = 1.0, 2, 3
+    torch.testing.assert_close(m.heads.label_features(labels), f_over)
+    # teacher forcing: in training the context follows the labels, not the heads
+    cfg.heads.context_teacher = 1.0
+    fused, mask = torch.randn(1, 5, cfg.decoder.d_model), torch.ones(1, 5, dtype=torch.bool)
+    labels.present_BK[0, k] = 0.0  # labels say absent, heads say present
+    eval_ctx, _ = m.decoder_context(fused, mask, heads_with(0.9), labels)
+    m.train()
+    teach_ctx, _ = m.decoder_context(fused, mask, heads_with(0.9), labels)
+    absent_ctx, _ = m.decoder_context(fused, mask, heads_with(0.1), labels)
+    torch.testing.assert_close(teach_ctx, absent_ctx)
+    assert (teach_ctx - eval_ctx).abs().max() > 1e-4
+    # share 0: training reads the heads' calls too
+    cfg.heads.context_teacher = 0.0
+    calls_ctx, _ = m.decoder_context(fused, mask, heads_with(0.9), labels)
+    torch.testing.assert_close(calls_ctx, eval_ctx)
+    cfg.heads.context_mode = "logits"
+    with pytest.raises(ValueError, match="context_mode"):
+        m.decoder_context(fused, mask, heads_with(0.9), labels)
+
+
+def test_finding_prompt_from_the_heads_calls_goes_before_report(monkeypatch):
+    """cfg.finding_prompt: generate_report writes the heads' calls as text between the history
+    and [REPORT] (a copy source with the digest); what a finding's call is follows its operating
+    point."""
+    import multimodal.model as mm
+    from data.finding_prompt import finding_prompt
+    from data.tokenizer import ReportTokenizer
+
+    tok = ReportTokenizer.train(["Calls: right lower lobe nodule; cardiomegaly; none.", "FINDINGS: normal."] * 3,
+                                vocab_size=200, min_frequency=1)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, finding_prompt=True)
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, copy=True))
+    K = cfg.heads.num_findings
+    k = cfg.heads.finding_names.index("cardiomegaly")
+    cfg.heads.decision_thresholds = tuple(0.0 if i == k else 1.0 for i in range(K))  # only cardiomegaly called
+    m = ReportModel(cfg, tokenizer=tok).eval()
+    seen = {}
+
+    def spy(decoder, prefixes, ctx, cmask, gen, copy_spans=None):
+        seen.update(prefixes=prefixes, spans=copy_spans)
+        return [[tok.eos_id] for _ in prefixes]
+
+    monkeypatch.setattr(mm, "generate", spy)
+    rng = np.random.default_rng(3)
+    x = collate([_study(rng), _study(rng, history=False)])
+    hist = [x.history_ids[0][x.history_mask[0]].tolist(), []]
+    prefixes = [[tok.bos_id, *h, tok.report_id] for h in hist]
+    m.generate_report(x, prefixes, GenerationConfig(max_new_tokens=2, eos_id=tok.eos_id), evidence=False)
+    prompt = tok.tk.encode(finding_prompt([("cardiomegaly", "none", "unspecified")]), add_special_tokens=False).ids
+    for b, h in enumerate(hist):
+        assert seen["prefixes"][b] == [tok.bos_id, *h, *prompt, tok.report_id]
+        assert seen["spans"][b] == (1 + len(h), 1 + len(h) + len(prompt))  # no digest: the prompt alone
+    assert tok.decode(prompt).strip() == "Calls: cardiomegaly."
