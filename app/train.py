@@ -866,16 +866,14 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
                               f"{cfg.total_steps} steps: nothing left to train")
         log.info("starting at step %d from %s (stages before it are taken as trained)", state["step"], start_from)
         if d.main:  # its learning curve up to there
-            src = start_from.parent.parent / METRICS_FILE
-            rows = [r for r in read_metrics(start_from.parent.parent) if r.get("step", 0) <= state["step"]] \
-                if src.is_file() else []
+            rows = [r for r in read_metrics(start_from.parent.parent) if r.get("step", 0) <= state["step"]]
             (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     if state is not None and state.get("world_size", 1) != d.world:
         raise ConfigError(f"{ckpt.name} was written by {state.get('world_size', 1)} processes and this run has {d.world}: "
                           "resume with the same --nproc_per_node (the data order depends on it)")
     step = state["step"] if state else 0
     batches = _Batches(train_ds, cfg.data.batch_size, d, cfg.seed, *(state["data"] if state else (0, 0)))
-    if state is None and d.main and (run_dir / METRICS_FILE).exists() and start_from is None:
+    if state is None and d.main and (run_dir / METRICS_FILE).exists():
         (run_dir / METRICS_FILE).unlink()
     if state is not None and d.main:  # drop rows logged after the checkpoint (they will be redone)
         rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]

@@ -165,22 +165,18 @@ class MoE(nn.Module):
         y = torch.bmm(w_NE[:, None, :], y_END.transpose(0, 1))[:, 0]  # [N,1,E] @ [N,E,D] -> [N,D]
         return y.to(x.dtype)  # (autocast: the matmuls may run in bf16)
 
-    def _mode(self, N: int, M: int, grad: bool) -> str:
-        """The dispatch for N tokens (M: the busiest expert's count), from the config."""
+    def _mode(self, N: int, grad: bool) -> str:
+        """The dispatch for N tokens from the config: "all", "grouped" (inference only), "loop",
+        "padded", or "sorted" = loop or padded, decided once the experts' counts are known."""
         cfg = self.cfg
-        E, NK = cfg.n_experts, N * cfg.top_k
+        inference = not grad and self.lora is None
         if cfg.dispatch != "auto":
-            mode = cfg.dispatch
-            if mode in ("grouped", "all") and (grad or self.lora is not None):
-                mode = "loop"  # inference-only paths
-            return mode
-        if not grad and self.lora is None:
-            if N <= E:  # measured (bench.moe): decode sizes
-                return "all"
-            if NK <= 8192:  # measured: up to ~4K tokens; above, fresh [N*K,*] buffers cost more than they save
-                return "grouped"
-        # measured: padded wins only at decode sizes
-        return "padded" if NK <= 8 * E and M * E <= max(2 * NK, 4 * E) else "loop"
+            return cfg.dispatch if inference or cfg.dispatch in ("loop", "padded") else "loop"
+        if inference and N <= cfg.n_experts:  # measured (bench.moe): decode sizes
+            return "all"
+        if inference and N * cfg.top_k <= 8192:  # measured: up to ~4K tokens; above, fresh [N*K,*] buffers cost more than they save
+            return "grouped"
+        return "sorted"
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
@@ -191,12 +187,13 @@ class MoE(nn.Module):
         flat = idx_NK.reshape(-1)  # [N*K]
         counts = torch.bincount(flat, minlength=E)  # [E]
         grad = torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad or self.lora is not None)
-        mode = "all" if cfg.dispatch == "all" or (cfg.dispatch == "auto" and N <= E) else None
-        if mode is None or grad or self.lora is not None:
+        mode = self._mode(N, grad)
+        if mode != "all":
             order = flat.argsort(stable=True)  # assignments sorted by expert
             tok = order // K  # [N*K] source token of each sorted assignment
             counts_l = counts.tolist()
-            mode = self._mode(N, max(counts_l), grad)
+            if mode == "sorted":  # measured: padded wins only at decode sizes
+                mode = "padded" if N * K <= 8 * E and max(counts_l) * E <= max(2 * N * K, 4 * E) else "loop"
         if mode == "all":
             y = self._experts_all(x, w_NK, idx_NK)
         elif mode == "padded":

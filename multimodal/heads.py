@@ -201,15 +201,19 @@ class FindingHeads(nn.Module):
         feats = feats.to(self.context_emb.dtype)
         return self.context_norm(self.context_emb + self.context_proj(feats))  # [B, K, D]
 
-    def call_features(self, out: HeadsOutput) -> torch.Tensor:
-        """[B, K, 1+4+L] the heads' calls: presence 1/0 (calibrated probability at the finding's
-        operating point), side and location one-hot where present, zeros elsewhere."""
+    def calls(self, out: HeadsOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The heads' calls: (present [B, K] bool: calibrated probability at the finding's
+        operating point, side index [B, K] into SIDES, location index [B, K] into
+        ``cfg.locations``), the most likely side and location."""
         probs_BK = out.presence_probs.detach().float()
         thr_K = torch.as_tensor(self.cfg.thresholds(), dtype=probs_BK.dtype, device=probs_BK.device)
-        present_BK = (probs_BK >= thr_K).float()
-        side_BK = out.side_logits_BK4.detach().argmax(-1)
-        loc_BK = out.location_logits_BKL.detach().argmax(-1)
-        return self._one_hot_features(present_BK, side_BK, loc_BK)
+        return probs_BK >= thr_K, out.side_logits_BK4.detach().argmax(-1), out.location_logits_BKL.detach().argmax(-1)
+
+    def call_features(self, out: HeadsOutput) -> torch.Tensor:
+        """[B, K, 1+4+L] the heads' calls (:meth:`calls`): presence 1/0, side and location one-hot
+        where present, zeros elsewhere."""
+        present_BK, side_BK, loc_BK = self.calls(out)
+        return self._one_hot_features(present_BK.float(), side_BK, loc_BK)
 
     def label_features(self, labels: FindingLabels) -> torch.Tensor:
         """[B, K, 1+4+L] the same features from labels (unknown presence reads as absent; an

@@ -353,13 +353,10 @@ class ReportModel(nn.Module):
         """Per study, the findings called present (calibrated probability at each finding's
         operating point) as ``(name, side, location)`` with the heads' most likely side and
         coarse location."""
-        probs = heads.presence_probs.detach().float().cpu().numpy()  # [B, K]
-        called = probs >= self.cfg.heads.thresholds()[None]  # [B, K]
-        side = heads.side_logits_BK4.detach().argmax(-1).cpu().tolist()  # [B, K]
-        loc = heads.location_logits_BKL.detach().argmax(-1).cpu().tolist()  # [B, K]
+        called, side, loc = (t.cpu().tolist() for t in self.heads.calls(heads))  # [B, K] each
         locs = self.cfg.heads.locations
-        return [[(n, SIDES[side[b][k]], locs[loc[b][k]]) for k, n in enumerate(self.finding_names) if called[b, k]]
-                for b in range(probs.shape[0])]
+        return [[(n, SIDES[side[b][k]], locs[loc[b][k]]) for k, n in enumerate(self.finding_names) if called[b][k]]
+                for b in range(len(called))]
 
     def prompt_ids(self, calls: Sequence[tuple[str, str | None, str | None]]) -> list[int]:
         """Token ids of the finding prompt for one study's calls (needs the tokenizer)."""

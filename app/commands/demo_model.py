@@ -183,13 +183,11 @@ def model_card(args, cfg, metrics: dict) -> str:
     if facts is not None and facts < 0.5:
         weak_note += (f"* **It rarely carries facts from the patient's record into the report** ({facts:.0%} of the "
                       "planted history facts on the test split): read the history yourself.\n")
-    started = ""
-    run_cfg = Path(getattr(args, "run", None) or ".") / "config.json"
-    if getattr(args, "run", None) and run_cfg.is_file() and json.loads(run_cfg.read_text()).get("start_from"):
-        src = json.loads(run_cfg.read_text())["start_from"]
-        started = (f"\nThis run started at the checkpoint `{src}` (`medreport train --start-from`): the stages before it "
-                   "were trained by that run with the same recipe and seed, so the result is the one a straight run "
-                   "gives; the training time below includes theirs.")
+    run_cfg = Path(args.run) / "config.json" if getattr(args, "run", None) else None
+    src = json.loads(run_cfg.read_text()).get("start_from") if run_cfg is not None and run_cfg.is_file() else None
+    started = (f"\nThis run started at the checkpoint `{src}` (`medreport train --start-from`): the stages before it "
+               "were trained by that run with the same recipe and seed, so the result is the one a straight run "
+               "gives; the training time below includes theirs.") if src else ""
     per_table = (f"\n## Per finding (test split, called present at {at})\n"
                  "| finding | positives | threshold | precision | recall | F1 | AUC |\n"
                  "|---|---|---|---|---|---|---|\n" + _finding_rows(per) + "\n") if per else ""
