@@ -259,6 +259,8 @@ class Example:
     location_K: np.ndarray  # class index / -100
     token_targets_NK: np.ndarray | None = None  # [S*G*G, K] (heads.token_loss_weight > 0)
     n_prompt: int = 0  # finding-prompt tokens right before [REPORT] (model.finding_prompt)
+    fact_spans: tuple[tuple[int, int], ...] = ()  # [start, end) in ids of planted-fact phrases
+    fact_weight: float = 1.0  # LM loss weight on those tokens (model.fact_weight)
 
 
 def below_resolution(labels) -> set[str]:
@@ -283,6 +285,26 @@ def finding_targets(labels, finding_names: Sequence[str], locations: Sequence[st
             c = coarse_location(lab.location)
             loc[k] = locations.index(c) if lab.location and c in locations else -100
     return present, side, loc
+
+
+def fact_spans(tok, report_ids: Sequence[int], phrases: Sequence[str]) -> list[tuple[int, int]]:
+    """``[start, end)`` positions in ``report_ids`` of each phrase (every occurrence), matched as
+    token sequences: the phrase after a space (mid-sentence) and capitalised (at a section or
+    line start), since the tokenizer codes a word's leading space and case. A phrase the report
+    does not contain gives no span."""
+    ids = list(report_ids)
+    out: set[tuple[int, int]] = set()
+    for ph in phrases:
+        ph = ph.strip()
+        if not ph:
+            continue
+        for variant in {" " + ph, ph, ph[:1].upper() + ph[1:], " " + ph[:1].upper() + ph[1:]}:
+            seq = tok.tk.encode(variant, add_special_tokens=False).ids
+            n = len(seq)
+            if n == 0:
+                continue
+            out.update((i, i + n) for i in range(len(ids) - n + 1) if ids[i: i + n] == seq)
+    return sorted(out)
 
 
 def label_calls(labels) -> list[tuple[str, str | None, str]]:
@@ -382,7 +404,12 @@ class ReportDataset(torch.utils.data.Dataset):
         if self.cfg.heads.token_loss_weight > 0:
             tt = token_targets(e.lesions, arrays["z_index_range"], arrays["spacing_zyx"], arrays["shape_zyx"][1:],
                                self.cfg.image.grid, self.cfg.heads.finding_names)
-        return Example(e.id, study, prefix + report + [self.tok.eos_id], len(prefix), present, side, loc, tt, len(prompt))
+        spans: tuple[tuple[int, int], ...] = ()
+        if self.cfg.fact_weight != 1.0 and e.facts:
+            phrases = [f.expect_in_report for f in e.facts if f.kind != "distractor" and f.expect_in_report]
+            spans = tuple((len(prefix) + a, len(prefix) + b) for a, b in fact_spans(self.tok, report, phrases))
+        return Example(e.id, study, prefix + report + [self.tok.eos_id], len(prefix), present, side, loc, tt, len(prompt),
+                       spans, self.cfg.fact_weight)
 
 
 def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInputs:
@@ -395,6 +422,12 @@ def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInput
         ids[b, : len(ex.ids)] = torch.as_tensor(ex.ids)
         lm[b, ex.n_prefix: len(ex.ids)] = ids[b, ex.n_prefix: len(ex.ids)]
     x.ids, x.lm_labels = ids, lm
+    if any(ex.fact_spans for ex in examples):
+        w = torch.ones(len(examples), T)  # [B, T] LM loss weight of each target token
+        for b, ex in enumerate(examples):
+            for a, e in ex.fact_spans:
+                w[b, a:e] = ex.fact_weight
+        x.lm_weights = w
     if any(ex.n_prompt for ex in examples):
         x.prompt_len = torch.as_tensor([ex.n_prompt for ex in examples], dtype=torch.long)  # [B]
     x.copy_mask = spans_to_mask(digest_spans(x), T)  # [B, T]: the digest and prompt, right before [REPORT]

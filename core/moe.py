@@ -3,11 +3,13 @@
 Tokens are sorted by their assigned expert so each expert runs one dense matmul chain on a
 contiguous slice (a loop over experts, never over tokens); outputs are weighted and summed back
 with ``index_add_``.  Inference picks by size (``MoEConfig.dispatch="auto"``, thresholds measured
-with bench.moe): up to ~4K tokens the experts' matmuls write into shared buffers and the SwiGLU
-runs once over all rows ("grouped"); at decode sizes (N <= E tokens) every expert runs on every
-token in two batched matmuls, mixed by the routing weights, which are zero off the top-k ("all":
-16 tokens x top-2 read nearly every expert's weights anyway, and the sort/gather/scatter is
-skipped); above, one expert at a time without [N*K, D] buffers.  Training uses per-expert slices
+at the bench.moe configuration): at 1-8 tokens (N <= E/2) every expert runs on every token in two
+batched matmuls, mixed by the routing weights, which are zero off the top-k ("all": a few tokens
+x top-2 read most experts' weights anyway); up to N*K <= 64*E (512 tokens) a zero-padded
+[E, M, D] batched matmul laid out without sorting ("padded"); up to ~4K tokens the experts'
+matmuls write into shared buffers and the SwiGLU runs once over all rows ("grouped"); above,
+one expert at a time without [N*K, D] buffers. The router's inference path skips the full
+softmax and the auxiliary loss (they only matter with gradients).  Training uses per-expert slices
 (or the zero-padded [E, M, D] bmm at decode sizes).  Balance: Switch-style auxiliary loss (``balance="aux"``) or DeepSeek-V3's
 auxiliary-loss-free bias (``balance="bias"``: a non-learned per-expert bias added to the scores
 for selection only, nudged by ``update_bias`` after each optimiser step).
@@ -89,9 +91,17 @@ class MoE(nn.Module):
         self.register_buffer("route_bias", torch.zeros(E), persistent=True)
         self.lora: nn.Module | None = None  # core.lora.ExpertLoRA: (e, which, x_slice) -> delta
 
-    def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (weights [N,K], expert ids [N,K], router probabilities [N,E])."""
+    def route(self, x_ND: torch.Tensor, need_probs: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (weights [N,K], expert ids [N,K], router probabilities [N,E] or None).
+
+        ``need_probs=False`` (inference: the probabilities only feed the auxiliary loss) takes the
+        top-k of the logits and a softmax over those k only: the same weights as renormalising the
+        top-k of the full softmax, without the [N,E] softmax and division."""
         logits = self.router(x_ND)  # [N,E]
+        if not need_probs and self.cfg.balance != "bias":
+            top, idx = logits.topk(self.cfg.top_k, dim=-1)  # [N,K]
+            return top.softmax(-1), idx, None
         if self.cfg.balance == "bias":
             scores = torch.sigmoid(logits)
             idx = (scores + self.route_bias).topk(self.cfg.top_k, dim=-1).indices  # bias: selection only
@@ -165,6 +175,28 @@ class MoE(nn.Module):
         y = torch.bmm(w_NE[:, None, :], y_END.transpose(0, 1))[:, 0]  # [N,1,E] @ [N,E,D] -> [N,D]
         return y.to(x.dtype)  # (autocast: the matmuls may run in bf16)
 
+    def _experts_padded_small(self, x: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor,
+                              counts: torch.Tensor) -> torch.Tensor:
+        """Inference at decode sizes: the zero-padded [E, M, D] bmm without sorting. Each
+        assignment's row within its expert comes from a running count over a one-hot of the expert
+        ids, the routing weight scales the hidden in the padded layout, and the outputs are read
+        back in token order and summed over the k choices (no scatter-add): ~20 small ops around
+        the two batched matmuls, which read every active expert's weights once."""
+        N, K = idx_NK.shape
+        E, D, Fh = self.cfg.n_experts, x.shape[1], self.cfg.d_expert
+        flat = idx_NK.reshape(-1)  # [N*K] token-major
+        onehot = F.one_hot(flat, E)  # [N*K,E]
+        slot = onehot.cumsum(0).mul_(onehot).sum(1).sub_(1)  # [N*K] row of each assignment in its expert
+        M = int(counts.max())
+        xp = x.new_zeros(E, M, D)
+        xp[flat, slot] = x[:, None, :].expand(N, K, D).reshape(N * K, D)  # [E,M,D]
+        wp = x.new_zeros(E, M, 1)
+        wp[flat, slot] = w_NK.reshape(-1, 1).to(x.dtype)  # [E,M,1] routing weight of each padded row
+        h13 = torch.bmm(xp, self.w13)  # [E,M,2F]
+        h = F.silu(h13[..., :Fh]).mul_(h13[..., Fh:]).mul_(wp)  # [E,M,F]
+        yp = torch.bmm(h, self.w2)  # [E,M,D]
+        return yp[flat, slot].view(N, K, D).sum(1).to(x.dtype)  # [N,D] (autocast: bmm in bf16)
+
     def _mode(self, N: int, grad: bool) -> str:
         """The dispatch for N tokens from the config: "all", "grouped" (inference only), "loop",
         "padded", or "sorted" = loop or padded, decided once the experts' counts are known."""
@@ -172,8 +204,10 @@ class MoE(nn.Module):
         inference = not grad and self.lora is None
         if cfg.dispatch != "auto":
             return cfg.dispatch if inference or cfg.dispatch in ("loop", "padded") else "loop"
-        if inference and N <= cfg.n_experts:  # measured (bench.moe): decode sizes
+        if inference and N <= cfg.n_experts // 2:  # measured (runs of bench.moe sizes): 1-8 tokens
             return "all"
+        if inference and N * cfg.top_k <= 64 * cfg.n_experts:  # measured: 12-512 tokens (sort-free padded bmm)
+            return "padded"
         if inference and N * cfg.top_k <= 8192:  # measured: up to ~4K tokens; above, fresh [N*K,*] buffers cost more than they save
             return "grouped"
         return "sorted"
@@ -183,12 +217,14 @@ class MoE(nn.Module):
         shape = x_BTD.shape
         x = x_BTD.reshape(-1, shape[-1])  # [N,D]
         N, K, E = x.shape[0], cfg.top_k, cfg.n_experts
-        w_NK, idx_NK, probs_NE = self.route(x)
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad or self.lora is not None)
+        w_NK, idx_NK, probs_NE = self.route(x, need_probs=grad)
         flat = idx_NK.reshape(-1)  # [N*K]
         counts = torch.bincount(flat, minlength=E)  # [E]
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad or self.lora is not None)
         mode = self._mode(N, grad)
-        if mode != "all":
+        if mode == "padded" and not grad and self.lora is None:
+            mode = "padded_small"  # inference: the sort-free padded layout
+        if mode not in ("all", "padded_small"):
             order = flat.argsort(stable=True)  # assignments sorted by expert
             tok = order // K  # [N*K] source token of each sorted assignment
             counts_l = counts.tolist()
@@ -196,6 +232,8 @@ class MoE(nn.Module):
                 mode = "padded" if N * K <= 8 * E and max(counts_l) * E <= max(2 * N * K, 4 * E) else "loop"
         if mode == "all":
             y = self._experts_all(x, w_NK, idx_NK)
+        elif mode == "padded_small":
+            y = self._experts_padded_small(x, w_NK, idx_NK, counts)
         elif mode == "padded":
             expert_sorted = flat[order]  # [N*K]
             starts = torch.cumsum(counts, 0) - counts  # [E]
@@ -227,8 +265,9 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
         load_E = counts.to(x.dtype) / max(N * K, 1)
-        aux_loss = cfg.aux_loss_coef * E * (load_E.detach() * probs_NE.mean(0)).sum() if cfg.balance == "aux" \
-            else x.new_zeros(())
+        # The auxiliary loss only matters with gradients; inference returns a constant 0.
+        aux_loss = cfg.aux_loss_coef * E * (load_E.detach() * probs_NE.mean(0)).sum() \
+            if cfg.balance == "aux" and probs_NE is not None else x.new_zeros(())
         return y.reshape(shape), {"aux_loss": aux_loss, "expert_load": load_E.detach()}
 
     @torch.no_grad()

@@ -85,6 +85,7 @@ class ModelInputs:
     history_mask: torch.Tensor | None = None  # [B, L] bool
     ids: torch.Tensor | None = None  # [B, T] decoder sequence [BOS] history [REPORT] report [EOS]
     lm_labels: torch.Tensor | None = None  # [B, T] = ids where a token is to be predicted, else -100
+    lm_weights: torch.Tensor | None = None  # [B, T] float: per-token LM loss weight (None = all 1)
     labels: FindingLabels | None = None
     token_targets: torch.Tensor | None = None  # [B, S*G*G, K] which image token shows which finding
     history_digest_len: torch.Tensor | None = None  # [B] long: trailing history tokens that are the digest
@@ -162,9 +163,16 @@ def decoder_losses(cfg: ModelConfig, out, x: ModelInputs, canon_V: torch.Tensor 
     losses = {"aux": out.aux_loss}
     total = cfg.aux_weight * out.aux_loss
     if x.lm_labels is not None:
-        lm = F.cross_entropy(  # position t predicts token t+1
-            out.logits[:, :-1].flatten(0, 1).float(), x.lm_labels[:, 1:].flatten(), ignore_index=-100
-        )
+        if x.lm_weights is None:
+            lm = F.cross_entropy(  # position t predicts token t+1
+                out.logits[:, :-1].flatten(0, 1).float(), x.lm_labels[:, 1:].flatten(), ignore_index=-100
+            )
+        else:  # weighted mean over the predicted tokens (weights of the targets t+1)
+            labels_N = x.lm_labels[:, 1:].flatten()  # [B*(T-1)]
+            ce_N = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels_N, ignore_index=-100,
+                                   reduction="none")
+            w_N = x.lm_weights[:, 1:].flatten().float() * (labels_N != -100)  # [B*(T-1)]
+            lm = (ce_N * w_N).sum() / w_N.sum().clamp_min(1e-6)
         losses["lm"] = lm
         total = total + cfg.lm_weight * lm
         if cfg.copy_weight > 0 and out.copy is not None:

@@ -36,6 +36,12 @@ class ModelConfig:
     # Supervised copy loss (core.decoder.copy_loss: the gate and the pointer, aligned by shared
     # trigrams of report and digest); needs decoder.copy and a history digest. 0 = off.
     copy_weight: float = 0.0
+    # Weight of the next-token loss on the report tokens that state a planted history fact (the
+    # manifest's ``facts[].expect_in_report`` phrases, e.g. "without intravenous contrast",
+    # "known colon cancer"; app.train_data.fact_spans). These are few tokens per report and rare
+    # across reports, so at a plain weight of 1 a CPU-trained decoder writes the common variant
+    # ("with IV contrast") instead. Training only; data without facts is unaffected. 1 = off.
+    fact_weight: float = 1.0
     name: str = "custom"
     # Inputs the model reads. False makes a model blind to that modality everywhere (training,
     # generation, the UI): the image-blind baseline is use_image=False, use_audio=False.
@@ -82,7 +88,7 @@ class ModelConfig:
             fusion=build(FusionConfig, d.get("fusion", {})),
             decoder=_decoder_from_dict(d.get("decoder", {})),
             heads=build(HeadsConfig, d.get("heads", {})),
-            **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "copy_weight", "name", "use_image", "use_audio",
+            **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "copy_weight", "fact_weight", "name", "use_image", "use_audio",
                                       "history_digest_words", "finding_prompt") if k in d},
         )
 

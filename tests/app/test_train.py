@@ -442,3 +442,55 @@ def test_finding_prompt_in_training_comes_from_the_labels(shared, repo_root):
             assert x.history_ids[b][x.history_mask[b]].tolist() == hist
     assert spans_checked == len(entries)
     assert any(lab.present for e in entries for lab in e.labels)  # some example has a real call
+
+
+def test_fact_weight_weights_the_report_tokens_that_state_history_facts(shared, repo_root):
+    """model.fact_weight: the LM loss weight is fact_weight on exactly the report tokens that spell
+    a planted fact's expected phrase (case as written), 1 elsewhere; the weighted loss is the
+    weighted mean of the per-token cross-entropy; fact_weight 1 leaves the batch unweighted."""
+    import torch.nn.functional as F
+
+    from app.train_data import fact_spans
+    from data.tokenizer import ReportTokenizer
+    from multimodal.model import decoder_losses
+
+    tok = ReportTokenizer.load(shared["tok"])
+    entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "train"]
+    for weight in (1.0, 5.0):
+        mcfg = model_config(_cfg(shared, repo_root, f"model.fact_weight={weight}"), tok.vocab_size)
+        ds = ReportDataset(entries, tok, mcfg, StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg, audio=False)),
+                           max_history_tokens=64, max_report_tokens=400)
+        exs = [ds[i] for i in range(len(ds))]
+        x = collate_examples(exs, tok.pad_id)
+        if weight == 1.0:
+            assert x.lm_weights is None and not any(ex.fact_spans for ex in exs)
+            continue
+        phrases_seen = 0
+        for b, (e, ex) in enumerate(zip(entries, exs)):
+            want = [f.expect_in_report for f in e.facts if f.kind != "distractor" and f.expect_in_report]
+            w = x.lm_weights[b]
+            heavy = (w == weight).nonzero()[:, 0].tolist()
+            assert set(heavy) == {i for a, c in ex.fact_spans for i in range(a, c)}
+            assert all(ex.n_prefix <= a < c <= len(ex.ids) for a, c in ex.fact_spans)  # report tokens only
+            spelled = [tok.decode(ex.ids[a:c]).strip().lower() for a, c in ex.fact_spans]
+            for ph in want:  # every phrase the report contains is weighted, and nothing else is
+                assert (ph.lower() in e.report.lower()) == (ph.lower() in spelled)
+                phrases_seen += ph.lower() in spelled
+            assert set(spelled) <= {ph.lower() for ph in want}
+            assert torch.all(w[[i for i in range(len(w)) if i not in heavy]] == 1)
+        assert phrases_seen >= 3  # indication, lobectomy, contrast allergy of the example studies
+        # the weighted LM loss is the weighted mean of the per-token cross-entropy
+        T, V = x.ids.shape[1], tok.vocab_size
+        logits = torch.randn(len(exs), T, V)
+        out = type("Out", (), {"aux_loss": torch.zeros(()), "logits": logits, "copy": None})()
+        lm = decoder_losses(mcfg, out, x)["lm"]
+        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), x.lm_labels[:, 1:].flatten(), ignore_index=-100, reduction="none")
+        keep = x.lm_labels[:, 1:].flatten() != -100
+        wt = x.lm_weights[:, 1:].flatten()
+        assert torch.allclose(lm, (ce * wt)[keep].sum() / wt[keep].sum())
+        assert not torch.allclose(lm, ce[keep].mean())
+    # the matcher: mid-sentence and capitalised at a line start, every occurrence, misses give nothing
+    ids = tok.encode_report({"technique": "Without intravenous contrast. Again without intravenous contrast."})
+    spans = fact_spans(tok, ids, ["without intravenous contrast", "known colon cancer"])
+    assert len(spans) == 2
+    assert [tok.decode(ids[a:c]).strip().lower() for a, c in spans] == ["without intravenous contrast"] * 2

@@ -99,21 +99,22 @@ def test_moe_runs_under_bf16_autocast(dispatch, grad):
         assert x.grad is not None and moe.w2.grad is not None
 
 
-@pytest.mark.parametrize("n_tokens,expected", [(1, "all"), (16, "all"), (17, "grouped"), (1024, "grouped"),
-                                               (4096, "grouped"), (4097, "loop")])
+@pytest.mark.parametrize("n_tokens,expected", [(1, "all"), (8, "all"), (9, "padded_small"), (512, "padded_small"),
+                                               (513, "grouped"), (4096, "grouped"), (4097, "loop")])
 def test_auto_dispatch_by_size_at_inference(n_tokens, expected, monkeypatch):
     """"auto" picks the measured inference path by size (16 experts, top-2); with grad it never
     picks an inference-only path."""
     m = MoE(MoEConfig(d_model=8, n_experts=16, top_k=2, d_expert=4))
     used = []
-    for name in ("_experts_all", "_experts_grouped", "_experts_padded"):
+    for name in ("_experts_all", "_experts_grouped", "_experts_padded", "_experts_padded_small"):
         orig = getattr(m, name)
         monkeypatch.setattr(m, name, lambda *a, _n=name, _o=orig: used.append(_n) or _o(*a))
     x = torch.randn(n_tokens, 8)
     with torch.no_grad():
         m(x)
-    got = {"_experts_all": "all", "_experts_grouped": "grouped", "_experts_padded": "padded"}.get(used[0]) if used else "loop"
+    got = {"_experts_all": "all", "_experts_grouped": "grouped", "_experts_padded": "padded",
+           "_experts_padded_small": "padded_small"}.get(used[0]) if used else "loop"
     assert got == expected
     used.clear()
     m(x.requires_grad_())
-    assert not {"_experts_all", "_experts_grouped"} & set(used)
+    assert not {"_experts_all", "_experts_grouped", "_experts_padded_small"} & set(used)
