@@ -177,7 +177,7 @@ class MoE(nn.Module):
 
     def _experts_padded_small(self, x: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor,
                               counts: torch.Tensor) -> torch.Tensor:
-        """Inference at decode sizes: the zero-padded [E, M, D] bmm without sorting. Each
+        """Inference at small sizes (9-512 tokens): the zero-padded [E, M, D] bmm without sorting. Each
         assignment's row within its expert comes from a running count over a one-hot of the expert
         ids, the routing weight scales the hidden in the padded layout, and the outputs are read
         back in token order and summed over the k choices (no scatter-add): ~20 small ops around
