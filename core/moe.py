@@ -198,16 +198,18 @@ class MoE(nn.Module):
         return yp[flat, slot].view(N, K, D).sum(1).to(x.dtype)  # [N,D] (autocast: bmm in bf16)
 
     def _mode(self, N: int, grad: bool) -> str:
-        """The dispatch for N tokens from the config: "all", "grouped" (inference only), "loop",
-        "padded", or "sorted" = loop or padded, decided once the experts' counts are known."""
+        """The dispatch for N tokens from the config: "all", "grouped", "padded_small" (inference
+        only; the latter is "padded" at inference), "loop", "padded", or "sorted" = loop or
+        padded, decided once the experts' counts are known."""
         cfg = self.cfg
         inference = not grad and self.lora is None
         if cfg.dispatch != "auto":
-            return cfg.dispatch if inference or cfg.dispatch in ("loop", "padded") else "loop"
+            mode = cfg.dispatch if inference or cfg.dispatch in ("loop", "padded") else "loop"
+            return "padded_small" if inference and mode == "padded" else mode
         if inference and N <= cfg.n_experts // 2:  # measured (runs of bench.moe sizes): 1-8 tokens
             return "all"
         if inference and N * cfg.top_k <= 64 * cfg.n_experts:  # measured: 12-512 tokens (sort-free padded bmm)
-            return "padded"
+            return "padded_small"
         if inference and N * cfg.top_k <= 8192:  # measured: up to ~4K tokens; above, fresh [N*K,*] buffers cost more than they save
             return "grouped"
         return "sorted"
@@ -222,8 +224,6 @@ class MoE(nn.Module):
         flat = idx_NK.reshape(-1)  # [N*K]
         counts = torch.bincount(flat, minlength=E)  # [E]
         mode = self._mode(N, grad)
-        if mode == "padded" and not grad and self.lora is None:
-            mode = "padded_small"  # inference: the sort-free padded layout
         if mode not in ("all", "padded_small"):
             order = flat.argsort(stable=True)  # assignments sorted by expert
             tok = order // K  # [N*K] source token of each sorted assignment
