@@ -14,7 +14,9 @@ ANS opens a block: a block's selected far-away blocks are chosen by its first qu
 block-shared selection), so the sequence is laid out for ANS to be that query.  Training starts
 with a curriculum of short sequences (3-12 blocks) where the copy is learnt, partly through the
 local window; q and k are shared by all branches, so the far path then uses the same match.
-Then it trains at 512-8K tokens.
+Then it trains at 512-8K tokens, each length shortened by 0-3 blocks so that the last query
+block meets every alignment with the 256-token summaries (at 100,000 tokens the fact just
+before QUERY lies in an incomplete summary block, reachable only through the local window).
 
 Legend: B batch, T tokens.
 """
@@ -53,6 +55,7 @@ class RetrievalConfig:
     train_lengths: tuple[int, ...] = (512, 2048, 4096, 8192)
     warmup_lengths: tuple[int, ...] = (192, 384, 768)  # curriculum: the copy is learnt first, mostly locally
     warmup_steps: int = 150
+    jitter_blocks: int | None = None  # each step's length is shortened by 0..this many query blocks (None: c/b - 1)
     tokens_per_step: int = 8192
     steps: int = 250
     lr: float = 2e-3
@@ -110,6 +113,14 @@ def train(rc: RetrievalConfig, log_every: int = 25, device: str = "cpu",
         lengths = rc.warmup_lengths if step < rc.warmup_steps else rc.train_lengths
         T = lengths[step % len(lengths)]
         B = max(1, rc.tokens_per_step // T)
+        # shorten by 0..(c/b - 1) blocks: the training lengths are multiples of the compressed
+        # block, and without this the block before ANS always completes a summary (the fact there
+        # is always selectable), so a fact only the local window holds - as at 100,000 tokens - is
+        # never trained
+        a = rc.attention
+        jitter = a.compress_block // a.block_size - 1 if rc.jitter_blocks is None else rc.jitter_blocks
+        if jitter:
+            T -= a.block_size * int(torch.randint(0, jitter + 1, (1,), generator=gen))
         ids, tgt = make_batch(B, T, rc.attention.block_size, gen)
         ids, tgt = ids.to(device), tgt.to(device)
         logits, aux = answer_logits(dec, ids)
@@ -232,7 +243,7 @@ def full_config() -> RetrievalConfig:
     demo width (4 x 64, d_model 256) training had not left chance level after 175 steps on this
     CPU, while this width learns the task within the time budget."""
     att = dataclasses.replace(DecoderConfig.preset("demo", vocab_size=1).attention, d_model=64, n_heads=2, head_dim=32)
-    return RetrievalConfig(attention=att, n_layers=1, n_experts=4, d_expert=64, lr=3e-3)
+    return RetrievalConfig(attention=att, n_layers=1, n_experts=4, d_expert=64, lr=3e-3, steps=2000, eval_per_cell=20)
 
 
 def quick_config() -> RetrievalConfig:

@@ -54,6 +54,7 @@ class AttentionConfig:
     branches: tuple[str, ...] = BRANCHES
     chunk_blocks: int = 32
     rope_base: float = 500_000.0
+    rope_fraction: float = 1.0  # < 1: the slowest pairs stay unrotated (partial RoPE, core.rope)
 
     def __post_init__(self) -> None:
         self.branches = tuple(self.branches)
@@ -66,6 +67,8 @@ class AttentionConfig:
             raise ValueError("the selected branch needs select_topk >= 1")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even (RoPE)")
+        if not 0.0 <= self.rope_fraction <= 1.0:
+            raise ValueError(f"rope_fraction must be in [0, 1] (the share of rotated pairs), got {self.rope_fraction}")
 
     @property
     def uses_compressed(self) -> bool:
@@ -396,6 +399,38 @@ class _Plan:
                 grads.dk[hs, j * c:(j + 1) * c] += dk
                 grads.dv[hs, j * c:(j + 1) * c] += dv
 
+    def selected_by_block(self, of: torch.Tensor, gf: torch.Tensor | None, n_branch: int) -> None:
+        """Inference, ``select_topk`` 1: the selected branch of the whole sequence at once, grouped
+        by chosen block.  The query blocks (of one batch row) that chose compressed block j are
+        gathered and attend to j's raw keys in place, one kernel call per chosen block, and the
+        (gated) output is added into their rows of ``of`` [BH, T, d].  Against the per-chunk path
+        it copies a block's 64 queries instead of its c chosen keys and values, and the kernel
+        gets one longer query run per chosen block (bigger tiles) instead of one 64-row block."""
+        b, c, H, T = self.cfg.block_size, self.cfg.compress_block, self.H, self.T
+        i_first = c // b  # blocks before it have no complete compressed block behind them
+        if self.C == 0 or i_first >= self.N:
+            return
+        idx, ok = self._selection(i_first, self.N)  # [B,Q,1] each
+        ar = torch.arange(b, device=of.device)
+        blocks = torch.arange(i_first, self.N, device=of.device)
+        for n in range(self.B):
+            good = ok[n, :, 0]
+            chosen, blk = idx[n, :, 0][good], blocks[good]
+            order = chosen.argsort(stable=True)
+            js, counts = torch.unique_consecutive(chosen[order], return_counts=True)
+            hs = slice(n * self.H, (n + 1) * self.H)
+            q_n, o_n = self.qf[hs], of[hs]  # [H,T,d] views
+            g_n = None if gf is None else gf[hs, :, n_branch]  # [H,T]
+            for j, blk_j in zip(js.tolist(), blk[order].split(counts.tolist())):
+                rows = (blk_j[:, None] * b + ar).reshape(-1)  # [m*b] rows of the query blocks that chose j
+                if int(blk_j[-1]) == self.N - 1 and T % b:  # the partial last block
+                    rows = rows[rows < T]
+                og, _ = _attn_fwd(q_n.index_select(1, rows), self.kf[hs, j * c:(j + 1) * c],
+                                  self.vf[hs, j * c:(j + 1) * c], None, self.scale)  # [H,m*b,d]
+                if g_n is not None:
+                    og.mul_(g_n.index_select(1, rows)[..., None])
+                o_n.index_add_(1, rows, og)
+
     def branch(self, name: str, s: int, e: int, n_chunk: int, gather: bool = True) -> list[list[_Part]]:
         if name == "local":
             return self.local(s, e)
@@ -451,6 +486,9 @@ class _BlockSparseFn(torch.autograd.Function):
         # short T; always the selected branch's (recomputing it means gathering its K*c raw keys
         # per query block again, the costliest step; keeping it costs one output-sized tensor)
         keep = {name: grad and (not recompute or name == "selected") for name in cfg.branches}
+        # inference with one selected block per query block: that branch runs after the chunks,
+        # grouped by chosen block (Plan.selected_by_block); with gradients it stays per chunk
+        by_block = not grad and "selected" in cfg.branches and cfg.select_topk == 1
         saved = []
         for n_chunk, (s, e) in enumerate(plan.chunks()):
             r0, r1 = s * cfg.block_size, min(e * cfg.block_size, T)
@@ -458,6 +496,8 @@ class _BlockSparseFn(torch.autograd.Function):
             if cfg.branches[0] != "local":  # local covers every row and writes first; others may not
                 oc.zero_()
             for n, name in enumerate(cfg.branches):
+                if by_block and name == "selected":
+                    continue
                 for group in plan.branch(name, s, e, n_chunk):
                     og, lg = _group_forward(plan, group)
                     a, z = group[0].r0, group[0].r1
@@ -469,6 +509,8 @@ class _BlockSparseFn(torch.autograd.Function):
                         torch.mul(gf[:, a:z, n: n + 1], og, out=dst)
                     else:
                         dst.addcmul_(gf[:, a:z, n: n + 1], og)
+        if by_block:
+            plan.selected_by_block(of, gf if nb > 1 else None, cfg.branches.index("selected"))
         ctx.cfg, ctx.sel, ctx.saved_groups = cfg, plan.sel, saved if grad else None
         ctx.has = (wk is not None, gates is not None, kmin is not None)
         ctx.save_for_backward(*(t for t in (q, k, v, wk, wv, cmp_k, cmp_v, gates, kmin, kmax) if t is not None))
@@ -669,7 +711,7 @@ class BlockSparseAttention(nn.Module):
         B, T, _ = x_BTD.shape
         H, d = cfg.n_heads, cfg.head_dim
         q, k, v = self.wqkv(x_BTD).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # each [B,H,T,d]
-        cos, sin = rope_angles(pos, d, cfg.rope_base, x_BTD.dtype)
+        cos, sin = rope_angles(pos, d, cfg.rope_base, x_BTD.dtype, cfg.rope_fraction)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gates = None
         if self.gate is not None:

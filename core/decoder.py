@@ -63,12 +63,12 @@ class DecoderConfig:
             cfg = dict(d_model=64, n_layers=2, cross_heads=2, attention=att, moe=moe)
         elif name == "demo":
             att = AttentionConfig(d_model=256, n_heads=4, head_dim=64, block_size=64, window_blocks=1, global_blocks=1,
-                                  compress_block=256, select_topk=1, chunk_blocks=32)
+                                  compress_block=256, select_topk=1, chunk_blocks=32, rope_fraction=0.5)
             moe = MoEConfig(d_model=256, n_experts=16, top_k=2, d_expert=128)
             cfg = dict(d_model=256, n_layers=4, cross_heads=4, attention=att, moe=moe)
         elif name == "full":
             att = AttentionConfig(d_model=1024, n_heads=16, head_dim=64, block_size=64, window_blocks=2, global_blocks=1,
-                                  compress_block=256, select_topk=2, chunk_blocks=16)
+                                  compress_block=256, select_topk=2, chunk_blocks=16, rope_fraction=0.5)
             moe = MoEConfig(d_model=1024, n_experts=16, top_k=2, d_expert=1024, n_shared=1)
             cfg = dict(d_model=1024, n_layers=16, cross_heads=16, attention=att, moe=moe)
         else:

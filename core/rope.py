@@ -3,16 +3,27 @@
 Base 500,000 (as Llama 3 uses for 128K contexts) keeps the slowest rotation's wavelength
 (2*pi*base^((d-2)/d) ~ 2.3M positions at d=64) far above 100K tokens, so positions across a
 whole 100K-token record stay distinguishable; the local branch only ever compares nearby
-positions, where any base works.  Legend: B batch, H heads, T tokens, d head dim.
+positions, where any base works.
+
+``fraction`` < 1 rotates only the fastest ``fraction`` of the frequency pairs and leaves the
+slowest ones unrotated (partial RoPE, as GPT-NeoX's ``rotary_pct``; "p-RoPE", Barbero et al.
+2024).  A slow pair turns by less than a radian over a training length of 8K tokens, so the model
+uses it as a content channel, and at 100K it turns by several radians: content matches across
+distances never seen in training break.  Unrotated pairs match content at any distance; the
+rotated fast pairs turn through every phase within the training length and carry position.
+Legend: B batch, H heads, T tokens, d head dim.
 """
 from __future__ import annotations
 
 import torch
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape positions.shape + (head_dim // 2,), computed on the fly (no max-length cache)."""
+def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype,
+                fraction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape positions.shape + (head_dim // 2,), computed on the fly (no max-length
+    cache); the slowest (1 - fraction) of the pairs get frequency 0 (cos 1, sin 0: unrotated)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
+    inv_freq[rotated_pairs(head_dim, fraction):] = 0.0
     ang = positions.to(torch.float64)[..., None] * inv_freq  # [..., d/2]
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
@@ -30,3 +41,8 @@ def apply_rope(x_BHTd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     torch.mul(x1, cos, out=o1).sub_(x2 * sin)  # x1 cos - x2 sin
     torch.mul(x2, cos, out=o2).add_(x1 * sin)  # x2 cos + x1 sin
     return out
+
+
+def rotated_pairs(head_dim: int, fraction: float) -> int:
+    """How many of the head_dim // 2 frequency pairs rotate (the fastest ones) at ``fraction``."""
+    return round(fraction * (head_dim // 2))

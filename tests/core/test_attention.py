@@ -42,6 +42,29 @@ def test_kernel_matches_dense_reference_fp64_with_gradients(branches, T, recompu
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-kernel", "plain-matmul"])
+@pytest.mark.parametrize("branches", [("selected",), ("local", "selected"), BRANCHES])
+@pytest.mark.parametrize("T", [45, 160, 203, 517])
+def test_inference_selected_by_chosen_block_matches_dense_reference(branches, T, fused, monkeypatch):
+    """Without gradients and with one selected block per query block, the selected branch runs
+    grouped by chosen block over the whole sequence (Plan.selected_by_block): still exact, for two
+    batch rows that choose differently, partial last blocks included, and equal to the path with
+    gradients."""
+    monkeypatch.setattr(attention, "FUSED_CPU", fused)
+    cfg = AttentionConfig(**{**SMALL, "select_topk": 1}, branches=branches)
+    q, k, v, gates, wk = _inputs(cfg, 2, T, seed=3)
+    calls = []
+    real = attention._Plan.selected_by_block
+    monkeypatch.setattr(attention._Plan, "selected_by_block", lambda self, *a: (calls.append(1), real(self, *a)))
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, cfg, gates, wk, None)
+        ref = dense_reference(q, k, v, cfg, gates, wk, None)
+    assert calls  # the grouped path ran
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    with_grad = block_sparse_attention(q, k, v, cfg, gates, wk, None)
+    torch.testing.assert_close(out, with_grad.detach(), rtol=1e-10, atol=1e-12)
+
+
 def test_reference_pattern_is_sparse_and_global_path_reaches_far_tokens():
     """The compressed/selected branches let the last query see the first block; local alone does not."""
     T = 200

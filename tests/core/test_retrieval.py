@@ -39,3 +39,17 @@ def test_saved_retrieval_model_round_trips(tmp_path):
     back.eval()
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, dec(ids).logits, rtol=0, atol=0)
+
+
+def test_training_lengths_meet_every_alignment_with_the_summaries():
+    """The training lengths are multiples of the compressed block; each step is shortened by
+    0..c/b-1 query blocks so that the block before ANS is sometimes in an incomplete summary
+    block (reachable only through the local window, as at 100,000 tokens)."""
+    rc = quick_config()
+    rc.steps = 24
+    _, hist = train(rc, log_every=0)
+    b, c = rc.attention.block_size, rc.attention.compress_block
+    assert all(h["T"] % b == 0 for h in hist)
+    ans_pos = {h["T"] % c for h in hist}  # ANS sits at position T (make_batch rounds to blocks + 1)
+    assert ans_pos == set(range(0, c, b)), ans_pos
+    assert {h["T"] for h in hist} - set(rc.train_lengths)  # shortened lengths occur
