@@ -121,7 +121,7 @@ def train(rc: RetrievalConfig, log_every: int = 25, device: str = "cpu",
         jitter = a.compress_block // a.block_size - 1 if rc.jitter_blocks is None else rc.jitter_blocks
         if jitter:
             T -= a.block_size * int(torch.randint(0, jitter + 1, (1,), generator=gen))
-        ids, tgt = make_batch(B, T, rc.attention.block_size, gen)
+        ids, tgt = make_batch(B, T, a.block_size, gen)
         ids, tgt = ids.to(device), tgt.to(device)
         logits, aux = answer_logits(dec, ids)
         loss = F.cross_entropy(logits, tgt)

@@ -221,6 +221,16 @@ def _tail_causal_mask(pre: int, lq: int, dtype, device, cache: dict) -> torch.Te
     return cache[key]
 
 
+def _by_choice(choice: torch.Tensor, good: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """The positions of one batch row's selections grouped by chosen compressed block: choice,
+    good [M] -> [(j, ascending positions whose choice is j)], positions not ``good`` left out."""
+    pos = good.nonzero().flatten()
+    chosen = choice[pos]
+    order = chosen.argsort(stable=True)
+    js, counts = torch.unique_consecutive(chosen[order], return_counts=True)
+    return list(zip(js.tolist(), pos[order].split(counts.tolist())))
+
+
 class _Plan:
     """What one call of the kernel reads, as flat [B*H, T, d] tensors (q, k, v, the summaries),
     and how each query chunk splits into attention calls.  Built once per forward and again for
@@ -383,15 +393,10 @@ class _Plan:
         Q, kk = ok.shape[1], ok.shape[2]
         lq = (p.r1 - p.r0) - (Q - 1) * b
         ar = torch.arange(lq, device=og.device)
-        ix_l, ok_l = ix.tolist(), ok.reshape(ok.shape[0], -1).tolist()
         for n in range(self.B):
-            by_block: dict[int, list[int]] = {}
-            for m, (j, good) in enumerate(zip(ix_l[n], ok_l[n])):
-                if good:
-                    by_block.setdefault(j, []).append(m // kk)  # query block (within the call)
             hs = slice(n * H, (n + 1) * H)
-            for j, qbs in by_block.items():
-                rows = (torch.tensor(qbs, device=og.device)[:, None] * b + ar).reshape(-1)  # [m*lq] call rows
+            for j, picks in _by_choice(ix[n], ok[n].reshape(-1)):
+                rows = ((picks // kk)[:, None] * b + ar).reshape(-1)  # [m*lq] call rows of the query blocks that chose j
                 take = lambda t: t[hs].index_select(1, rows)  # noqa: E731
                 dq, dk, dv = _attn_bwd(take(go), self.qf[hs, p.r0:p.r1].index_select(1, rows), self.kf[hs, j * c:(j + 1) * c],
                                        self.vf[hs, j * c:(j + 1) * c], take(og), take(lg), None, self.scale)
@@ -412,17 +417,13 @@ class _Plan:
             return
         idx, ok = self._selection(i_first, self.N)  # [B,Q,1] each
         ar = torch.arange(b, device=of.device)
-        blocks = torch.arange(i_first, self.N, device=of.device)
         for n in range(self.B):
-            good = ok[n, :, 0]
-            chosen, blk = idx[n, :, 0][good], blocks[good]
-            order = chosen.argsort(stable=True)
-            js, counts = torch.unique_consecutive(chosen[order], return_counts=True)
             hs = slice(n * self.H, (n + 1) * self.H)
             q_n, o_n = self.qf[hs], of[hs]  # [H,T,d] views
             g_n = None if gf is None else gf[hs, :, n_branch]  # [H,T]
-            for j, blk_j in zip(js.tolist(), blk[order].split(counts.tolist())):
-                rows = (blk_j[:, None] * b + ar).reshape(-1)  # [m*b] rows of the query blocks that chose j
+            for j, picks in _by_choice(idx[n, :, 0], ok[n, :, 0]):
+                blk_j = picks + i_first  # the query blocks that chose j
+                rows = (blk_j[:, None] * b + ar).reshape(-1)  # [m*b] their rows
                 if int(blk_j[-1]) == self.N - 1 and T % b:  # the partial last block
                     rows = rows[rows < T]
                 og, _ = _attn_fwd(q_n.index_select(1, rows), self.kf[hs, j * c:(j + 1) * c],
