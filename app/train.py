@@ -104,6 +104,10 @@ class StageConfig:
     lm: bool = True  # decoder LM loss on (False: finding-head loss only, decoder not run)
     cache_encoders: bool = False  # frozen image/audio encoders: compute their tokens once per study
     lr: float | None = None  # None = optim.lr
+    # Per-module lr multipliers: [[parameter-name prefix, factor], ...], the first matching
+    # prefix wins (e.g. [["image_encoder", 3.0]]: the CNN trained from scratch takes 3x the lr of
+    # the fusion and heads). Empty = one lr for every trained parameter.
+    lr_scale: tuple = ()
 
 
 @dataclass
@@ -176,6 +180,14 @@ def _coerce(default: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError("model: expected an object of ModelConfig overrides")
         return value
+    if path.endswith("lr_scale"):
+        try:
+            pairs = tuple((str(p), float(f)) for p, f in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: expected [[parameter-name prefix, factor], ...]") from None
+        if any(f <= 0 or not p for p, f in pairs):
+            raise ConfigError(f"{path}: prefixes must be non-empty and factors > 0")
+        return pairs
     if path == "data.history_curriculum":
         try:
             cur = tuple((float(a), int(b)) for a, b in value)
@@ -472,13 +484,21 @@ def set_modes(model: ReportModel) -> None:
             enc.eval()
 
 
-def make_optimizer(params: Sequence[nn.Parameter], model: nn.Module, o: OptimConfig, lr: float) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms, biases, gains or 1-D tables)."""
+def make_optimizer(params: Sequence[nn.Parameter], model: nn.Module, o: OptimConfig, lr: float,
+                   lr_scale: Sequence[tuple[str, float]] = ()) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms, biases, gains or 1-D tables);
+    ``lr_scale`` multiplies the lr of parameters whose name starts with a prefix (first match)."""
     wanted = {id(p) for p in params}
-    decay = [p for p in model.parameters() if id(p) in wanted and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if id(p) in wanted and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(o.betas), eps=o.eps)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if id(p) not in wanted:
+            continue
+        scale = next((f for pre, f in lr_scale if name.startswith(pre)), 1.0)
+        groups.setdefault((scale, p.ndim >= 2), []).append(p)
+    order = sorted(groups, key=lambda k: (k[0] != 1.0, not k[1], k[0]))  # the plain lr's matrices first (logged lr)
+    return torch.optim.AdamW(
+        [{"params": groups[k], "weight_decay": o.weight_decay if k[1] else 0.0, "lr": lr * k[0]} for k in order],
+        lr=lr, betas=tuple(o.betas), eps=o.eps)
 
 
 # ============================================================================ tokenizer
@@ -894,7 +914,7 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
             stage_idx = i
             params = set_trainable(model, stage.train)
             lr = stage.lr if stage.lr is not None else cfg.optim.lr
-            opt = make_optimizer(params, model, cfg.optim, lr)
+            opt = make_optimizer(params, model, cfg.optim, lr, stage.lr_scale)
             warm, n = cfg.optim.warmup_steps, stage.steps
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s, w=warm, n=n: lr_factor(s, w, n, cfg.optim.min_lr_ratio))

@@ -245,6 +245,15 @@ def token_targets(lesions, z_index_range_S2: np.ndarray, spacing_zyx: Sequence[f
     return out.reshape(S * G * G, K)
 
 
+def dense_grid(cfg: ModelConfig) -> int:
+    """Cells per side of the dense-loss targets: the finest of ``heads.dense_stages`` at the
+    encoder's slab size (128-pixel slabs, layer2 at stride 8: 16)."""
+    red = min(cfg.image.stage_reduction(i) for i in cfg.heads.dense_stages)
+    if cfg.image.image_size % red:
+        raise ValueError(f"image_size {cfg.image.image_size} is not a multiple of the dense stage stride {red}")
+    return cfg.image.image_size // red
+
+
 # ----------------------------------------------------------------------------- examples
 
 
@@ -259,6 +268,7 @@ class Example:
     location_K: np.ndarray  # class index / -100
     token_targets_NK: np.ndarray | None = None  # [S*G*G, K] (heads.token_loss_weight > 0)
     n_prompt: int = 0  # finding-prompt tokens right before [REPORT] (model.finding_prompt)
+    dense_targets_SGGK: np.ndarray | None = None  # [S, G, G, K] on the dense grid (heads.dense_loss_weight > 0)
     fact_spans: tuple[tuple[int, int], ...] = ()  # [start, end) in ids of planted-fact phrases
     fact_weight: float = 1.0  # LM loss weight on those tokens (model.fact_weight)
 
@@ -404,12 +414,17 @@ class ReportDataset(torch.utils.data.Dataset):
         if self.cfg.heads.token_loss_weight > 0:
             tt = token_targets(e.lesions, arrays["z_index_range"], arrays["spacing_zyx"], arrays["shape_zyx"][1:],
                                self.cfg.image.grid, self.cfg.heads.finding_names)
+        dense = None
+        if self.cfg.heads.dense_loss_weight > 0:
+            G = dense_grid(self.cfg)
+            dense = token_targets(e.lesions, arrays["z_index_range"], arrays["spacing_zyx"], arrays["shape_zyx"][1:],
+                                  G, self.cfg.heads.finding_names).reshape(-1, G, G, self.cfg.heads.num_findings)
         spans: tuple[tuple[int, int], ...] = ()
         if self.cfg.fact_weight != 1.0 and e.facts:
             phrases = [f.expect_in_report for f in e.facts if f.kind != "distractor" and f.expect_in_report]
             spans = tuple((len(prefix) + a, len(prefix) + b) for a, b in fact_spans(self.tok, report, phrases))
         return Example(e.id, study, prefix + report + [self.tok.eos_id], len(prefix), present, side, loc, tt, len(prompt),
-                       spans, self.cfg.fact_weight)
+                       dense, spans, self.cfg.fact_weight)
 
 
 def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInputs:
@@ -444,4 +459,11 @@ def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInput
         for b, ex in enumerate(examples):
             tt[b, : ex.token_targets_NK.shape[0]] = torch.from_numpy(ex.token_targets_NK)
         x.token_targets = tt
+    if all(ex.dense_targets_SGGK is not None for ex in examples):
+        S = x.slab_mask.shape[1]
+        d0 = examples[0].dense_targets_SGGK
+        dt = torch.zeros(len(examples), S, *d0.shape[1:])  # [B, S_max, G, G, K], padded slabs all 0
+        for b, ex in enumerate(examples):
+            dt[b, : ex.dense_targets_SGGK.shape[0]] = torch.from_numpy(ex.dense_targets_SGGK)
+        x.dense_targets = dt
     return x

@@ -75,6 +75,20 @@ class HeadsConfig:
     # gets gradient, so a study without the finding pushes all its tokens down and the lesion's
     # token, not whichever token happened to be largest, is pushed up in a study with it.
     token_pool_sharpness: float = 4.0
+    # Weight of the dense localisation loss (0 = off; training only, read where the image
+    # backbone runs). A 1x1 convolution on each intermediate backbone map in ``dense_stages``
+    # (timm feature indices: 2 = layer2 at stride 8, 3 = layer3 at stride 16; 16 x 16 and 8 x 8
+    # cells for a 128-pixel slab) predicts which findings each cell shows, against the synthetic
+    # lesion spheres. The 4 x 4 token loss gives a focal lesion one or two positive cells per
+    # slab; the finer maps give it tens, and supervise the stages where small shapes are still
+    # resolved (session 10 probe: docs/training.md).
+    dense_loss_weight: float = 0.0
+    dense_stages: tuple[int, ...] = (2, 3)
+    # Token and dense losses: "weighted" = BCE averaged over cells with positives up-weighted
+    # (x4); "balanced" = per finding, the mean BCE over its positive cells plus the mean over its
+    # negative cells, so a finding that covers 0.1 % of the cells pulls as hard as one covering
+    # 10 % (rare, small lesions otherwise hardly move the encoder).
+    localisation_loss: str = "weighted"
     # Operating points: a finding is called present when its calibrated probability reaches its
     # threshold (same order as finding_names; empty = 0.5 for all). Chosen on the validation split
     # after training (fit_decision_thresholds); the probabilities themselves are not changed.
@@ -153,7 +167,8 @@ class FindingHeads(nn.Module):
     queries' attention starts uniform and the shared query dilutes the study's content).
     """
 
-    def __init__(self, cfg: HeadsConfig, dim: int, image_dim: int | None = None):
+    def __init__(self, cfg: HeadsConfig, dim: int, image_dim: int | None = None,
+                 dense_channels: tuple[int, ...] = ()):
         super().__init__()
         if cfg.num_findings == 0:
             raise ValueError("HeadsConfig.finding_names is empty: give the finding vocabulary")
@@ -170,6 +185,14 @@ class FindingHeads(nn.Module):
             self.token_logits = nn.Linear(image_dim, K)  # image token [D_img] -> K finding logits
         if cfg.token_presence:
             self.token_scale = nn.Parameter(torch.ones(K))
+        if cfg.dense_loss_weight > 0:
+            if len(dense_channels) != len(cfg.dense_stages):
+                raise ValueError(f"dense_loss_weight needs the channels of the {len(cfg.dense_stages)} dense_stages: "
+                                 "pass dense_channels (ReportModel does)")
+            # one 1x1 convolution per backbone stage: map [V, C_i, h, w] -> finding logits [V, K, h, w]
+            self.dense_logits = nn.ModuleList(nn.Conv2d(c, K, 1) for c in dense_channels)
+        if cfg.localisation_loss not in ("weighted", "balanced"):
+            raise ValueError(f"heads.localisation_loss must be 'weighted' or 'balanced', not {cfg.localisation_loss!r}")
         if cfg.finding_context:
             self.context_emb = nn.Parameter(torch.randn(K, dim) * 0.02)  # [K, D] which finding
             self.context_proj = nn.Linear(1 + len(SIDES) + L, dim)  # prediction -> D

@@ -42,6 +42,13 @@ class ImageEncoderConfig:
     z_min_period_mm: float = 4.0
     z_max_period_mm: float = 2000.0
 
+    def stage_reduction(self, stage: int) -> int:
+        """Downsampling of backbone stage ``stage`` (timm feature index: 0 stem, 1-4 layer1-4),
+        as timm's ``feature_info`` reports it: 2^(stage+1), capped by the output stride (dilation)."""
+        if not 0 <= stage <= 4:
+            raise ValueError(f"backbone stage {stage} does not exist; use 0 (stem) to 4 (layer4)")
+        return min(2 ** (stage + 1), self.output_stride)
+
     @classmethod
     def preset(cls, name: str) -> "ImageEncoderConfig":
         presets = {
@@ -84,6 +91,21 @@ class ImageEncoder(nn.Module):
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone.forward_features(x)
+
+    def backbone_maps(self, slabs_BS3HW: torch.Tensor, slab_mask_BS: torch.Tensor,
+                      stages: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """As ``backbone_features``, plus the feature maps of the intermediate ``stages`` (timm
+        feature indices, e.g. 2 = layer2 at stride 8): ([n_valid, C, h, w], [[n_valid, C_i, h_i, w_i]]).
+        One backbone pass; the maps feed training-only losses (the dense localisation loss)."""
+        x = slabs_BS3HW[slab_mask_BS]  # [n_valid, 3, H, W]
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        final, maps = self.backbone.forward_intermediates(x, indices=list(stages))
+        return final, list(maps)
+
+    def stage_channels(self, stage: int) -> int:
+        """Channels of backbone stage ``stage`` (timm ``feature_info``)."""
+        return int(self.backbone.feature_info[stage]["num_chs"])
 
     def tokens_from_features(
         self, feats_VChw: torch.Tensor, slab_mask_BS: torch.Tensor, z_mm_BS: torch.Tensor

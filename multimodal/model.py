@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
+from einops import rearrange
 from torch import nn
 
 from core.decoder import Decoder, copy_loss, spans_to_mask
@@ -88,6 +89,7 @@ class ModelInputs:
     lm_weights: torch.Tensor | None = None  # [B, T] float: per-token LM loss weight (None = all 1)
     labels: FindingLabels | None = None
     token_targets: torch.Tensor | None = None  # [B, S*G*G, K] which image token shows which finding
+    dense_targets: torch.Tensor | None = None  # [B, S, G, G, K] the same on the finest dense-loss grid
     history_digest_len: torch.Tensor | None = None  # [B] long: trailing history tokens that are the digest
     copy_mask: torch.Tensor | None = None  # [B, T] bool: decoder positions the copy head may copy from
     prompt_len: torch.Tensor | None = None  # [B] long: finding-prompt tokens between the history and [REPORT]
@@ -202,14 +204,45 @@ def digest_spans(x: ModelInputs) -> list[tuple[int, int] | None] | None:
 
 
 def token_loss(logits_BNK: torch.Tensor, targets_BNK: torch.Tensor, mask_BN: torch.Tensor,
-               pos_weight: float = 4.0) -> torch.Tensor:
-    """BCE of per-token finding logits against where the lesions are (positives up-weighted:
-    a lesion covers few tokens), averaged over valid tokens."""
+               pos_weight: float = 4.0, mode: str = "weighted") -> torch.Tensor:
+    """BCE of per-token (or per-cell) finding logits against where the lesions are, over valid
+    tokens. ``mode`` "weighted": averaged over tokens with positives up-weighted (a lesion covers
+    few tokens); "balanced": per finding, mean over its positive tokens + mean over its negative
+    tokens, then averaged over findings (a finding without positives in the batch adds only its
+    negative term), so rare small lesions pull as hard as large ones."""
     n = min(logits_BNK.shape[1], targets_BNK.shape[1])
     lg, tg = logits_BNK[:, :n].float(), targets_BNK[:, :n].to(logits_BNK.device).float()
-    w = mask_BN[:, :n, None].float() * (1 + (pos_weight - 1) * tg)  # [B, N, K]
-    bce = F.binary_cross_entropy_with_logits(lg, tg, reduction="none")
+    valid = mask_BN[:, :n, None].float()  # [B, N, 1]
+    bce = F.binary_cross_entropy_with_logits(lg, tg, reduction="none")  # [B, N, K]
+    if mode == "balanced":
+        pos, neg = tg * valid, (1 - tg) * valid  # [B, N, K]
+        pos_K = (bce * pos).sum((0, 1)) / pos.sum((0, 1)).clamp_min(1)  # [K]
+        neg_K = (bce * neg).sum((0, 1)) / neg.sum((0, 1)).clamp_min(1)  # [K]
+        return (pos_K + neg_K).mean() / 2
+    w = valid * (1 + (pos_weight - 1) * tg)  # [B, N, K]
     return (bce * w).sum() / w.sum().clamp_min(1)
+
+
+def dense_loss(maps: Sequence[torch.Tensor], convs: Sequence[nn.Module], targets_VGGK: torch.Tensor,
+               mode: str = "weighted") -> torch.Tensor:
+    """Dense localisation loss, averaged over backbone stages: each map [V, C, h, w] goes through
+    its 1x1 convolution to finding logits [V, K, h, w], scored against the lesion targets of the
+    same valid slabs [V, G, G, K] (G the finest grid) max-pooled to h x w: a cell at a coarser
+    stage is the union of the finer cells it covers, so the pooled target is exactly its own."""
+    tg_VKGG = targets_VGGK.permute(0, 3, 1, 2).float()  # [V, K, G, G]
+    total = targets_VGGK.new_zeros((), dtype=torch.float32)
+    for m_VChw, conv in zip(maps, convs):
+        h, w = m_VChw.shape[-2:]
+        if tg_VKGG.shape[-1] % w or tg_VKGG.shape[-2] % h:
+            raise ValueError(f"dense targets of {tg_VKGG.shape[-1]} cells do not tile a {h} x {w} map; "
+                             "build them at the finest dense stage's grid (data side: dense_grid)")
+        t = F.max_pool2d(tg_VKGG, (tg_VKGG.shape[-2] // h, tg_VKGG.shape[-1] // w))  # [V, K, h, w]
+        lg = conv(m_VChw).float()  # [V, K, h, w]
+        lg_1NK = rearrange(lg, "v k h w -> 1 (v h w) k")  # every cell a token
+        t_1NK = rearrange(t, "v k h w -> 1 (v h w) k")
+        ones = torch.ones(lg_1NK.shape[:2], dtype=torch.bool, device=lg.device)
+        total = total + token_loss(lg_1NK, t_1NK, ones, mode=mode)
+    return total / max(1, len(maps))
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -223,6 +256,7 @@ class Encoded:
     feats_VChw: torch.Tensor | None = None  # image backbone maps (kept for evidence)
     study_of_row_V: torch.Tensor | None = None
     image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # ([B, Ni, D_img], [B, Ni]) for the token loss
+    dense_maps: list[torch.Tensor] | None = None  # backbone maps of heads.dense_stages [V, C_i, h_i, w_i] (training)
 
 
 @dataclass
@@ -263,7 +297,9 @@ class ReportModel(nn.Module):
         self.history_summary = HistorySummary(cfg.fusion.n_history_tokens)
         d_dec = cfg.decoder.d_model
         self.fusion = Fusion(cfg.fusion, cfg.image.dim, cfg.audio.dim, d_dec, d_dec)
-        self.heads = FindingHeads(cfg.heads, d_dec, cfg.image.dim)
+        dense_ch = tuple(self.image_encoder.stage_channels(i) for i in cfg.heads.dense_stages) \
+            if cfg.heads.dense_loss_weight > 0 else ()
+        self.heads = FindingHeads(cfg.heads, d_dec, cfg.image.dim, dense_ch)
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
 
@@ -294,8 +330,13 @@ class ReportModel(nn.Module):
         x = self.visible_inputs(x)
         B = x.batch_size
         dev = x.slabs.device
-        feats = rows = None
-        if bool(x.slab_mask.any()):
+        feats = rows = maps = None
+        dense = self.cfg.heads.dense_loss_weight > 0 and x.dense_targets is not None and self.training
+        if bool(x.slab_mask.any()) and dense:
+            feats, maps = self.image_encoder.backbone_maps(x.slabs, x.slab_mask, self.cfg.heads.dense_stages)
+            img = self.image_encoder.tokens_from_features(feats, x.slab_mask, x.z_mm)
+            rows = x.slab_mask.nonzero()[:, 0]  # [V] study of each valid slab
+        elif bool(x.slab_mask.any()):
             feats = self.image_encoder.backbone_features(x.slabs, x.slab_mask)  # [V, C, h, w]
             img = self.image_encoder.tokens_from_features(feats, x.slab_mask, x.z_mm)
             rows = x.slab_mask.nonzero()[:, 0]  # [V] study of each valid slab
@@ -315,7 +356,7 @@ class ReportModel(nn.Module):
         fused, mask, gates = self.fusion(img, aud, hist)
         if not keep_features:
             feats = rows = None
-        return Encoded(fused, mask, gates, feats, rows, img)
+        return Encoded(fused, mask, gates, feats, rows, img, maps)
 
     def decoder_context(self, fused_BFD: torch.Tensor, mask_BF: torch.Tensor,
                         heads: HeadsOutput, labels: FindingLabels | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,8 +385,13 @@ class ReportModel(nn.Module):
         if (x.token_targets is not None and self.cfg.heads.token_loss_weight > 0
                 and enc.image_tokens is not None):
             losses["token"] = token_loss(self.heads.token_logits(enc.image_tokens[0]), x.token_targets,
-                                         enc.image_tokens[1])
+                                         enc.image_tokens[1], mode=self.cfg.heads.localisation_loss)
             total = total + self.cfg.heads.token_loss_weight * losses["token"]
+        if enc.dense_maps is not None:
+            vis = self.visible_inputs(x)
+            losses["dense"] = dense_loss(enc.dense_maps, self.heads.dense_logits,
+                                         x.dense_targets[vis.slab_mask], self.cfg.heads.localisation_loss)
+            total = total + self.cfg.heads.dense_loss_weight * losses["dense"]
         if x.ids is not None:
             out = self.decoder(x.ids, *self.decoder_context(enc.fused_BFD, enc.mask_BF, heads, x.labels),
                                copy_mask_BT=x.copy_mask)

@@ -494,3 +494,133 @@ def test_fact_weight_weights_the_report_tokens_that_state_history_facts(shared, 
     spans = fact_spans(tok, ids, ["without intravenous contrast", "known colon cancer"])
     assert len(spans) == 2
     assert [tok.decode(ids[a:c]).strip().lower() for a, c in spans] == ["without intravenous contrast"] * 2
+
+
+def test_balanced_localisation_loss_weighs_each_finding_equally():
+    """'balanced': per finding, mean over its positive cells + mean over its negative cells, so a
+    one-cell lesion counts as much as a large one; 'weighted' lets the large one dominate."""
+    from multimodal.model import token_loss
+
+    N = 100
+    tg = torch.zeros(1, N, 2)
+    tg[0, :1, 0] = 1.0  # finding 0: one positive cell
+    tg[0, :50, 1] = 1.0  # finding 1: fifty
+    mask = torch.ones(1, N, dtype=torch.bool)
+    lg = torch.zeros(1, N, 2, requires_grad=True)
+    loss = token_loss(lg, tg, mask, mode="balanced")
+    assert abs(loss.item() - math.log(2)) < 1e-6  # every term is BCE(0, .) = log 2
+    loss.backward()
+    g = lg.grad[0]
+    # the one positive cell of finding 0 is pulled by 1/(2*2*1); each of finding 1's by 1/(2*2*50)
+    assert torch.allclose(g[0, 0], torch.tensor(-0.5 / 4)) and torch.allclose(g[0, 1], torch.tensor(-0.5 / 200))
+    # padding tokens take no part; a finding without positives adds only its negative term
+    mask2 = torch.cat([mask, torch.zeros(1, 20, dtype=torch.bool)], 1)
+    lg2 = torch.cat([lg.detach(), torch.full((1, 20, 2), 9.0)], 1)
+    tg2 = torch.cat([tg, torch.ones(1, 20, 2)], 1)
+    assert abs(token_loss(lg2, tg2, mask2, mode="balanced").item() - math.log(2)) < 1e-6
+    w = token_loss(lg.detach(), tg, mask, mode="weighted")
+    assert abs(w.item() - math.log(2)) < 1e-6
+
+
+def test_dense_targets_pool_to_the_coarser_grids_exactly():
+    """A cell of a coarser stage is the union of the finer cells it covers: max-pooling the finest
+    dense targets gives exactly the targets built at the coarser grid (what dense_loss relies on)."""
+    from data.datasets import Lesion
+
+    from app.train_data import token_targets
+
+    rng = np.random.default_rng(0)
+    names = ("nodule", "mass")
+    zr = np.array([[0, 4], [4, 8], [8, 12], [12, 16]])
+    for _ in range(20):
+        les = [Lesion(str(rng.choice(names)), [float(rng.uniform(0, 80)), float(rng.uniform(0, 128)),
+                                               float(rng.uniform(0, 128))], float(rng.uniform(1, 30)))
+               for _ in range(int(rng.integers(1, 4)))]
+        fine = token_targets(les, zr, (5.0, 1.0, 1.0), (128, 128), 16, names).reshape(4, 16, 16, 2)
+        for G in (8, 4):
+            coarse = token_targets(les, zr, (5.0, 1.0, 1.0), (128, 128), G, names).reshape(4, G, G, 2)
+            f = 16 // G
+            pooled = fine.reshape(4, G, f, G, f, 2).max(axis=(2, 4))
+            np.testing.assert_array_equal(pooled, coarse)
+
+
+def test_dense_loss_trains_the_backbone_stages_and_is_off_at_inference():
+    from multimodal.heads import FindingLabels
+    from multimodal.model import ReportModel, StudyInputs, collate
+    from multimodal.presets import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=64)
+    cfg.image.output_stride = 32
+    cfg.heads.dense_loss_weight = 1.0
+    cfg.heads.localisation_loss = "balanced"
+    m = ReportModel(cfg)
+    assert len(m.heads.dense_logits) == 2
+    rng = np.random.default_rng(0)
+    x = collate([StudyInputs(pixels=rng.random((2, 3, 64, 64), dtype=np.float32), z_mm=np.array([0.0, 5.0]),
+                             z_index_range=np.array([[0, 1], [1, 2]])),
+                 StudyInputs(pixels=rng.random((1, 3, 64, 64), dtype=np.float32), z_mm=np.array([0.0]),
+                             z_index_range=np.array([[0, 1]]))])
+    K = len(m.finding_names)
+    x.labels = FindingLabels(torch.zeros(2, K))
+    G = 64 // cfg.image.stage_reduction(2)  # the finest dense grid
+    x.dense_targets = torch.zeros(2, 2, G, G, K)
+    x.dense_targets[0, 1, 2:4, 5:7, 3] = 1.0
+    x.dense_targets[1, 1] = 1.0  # a padded slab: never scored (there is no such slab)
+    out = m(x)
+    assert torch.isfinite(out.losses["dense"]) and out.losses["dense"] > 0
+    out.losses["dense"].backward()  # the dense loss alone: it reaches the stages it reads, not later ones
+    bb = m.image_encoder.backbone
+    assert m.heads.dense_logits[0].weight.grad.abs().sum() > 0 and m.heads.dense_logits[1].weight.grad.abs().sum() > 0
+    assert bb.conv1.weight.grad.abs().sum() > 0 and bb.layer2[0].downsample[0].weight.grad.abs().sum() > 0
+    assert bb.layer3[0].downsample[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in bb.layer4.parameters())
+    m.eval()
+    with torch.no_grad():
+        assert "dense" not in m(x).losses  # inference never computes the intermediate maps
+    with pytest.raises(ValueError, match="localisation_loss"):
+        bad = ModelConfig.preset("tiny", vocab_size=64)
+        bad.heads.localisation_loss = "focal"
+        ReportModel(bad)
+
+
+def test_stage_lr_scale_gives_module_groups_their_own_lr():
+    from app.train import make_optimizer, OptimConfig
+    from multimodal.presets import ModelConfig
+
+    cfg = load_config(preset="tiny", overrides=['stages=[{"steps": 2, "lr_scale": [["image_encoder", 3.0]]}]'])
+    assert cfg.stages[0].lr_scale == (("image_encoder", 3.0),)
+    m = ReportModel(ModelConfig.preset("tiny", vocab_size=64))
+    opt = make_optimizer(list(m.parameters()), m, OptimConfig(), 1e-3, cfg.stages[0].lr_scale)
+    by_lr = {}
+    for g in opt.param_groups:
+        by_lr.setdefault(g["lr"], set()).update(id(p) for p in g["params"])
+    enc = {id(p) for p in m.image_encoder.parameters()}
+    assert by_lr[3e-3] == enc and not (by_lr[1e-3] & enc)
+    assert opt.param_groups[0]["lr"] == 1e-3 and opt.param_groups[0]["weight_decay"] > 0  # the logged lr
+    plain = make_optimizer(list(m.parameters()), m, OptimConfig(), 1e-3)
+    assert len(plain.param_groups) == 2
+    with pytest.raises(ConfigError, match="lr_scale"):
+        load_config(preset="tiny", overrides=['stages=[{"steps": 2, "lr_scale": [["image_encoder", -1]]}]'])
+
+
+def test_dataset_builds_dense_targets_on_the_finest_stage_grid():
+    from app.train_data import dense_grid
+    from data.datasets import read_manifest
+    from data.tokenizer import ReportTokenizer
+    from multimodal.presets import ModelConfig
+
+    from ._model import EXAMPLES
+
+    cfg = ModelConfig.preset("tiny", vocab_size=64)
+    cfg.heads.dense_loss_weight = 1.0
+    cfg.heads.dense_stages = (3, 2)
+    assert dense_grid(cfg) == cfg.image.image_size // cfg.image.stage_reduction(2)
+    entries = [x for x in read_manifest(EXAMPLES / "manifest.jsonl") if x.lesions][:2]
+    tok = ReportTokenizer.train([x.report for x in entries], vocab_size=300, min_frequency=1)
+    ds = ReportDataset(entries, tok, cfg, StudyCache(None, PreprocessConfig.from_model(cfg)))
+    batch = collate_examples([ds[0], ds[1]])
+    G, K = dense_grid(cfg), len(cfg.heads.finding_names)
+    assert batch.dense_targets.shape == (2, batch.slab_mask.shape[1], G, G, K)
+    assert batch.dense_targets.sum() > 0 and batch.dense_targets[~batch.slab_mask].sum() == 0
+    assert batch.token_targets is None  # the token loss is its own switch

@@ -131,3 +131,24 @@ def test_audio_long_clip_is_bounded(audio_encoder):
     with torch.inference_mode():
         tok, mask = audio_encoder(torch.randn(1, 1, audio_encoder.cfg.n_mels, 3000), torch.ones(1, dtype=torch.bool))
     assert tok.shape[1] == audio_encoder.cfg.max_tokens and mask.all()
+
+
+@pytest.mark.parametrize("output_stride", [32, 16])
+def test_backbone_maps_are_one_pass_with_the_intermediate_stages(output_stride):
+    """backbone_maps (the dense loss's input) returns the same final map as backbone_features and
+    the intermediate stages at the strides and widths the config and timm's feature_info state."""
+    torch.manual_seed(0)
+    cfg = ImageEncoderConfig.preset("tiny")
+    cfg.output_stride = output_stride
+    enc = ImageEncoder(cfg).eval()
+    slabs, mask = torch.rand(2, 3, 3, 64, 64), torch.tensor([[True, True, False], [True, False, False]])
+    with torch.no_grad():
+        final, maps = enc.backbone_maps(slabs, mask, (2, 3))
+        ref = enc.backbone_features(slabs, mask)
+    torch.testing.assert_close(final, ref)
+    for stage, m in zip((2, 3), maps):
+        red = cfg.stage_reduction(stage)
+        assert red == enc.backbone.feature_info[stage]["reduction"]
+        assert m.shape == (3, enc.stage_channels(stage), 64 // red, 64 // red)
+    with pytest.raises(ValueError, match="stage 5 does not exist"):
+        cfg.stage_reduction(5)
