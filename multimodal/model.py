@@ -22,9 +22,9 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
-from einops import rearrange
 from torch import nn
 
 from core.decoder import Decoder, copy_loss, spans_to_mask
@@ -332,12 +332,11 @@ class ReportModel(nn.Module):
         dev = x.slabs.device
         feats = rows = maps = None
         dense = self.cfg.heads.dense_loss_weight > 0 and x.dense_targets is not None and self.training
-        if bool(x.slab_mask.any()) and dense:
-            feats, maps = self.image_encoder.backbone_maps(x.slabs, x.slab_mask, self.cfg.heads.dense_stages)
-            img = self.image_encoder.tokens_from_features(feats, x.slab_mask, x.z_mm)
-            rows = x.slab_mask.nonzero()[:, 0]  # [V] study of each valid slab
-        elif bool(x.slab_mask.any()):
-            feats = self.image_encoder.backbone_features(x.slabs, x.slab_mask)  # [V, C, h, w]
+        if bool(x.slab_mask.any()):
+            if dense:  # one backbone pass that also returns the dense-loss stages' maps
+                feats, maps = self.image_encoder.backbone_maps(x.slabs, x.slab_mask, self.cfg.heads.dense_stages)
+            else:
+                feats = self.image_encoder.backbone_features(x.slabs, x.slab_mask)  # [V, C, h, w]
             img = self.image_encoder.tokens_from_features(feats, x.slab_mask, x.z_mm)
             rows = x.slab_mask.nonzero()[:, 0]  # [V] study of each valid slab
         else:
@@ -639,7 +638,11 @@ def _check_safetensors(path: Path) -> None:
         raise CheckpointError(f"{path.parent} has no {path.name}: the checkpoint is incomplete")
     with open(path, "rb") as fh:
         head = fh.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    # safetensors: an 8-byte little-endian header length, then the JSON header. That length can
+    # begin with the byte 0x80 (a 90,496-byte header does), so a pickle's 0x80 opcode alone is no
+    # proof: only a file that does not look like safetensors is called a pickle / torch.save zip.
+    looks_safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+    if not looks_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise CheckpointError(
             f"{path.name} is a pickled PyTorch file, not safetensors; medreport never loads pickles. "
             "Convert it with safetensors.torch.save_model on a trusted machine"

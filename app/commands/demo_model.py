@@ -207,7 +207,8 @@ Synthetic demo-size studies in `{args.dataset}`: {splits.get("train", 0)} train,
 ## Training
 Command: `{cmd}` (recipe `{args.config}`, seed {cfg.seed}, preset `{cfg.preset}`, model overrides
 `{json.dumps(cfg.model)}`). Stages: {", ".join(f"{s.name} ({s.steps} steps, trains {'+'.join(s.train)}, "
-f"{'LM + finding loss' if s.lm else 'finding loss'})" for s in cfg.stages)}. History length curriculum
+f"{'LM + finding loss' if s.lm else 'finding loss'}, lr {s.lr if s.lr is not None else cfg.optim.lr:g}"
+f"{''.join(f', {f:g}x for {p}' for p, f in s.lr_scale)})" for s in cfg.stages)}. History length curriculum
 {[list(x) for x in cfg.data.history_curriculum]} (share of a stage's steps, max tokens; crop `{cfg.data.history_crop}`).
 Finding probabilities are temperature-scaled on the validation split, and each finding's decision
 threshold (its operating point) is chosen there to maximise the micro-F1 over all findings (0.5

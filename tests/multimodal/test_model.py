@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from core.generate import GenerationConfig
 from data.errors import MedreportError
 from multimodal.heads import FindingLabels
-from multimodal.model import CheckpointError, ReportModel, StudyInputs, collate, read_config
+from multimodal.model import CheckpointError, ReportModel, StudyInputs, _check_safetensors, collate, read_config
 from multimodal.presets import PRESETS, ModelConfig
 
 V = 96
@@ -183,6 +183,15 @@ def test_checkpoint_refusals(model, tmp_path):
     w.write_bytes(b"\x80\x04\x95 pickle bytes")
     with pytest.raises(CheckpointError, match="pickled"):
         ReportModel.from_pretrained(d)
+    # a valid checkpoint whose header length starts with the byte 0x80 (the pickle opcode) loads
+    for pad in range(400):
+        save_file({"a": torch.zeros(1)}, str(w), metadata={"format": "medreport-model", "pad": "x" * pad})
+        if w.read_bytes()[:1] == b"\x80":
+            break
+    assert w.read_bytes()[:1] == b"\x80"
+    _check_safetensors(w)  # no error: it is safetensors, and ours (the shipped session 10 model hit this)
+    w.write_bytes(good)
+    torch.testing.assert_close(ReportModel.from_pretrained(d).heads.presence.bias, model.heads.presence.bias)
     w.write_bytes(b"garbage that is no safetensors header at all")
     with pytest.raises(CheckpointError, match="not a valid safetensors"):
         ReportModel.from_pretrained(d)
