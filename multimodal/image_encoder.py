@@ -87,20 +87,21 @@ class ImageEncoder(nn.Module):
 
     def backbone_features(self, slabs_BS3HW: torch.Tensor, slab_mask_BS: torch.Tensor) -> torch.Tensor:
         """Backbone feature maps of the valid slabs only: [n_valid, C, h, w] (row order = slab_mask.nonzero())."""
+        return self.backbone.forward_features(self._valid_slabs(slabs_BS3HW, slab_mask_BS))
+
+    def _valid_slabs(self, slabs_BS3HW: torch.Tensor, slab_mask_BS: torch.Tensor) -> torch.Tensor:
+        """The backbone's input: the valid slabs only, [n_valid, 3, H, W] (channels_last if set)."""
         x = slabs_BS3HW[slab_mask_BS]  # [n_valid, 3, H, W]
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.backbone.forward_features(x)
+        return x
 
     def backbone_maps(self, slabs_BS3HW: torch.Tensor, slab_mask_BS: torch.Tensor,
                       stages: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """As ``backbone_features``, plus the feature maps of the intermediate ``stages`` (timm
         feature indices, e.g. 2 = layer2 at stride 8): ([n_valid, C, h, w], [[n_valid, C_i, h_i, w_i]]).
         One backbone pass; the maps feed training-only losses (the dense localisation loss)."""
-        x = slabs_BS3HW[slab_mask_BS]  # [n_valid, 3, H, W]
-        if self.cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        final, maps = self.backbone.forward_intermediates(x, indices=list(stages))
+        final, maps = self.backbone.forward_intermediates(self._valid_slabs(slabs_BS3HW, slab_mask_BS), indices=list(stages))
         return final, list(maps)
 
     def stage_channels(self, stage: int) -> int:

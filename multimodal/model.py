@@ -386,10 +386,9 @@ class ReportModel(nn.Module):
             losses["token"] = token_loss(self.heads.token_logits(enc.image_tokens[0]), x.token_targets,
                                          enc.image_tokens[1], mode=self.cfg.heads.localisation_loss)
             total = total + self.cfg.heads.token_loss_weight * losses["token"]
-        if enc.dense_maps is not None:
-            vis = self.visible_inputs(x)
+        if enc.dense_maps is not None:  # only built when the model reads the image, so x.slab_mask is the one used
             losses["dense"] = dense_loss(enc.dense_maps, self.heads.dense_logits,
-                                         x.dense_targets[vis.slab_mask], self.cfg.heads.localisation_loss)
+                                         x.dense_targets[x.slab_mask], self.cfg.heads.localisation_loss)
             total = total + self.cfg.heads.dense_loss_weight * losses["dense"]
         if x.ids is not None:
             out = self.decoder(x.ids, *self.decoder_context(enc.fused_BFD, enc.mask_BF, heads, x.labels),
