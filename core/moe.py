@@ -3,10 +3,12 @@
 Tokens are sorted by their assigned expert so each expert runs one dense matmul chain on a
 contiguous slice (a loop over experts, never over tokens); outputs are weighted and summed back
 with ``index_add_``.  Inference picks by size (``MoEConfig.dispatch="auto"``, thresholds measured
-at the bench.moe configuration): at 1-8 tokens (N <= E/2) every expert runs on every token in two
-batched matmuls, mixed by the routing weights, which are zero off the top-k ("all": a few tokens
-x top-2 read most experts' weights anyway); up to N*K <= 64*E (512 tokens) a zero-padded
-[E, M, D] batched matmul laid out without sorting ("padded"); up to ~4K tokens the experts'
+at the bench.moe configuration): at 1-2 tokens (N*K <= E/4) the chosen experts' weights are
+gathered and run as batched matmuls ("gather": one token's two experts read what a dense FFN of
+the same width reads); up to N <= E/2 (8 tokens) every expert runs on every token in two batched
+matmuls, mixed by routing weights that are zero off the top-k ("all": a few tokens x top-2 read
+most experts' weights anyway); up to N*K <= 64*E (512 tokens) a zero-padded [E, M, D] batched matmul laid
+out without sorting ("padded"); up to ~4K tokens the experts'
 matmuls write into shared buffers and the SwiGLU runs once over all rows ("grouped"); above,
 one expert at a time without [N*K, D] buffers. The router's inference path skips the full
 softmax and the auxiliary loss (they only matter with gradients).  Training uses per-expert slices
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-DISPATCH = ("auto", "loop", "grouped", "padded", "all")
+DISPATCH = ("auto", "loop", "grouped", "padded", "all", "gather")
 
 
 @dataclass
@@ -41,7 +43,8 @@ class MoEConfig:
     bias_update_rate: float = 1e-3
     # "auto" | "loop" (per-expert slices) | "grouped" (per-expert matmuls into shared buffers,
     # elementwise work once; inference) | "padded" (one bmm over experts) | "all" (every expert on
-    # every token, mixed by the sparse routing weights; inference at decode sizes)
+    # every token, mixed by the sparse routing weights; inference) | "gather" (the chosen experts'
+    # weights gathered; inference at 1-2 tokens)
     dispatch: str = "auto"
 
     def __post_init__(self) -> None:
@@ -100,7 +103,16 @@ class MoE(nn.Module):
         top-k of the full softmax, without the [N,E] softmax and division."""
         logits = self.router(x_ND)  # [N,E]
         if not need_probs and self.cfg.balance != "bias":
-            top, idx = logits.topk(self.cfg.top_k, dim=-1)  # [N,K]
+            K = self.cfg.top_k
+            if K <= 2 and x_ND.shape[0] >= 512:
+                # measured: topk over a short last dim is slow on CPU (183 us at 1K tokens x 16
+                # experts); K passes of max are half that from ~512 tokens (runs of bench.moe sizes)
+                v1, i1 = logits.max(-1, keepdim=True)  # [N,1]
+                if K == 1:
+                    return torch.ones_like(v1), i1, None
+                v2, i2 = logits.scatter(1, i1, float("-inf")).max(-1, keepdim=True)  # [N,1] runner-up
+                return torch.cat([v1, v2], 1).softmax(-1), torch.cat([i1, i2], 1), None  # [N,2]
+            top, idx = logits.topk(K, dim=-1)  # [N,K]
             return top.softmax(-1), idx, None
         if self.cfg.balance == "bias":
             scores = torch.sigmoid(logits)
@@ -175,27 +187,44 @@ class MoE(nn.Module):
         y = torch.bmm(w_NE[:, None, :], y_END.transpose(0, 1))[:, 0]  # [N,1,E] @ [N,E,D] -> [N,D]
         return y.to(x.dtype)  # (autocast: the matmuls may run in bf16)
 
-    def _experts_padded_small(self, x: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor,
-                              counts: torch.Tensor) -> torch.Tensor:
-        """Inference at small sizes (9-512 tokens): the zero-padded [E, M, D] bmm without sorting. Each
-        assignment's row within its expert comes from a running count over a one-hot of the expert
-        ids, the routing weight scales the hidden in the padded layout, and the outputs are read
-        back in token order and summed over the k choices (no scatter-add): ~20 small ops around
-        the two batched matmuls, which read every active expert's weights once."""
+    def _experts_gather(self, x: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference at 1-2 tokens (N*K <= 4): copy the chosen experts' weights (2 x 384 KB at the
+        pinned sizes, what a dense FFN of the same active width reads) and run one batched matmul
+        per projection; the padded layout would read all 16 experts for one token's two."""
         N, K = idx_NK.shape
         E, D, Fh = self.cfg.n_experts, x.shape[1], self.cfg.d_expert
         flat = idx_NK.reshape(-1)  # [N*K] token-major
-        onehot = F.one_hot(flat, E)  # [N*K,E]
-        slot = onehot.cumsum(0).mul_(onehot).sum(1).sub_(1)  # [N*K] row of each assignment in its expert
+        x_rows = x[:, None, :].expand(N, K, D).reshape(N * K, 1, D)  # [N*K,1,D] each token once per choice
+        h13 = torch.bmm(x_rows, self.w13.index_select(0, flat))  # [N*K,1,2F]
+        h = F.silu(h13[..., :Fh]).mul_(h13[..., Fh:])  # [N*K,1,F]
+        y_NKD = torch.bmm(h, self.w2.index_select(0, flat)).view(N, K, D)  # [N,K,D]
+        y = torch.bmm(w_NK[:, None, :].to(y_NKD.dtype), y_NKD)[:, 0]  # [N,1,K] @ [N,K,D] -> [N,D] weighted sum
+        return y.to(x.dtype), torch.bincount(flat, minlength=E)  # (autocast: bmm in bf16)
+
+    def _experts_padded_small(self, x: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference at small sizes (9-512 tokens): the zero-padded [E, M, D] bmm without sorting.
+        Each assignment's row within its expert comes from a running count over a one-hot of the
+        expert ids (whose last row is the experts' counts), the inputs are written into their rows
+        with one broadcasting index_put, and the outputs are read back in token order and mixed by
+        one batched matmul with the routing weights: ~18 ops in all, because at decode sizes each
+        op's fixed cost (~5-10 us here) is what the time is made of. -> (y [N,D], counts [E])."""
+        N, K = idx_NK.shape
+        E, D, Fh = self.cfg.n_experts, x.shape[1], self.cfg.d_expert
+        flat = idx_NK.reshape(-1)  # [N*K] token-major
+        running = torch.zeros(N * K, E, dtype=torch.long, device=x.device).scatter_(1, flat[:, None], 1).cumsum(0)  # [N*K,E]
+        counts = running[-1]  # [E] assignments per expert
         M = int(counts.max())
-        xp = x.new_zeros(E, M, D)
-        xp[flat, slot] = x[:, None, :].expand(N, K, D).reshape(N * K, D)  # [E,M,D]
-        wp = x.new_zeros(E, M, 1)
-        wp[flat, slot] = w_NK.reshape(-1, 1).to(x.dtype)  # [E,M,1] routing weight of each padded row
-        h13 = torch.bmm(xp, self.w13)  # [E,M,2F]
-        h = F.silu(h13[..., :Fh]).mul_(h13[..., Fh:]).mul_(wp)  # [E,M,F]
-        yp = torch.bmm(h, self.w2)  # [E,M,D]
-        return yp[flat, slot].view(N, K, D).sum(1).to(x.dtype)  # [N,D] (autocast: bmm in bf16)
+        rows = torch.add(running.gather(1, flat[:, None]).view(N, K), idx_NK, alpha=M).sub_(1)  # [N,K] expert*M + slot
+        xp = x.new_zeros(E * M, D)  # zeros, not empty: stale memory can hold denormals, which made
+        # the padding rows' matmul 10x slower on this CPU (measured: 3.5 ms instead of 0.3 at 4 tokens)
+        xp[rows] = x[:, None, :]  # [E*M,D]: token n in its K experts' rows (broadcast over K)
+        h13 = torch.bmm(xp.view(E, M, D), self.w13)  # [E,M,2F]
+        h = F.silu(h13[..., :Fh]).mul_(h13[..., Fh:])  # [E,M,F]
+        yp = torch.bmm(h, self.w2).view(E * M, D)  # [E*M,D]
+        y = torch.bmm(w_NK[:, None, :].to(yp.dtype), yp[rows])[:, 0]  # [N,1,K] @ [N,K,D] -> [N,D]
+        return y.to(x.dtype), counts  # (autocast: bmm in bf16)
 
     def _mode(self, N: int, grad: bool) -> str:
         """The dispatch for N tokens from the config: "all", "grouped", "padded_small" (inference
@@ -206,9 +235,11 @@ class MoE(nn.Module):
         if cfg.dispatch != "auto":
             mode = cfg.dispatch if inference or cfg.dispatch in ("loop", "padded") else "loop"
             return "padded_small" if inference and mode == "padded" else mode
-        if inference and N <= cfg.n_experts // 2:  # measured (runs of bench.moe sizes): 1-8 tokens
+        if inference and N * cfg.top_k <= max(cfg.top_k, cfg.n_experts // 4):  # measured: 1-2 tokens at 16 x top-2
+            return "gather"
+        if inference and N <= cfg.n_experts // 2:  # measured: 3-8 tokens
             return "all"
-        if inference and N * cfg.top_k <= 64 * cfg.n_experts:  # measured: 12-512 tokens (sort-free padded bmm)
+        if inference and N * cfg.top_k <= 64 * cfg.n_experts:  # measured: 9-512 tokens (sort-free padded bmm)
             return "padded_small"
         if inference and N * cfg.top_k <= 8192:  # measured: up to ~4K tokens; above, fresh [N*K,*] buffers cost more than they save
             return "grouped"
@@ -222,18 +253,23 @@ class MoE(nn.Module):
         grad = torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad or self.lora is not None)
         w_NK, idx_NK, probs_NE = self.route(x, need_probs=grad)
         flat = idx_NK.reshape(-1)  # [N*K]
-        counts = torch.bincount(flat, minlength=E)  # [E]
         mode = self._mode(N, grad)
-        if mode not in ("all", "padded_small"):
+        if mode == "padded_small":
+            y, counts = self._experts_padded_small(x, w_NK, idx_NK)
+        elif mode == "gather":
+            y, counts = self._experts_gather(x, w_NK, idx_NK)
+        else:
+            counts = torch.bincount(flat, minlength=E)  # [E]
+        if mode not in ("all", "padded_small", "gather"):
             order = flat.argsort(stable=True)  # assignments sorted by expert
             tok = order // K  # [N*K] source token of each sorted assignment
             counts_l = counts.tolist()
             if mode == "sorted":  # measured: padded wins only at decode sizes
                 mode = "padded" if N * K <= 8 * E and max(counts_l) * E <= max(2 * N * K, 4 * E) else "loop"
-        if mode == "all":
+        if mode in ("padded_small", "gather"):
+            pass  # done above
+        elif mode == "all":
             y = self._experts_all(x, w_NK, idx_NK)
-        elif mode == "padded_small":
-            y = self._experts_padded_small(x, w_NK, idx_NK, counts)
         elif mode == "padded":
             expert_sorted = flat[order]  # [N*K]
             starts = torch.cumsum(counts, 0) - counts  # [E]

@@ -51,7 +51,7 @@ def test_bias_balancing_moves_bias_against_load():
     assert m.route_bias[0] < 0 < m.route_bias[1]
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "padded", "grouped", "all"])
+@pytest.mark.parametrize("dispatch", ["loop", "padded", "grouped", "all", "gather"])
 def test_all_tokens_to_one_expert_and_empty_experts(dispatch):
     m = MoE(MoEConfig(d_model=8, n_experts=4, top_k=2, d_expert=8, dispatch=dispatch))
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_all_tokens_to_one_expert_and_empty_experts(dispatch):
     assert aux["expert_load"][2:].sum() == 0
 
 
-@pytest.mark.parametrize("dispatch", ["loop", "padded", "grouped", "all", "auto"])
+@pytest.mark.parametrize("dispatch", ["loop", "padded", "grouped", "all", "gather", "auto"])
 def test_inference_path_equals_autograd_path_and_reference(dispatch):
     """Without grad the loop dispatch gathers/scatters per expert (no [N*K,D] buffers), "grouped"
     writes every expert into shared buffers and "all" runs every expert on every token; each must
@@ -80,7 +80,7 @@ def test_inference_path_equals_autograd_path_and_reference(dispatch):
     assert aux["expert_load"].shape == (8,)
 
 
-@pytest.mark.parametrize("dispatch", ["padded", "loop", "grouped", "all"])
+@pytest.mark.parametrize("dispatch", ["padded", "loop", "grouped", "all", "gather"])
 @pytest.mark.parametrize("grad", [True, False])
 def test_moe_runs_under_bf16_autocast(dispatch, grad):
     """Mixed precision (as training on a GPU uses it): the experts' matmuls run in bf16 while the
@@ -99,22 +99,40 @@ def test_moe_runs_under_bf16_autocast(dispatch, grad):
         assert x.grad is not None and moe.w2.grad is not None
 
 
-@pytest.mark.parametrize("n_tokens,expected", [(1, "all"), (8, "all"), (9, "padded_small"), (512, "padded_small"),
+@pytest.mark.parametrize("n_tokens,expected", [(1, "gather"), (2, "gather"), (3, "all"), (8, "all"), (9, "padded_small"), (512, "padded_small"),
                                                (513, "grouped"), (4096, "grouped"), (4097, "loop")])
 def test_auto_dispatch_by_size_at_inference(n_tokens, expected, monkeypatch):
     """"auto" picks the measured inference path by size (16 experts, top-2); with grad it never
     picks an inference-only path."""
     m = MoE(MoEConfig(d_model=8, n_experts=16, top_k=2, d_expert=4))
     used = []
-    for name in ("_experts_all", "_experts_grouped", "_experts_padded", "_experts_padded_small"):
+    for name in ("_experts_all", "_experts_grouped", "_experts_padded", "_experts_padded_small", "_experts_gather"):
         orig = getattr(m, name)
         monkeypatch.setattr(m, name, lambda *a, _n=name, _o=orig: used.append(_n) or _o(*a))
     x = torch.randn(n_tokens, 8)
     with torch.no_grad():
         m(x)
     got = {"_experts_all": "all", "_experts_grouped": "grouped", "_experts_padded": "padded",
-           "_experts_padded_small": "padded_small"}.get(used[0]) if used else "loop"
+           "_experts_padded_small": "padded_small", "_experts_gather": "gather"}.get(used[0]) if used else "loop"
     assert got == expected
     used.clear()
     m(x.requires_grad_())
-    assert not {"_experts_all", "_experts_grouped", "_experts_padded_small"} & set(used)
+    assert not {"_experts_all", "_experts_grouped", "_experts_padded_small", "_experts_gather"} & set(used)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("n_tokens", [7, 600])
+def test_inference_router_matches_the_training_router(top_k, n_tokens):
+    """From 512 tokens the inference router takes the top-2 by two passes of max (topk over 16
+    experts is slow on CPU); below, topk of the logits. Both must pick the experts the training
+    router (softmax, topk, renormalise) picks, with the same weights, in the same order."""
+    torch.manual_seed(3)
+    m = MoE(MoEConfig(d_model=16, n_experts=16, top_k=top_k, d_expert=8)).double()
+    x = torch.randn(n_tokens, 16, dtype=torch.float64)
+    with torch.no_grad():
+        w_fast, idx_fast, probs = m.route(x, need_probs=False)
+        w_ref, idx_ref, _ = m.route(x, need_probs=True)
+    assert probs is None
+    assert torch.equal(idx_fast, idx_ref)
+    torch.testing.assert_close(w_fast, w_ref, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(w_fast.sum(-1), torch.ones(n_tokens, dtype=torch.float64))
