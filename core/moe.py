@@ -164,14 +164,18 @@ class MoE(nn.Module):
         Fh = self.cfg.d_expert
         xs = x.index_select(0, tok)  # [N*K,D] sorted by expert
         h13 = x.new_empty(xs.shape[0], 2 * Fh)  # [N*K,2F]
-        ends = list(itertools.accumulate(counts_l))
-        spans = [(e, end - c, end) for e, (c, end) in enumerate(zip(counts_l, ends)) if c]
-        for e, a, b in spans:
-            torch.mm(xs[a:b], self.w13[e], out=h13[a:b])
+        # split/unbind: one op each for all experts' views (per-expert slicing was ~100 Python-level
+        # slice/select ops per call, ~0.2 ms at 1K tokens)
+        live = [e for e, c in enumerate(counts_l) if c]
+        w13_e, w2_e = self.w13.unbind(0), self.w2.unbind(0)
+        xs_s, h13_s = xs.split(counts_l), h13.split(counts_l)
+        for e in live:
+            torch.mm(xs_s[e], w13_e[e], out=h13_s[e])
         h = F.silu(h13[:, :Fh]).mul_(h13[:, Fh:]).mul_(ws[:, None])  # [N*K,F] routing weight applied
-        ys = x.new_empty(xs.shape)  # [N*K,D]
-        for e, a, b in spans:
-            torch.mm(h[a:b], self.w2[e], out=ys[a:b])
+        ys = xs  # [N*K,D]: the gathered inputs are not needed any more; reuse their buffer
+        h_s, ys_s = h.split(counts_l), ys.split(counts_l)
+        for e in live:
+            torch.mm(h_s[e], w2_e[e], out=ys_s[e])
         return torch.zeros_like(x).index_add_(0, tok, ys)  # [N,D]
 
     def _experts_all(self, x: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
@@ -223,7 +227,8 @@ class MoE(nn.Module):
         h13 = torch.bmm(xp.view(E, M, D), self.w13)  # [E,M,2F]
         h = F.silu(h13[..., :Fh]).mul_(h13[..., Fh:])  # [E,M,F]
         yp = torch.bmm(h, self.w2).view(E * M, D)  # [E*M,D]
-        y = torch.bmm(w_NK[:, None, :].to(yp.dtype), yp[rows])[:, 0]  # [N,1,K] @ [N,K,D] -> [N,D]
+        y_NKD = yp.index_select(0, rows.view(-1)).view(N, K, D)  # [N,K,D] (index_select: 3x faster than yp[rows] at 512 tokens)
+        y = torch.bmm(w_NK[:, None, :].to(yp.dtype), y_NKD)[:, 0]  # [N,1,K] @ [N,K,D] -> [N,D]
         return y.to(x.dtype), counts  # (autocast: bmm in bf16)
 
     def _mode(self, N: int, grad: bool) -> str:
