@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="studies to generate when the dataset is missing (default 3300: about 310 held-out test studies)")
     parser.add_argument("--seed", type=int, default=1234, help="dataset seed (default 1234)")
     parser.add_argument("--history-tokens", default="200:16000", help="record length range (default 200:16000)")
+    parser.add_argument("--phantom-version", type=int, choices=(1, 2), default=1,
+                        help="phantom anatomy of a dataset built here (make-dataset --phantom-version; default 1, "
+                             "the shipped model's data)")
     parser.add_argument("--config", type=Path, default=Path("configs/demo.json"), help="training recipe")
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="training run folder (default runs/demo)")
     parser.add_argument("--out", type=Path, default=Path("models/demo"), help="shipped model folder (default models/demo)")
@@ -49,7 +52,8 @@ def _make_dataset(args) -> Path:
     p = argparse.ArgumentParser()
     make_dataset.add_arguments(p)
     argv = ["--out", str(args.dataset), "--n", str(args.n), "--seed", str(args.seed), "--size", "demo",
-            "--history-tokens", args.history_tokens] + (["--no-progress"] if args.no_progress else [])
+            "--history-tokens", args.history_tokens, "--phantom-version", str(getattr(args, "phantom_version", 1))
+            ] + (["--no-progress"] if args.no_progress else [])
     t0 = time.perf_counter()
     make_dataset.run(p.parse_args(argv))
     log.info("dataset built in %.0f s (not counted as training time)", time.perf_counter() - t0)
@@ -191,6 +195,7 @@ def model_card(args, cfg, metrics: dict) -> str:
     per_table = (f"\n## Per finding (test split, called present at {at})\n"
                  "| finding | positives | threshold | precision | recall | F1 | AUC |\n"
                  "|---|---|---|---|---|---|---|\n" + _finding_rows(per) + "\n") if per else ""
+    pv = f" --phantom-version {args.phantom_version}" if getattr(args, "phantom_version", 1) != 1 else ""
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in metrics.items() if not isinstance(v, (dict, list)))
     return f"""# medreport demo model
@@ -202,7 +207,7 @@ must not be used to read real studies.
 ## Data
 Synthetic demo-size studies in `{args.dataset}`: {splits.get("train", 0)} train, {splits.get("val", 0)} val,
 {splits.get("test", 0)} test (test studies use reserved report templates). Built (when missing) with
-`medreport make-dataset --out {args.dataset} --n {args.n} --seed {args.seed} --size demo --history-tokens {args.history_tokens}`.
+`medreport make-dataset --out {args.dataset} --n {args.n} --seed {args.seed} --size demo --history-tokens {args.history_tokens}{pv}`.
 
 ## Training
 Command: `{cmd}` (recipe `{args.config}`, seed {cfg.seed}, preset `{cfg.preset}`, model overrides

@@ -23,6 +23,7 @@ from data.vocab import SIZED, Label
 
 # HU of tissues; (non-contrast, contrast) pairs where enhancement matters.
 AIR, LUNG, FAT, FLUID, MUSCLE = -1000.0, -860.0, -100.0, 12.0, 45.0
+MEDIASTINAL_FAT = -90.0
 BLOOD = (40.0, 230.0)
 MYOCARDIUM = (45.0, 120.0)
 LIVER = (58.0, 105.0)
@@ -166,8 +167,19 @@ def below_resolution(size_mm: float, spacing: tuple[float, float, float]) -> boo
     return size_mm < 2.0 * edge
 
 
-def render(case: Case) -> Phantom:
-    """Render the case's anatomy and findings. Deterministic for ``case.seed``."""
+PHANTOM_VERSIONS = (1, 2)
+
+
+def render(case: Case, version: int = 1) -> Phantom:
+    """Render the case's anatomy and findings. Deterministic for ``case.seed`` and ``version``.
+
+    ``version`` 1: the thoracic cavity outside lungs, heart and vessels is 35 HU soft tissue (the
+    shipped session 1-10 datasets). 2: above the diaphragm it is mediastinal fat (-90 HU), as in
+    a real chest, so the vessels, airway, oesophagus and enlarged lymph nodes stand out against
+    it; in version 1 a lymph node (42 HU) was invisible against its surroundings. The upper
+    abdomen (liver, spleen, stomach, bowel) keeps 35 HU soft tissue in both."""
+    if version not in PHANTOM_VERSIONS:
+        raise ValueError(f"phantom version must be one of {PHANTOM_VERSIONS}, got {version!r}")
     rng = np.random.default_rng([case.seed, 7])
     acq, ana = case.acquisition, case.anatomy
     shape = tuple(acq["shape"])
@@ -191,7 +203,9 @@ def render(case: Case) -> Phantom:
     a_in, b_in = a_m - 12.0, b_m - 12.0
     cav = (X / (a_in * taper)) ** 2 + (Y / (b_in * taper)) ** 2  # thoracic cavity (<= 1)
     cavity = np.broadcast_to(cav <= 1.0, shape)
-    vol[cavity] = 35.0  # mediastinal soft tissue default
+    vol[cavity] = 35.0  # soft tissue default (version 1: also the whole mediastinum)
+    if version >= 2:
+        vol[cavity & np.broadcast_to(T >= 0.34, shape)] = MEDIASTINAL_FAT  # above the diaphragm
 
     # --- lungs ------------------------------------------------------------------------------
     ls = ana["lung_scale"]

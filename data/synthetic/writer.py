@@ -21,7 +21,7 @@ from data.synthetic import dictation
 from data.synthetic.dicom_writer import write_series
 from data.synthetic.findings import sample_case
 from data.synthetic.histories import dictation_text, write_history
-from data.synthetic.phantom import render
+from data.synthetic.phantom import PHANTOM_VERSIONS, render
 from data.synthetic.reports import write_sections
 from data.vocab import FINDING_NAMES, Label
 
@@ -63,10 +63,15 @@ class DatasetConfig:
     # Put every study in this split (e.g. "test": a fixed held-out subset, written with the test
     # split's reserved report templates); None: train / val / test by seed (SPLIT_FRACTIONS).
     split: str | None = None
+    # data.synthetic.phantom.render's version: 1 = the shipped demo model's data (sessions 1-10),
+    # 2 = mediastinal fat, so that enlarged lymph nodes are visible.
+    phantom_version: int = 1
 
     def __post_init__(self) -> None:
         if self.split not in (None, "train", "val", "test"):
             raise ValueError(f"split must be train, val or test (or None for the usual mix), got {self.split!r}")
+        if self.phantom_version not in PHANTOM_VERSIONS:
+            raise ValueError(f"phantom_version must be one of {PHANTOM_VERSIONS}, got {self.phantom_version!r}")
 
 
 def split_of(seed: int, index: int) -> str:
@@ -91,7 +96,7 @@ def generate_study(cfg: DatasetConfig, index: int, out: Path) -> dict:
                        p_no_audio=0.1 if cfg.audio else 1.0, force=force)
     if not cfg.audio:
         case.has_audio = False
-    ph = render(case)
+    ph = render(case, cfg.phantom_version)
     case.labels = ph.labels  # with below_resolution marked
 
     folder = out / "studies" / sid
@@ -178,6 +183,8 @@ def _config_key(cfg: DatasetConfig) -> dict:
            "showcase": cfg.showcase, "normal_fraction": cfg.normal_fraction}
     if cfg.split:  # only when set: datasets written before the option existed stay reusable
         key["split"] = cfg.split
+    if cfg.phantom_version != 1:  # likewise
+        key["phantom_version"] = cfg.phantom_version
     return key
 
 

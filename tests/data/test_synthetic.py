@@ -249,3 +249,53 @@ def test_split_option_puts_every_study_in_one_split_with_its_templates(tmp_path)
         assert e["labels"] == usual[e["id"]]["labels"]
     assert json.loads((tmp_path / "t" / "dataset_config.json").read_text())["split"] == "test"
     assert "split" not in json.loads((tmp_path / "m" / "dataset_config.json").read_text())
+
+
+def _node_contrast(version: int, station: str = "subcarinal") -> float:
+    """Mediastinal-window contrast of an enlarged lymph node against the ring around it, in the
+    slab the encoder sees (mean of the node's slab, 128 x 128, window W350/L50)."""
+    from data.preprocess import _resize_hw, slab_ranges, window_stack
+
+    cases = (_case(i, "demo", findings=["lymphadenopathy"], prior_nodule=False, lobectomy=False, contrast_allergy=False)
+             for i in range(40, 400))  # the first one at this station
+    case = next(c for c in cases if c.labels[0].location == station)
+    ph = render(case, version)
+    (les,) = ph.lesions
+    thk, px, _ = ph.spacing
+    cz, cy, cx = les["center_zyx_mm"]
+    ranges = slab_ranges(ph.hu.shape[0], 16)
+    s = int(np.searchsorted(ranges[:, 1], int(cz / thk), side="right"))
+    a, b = ranges[s]
+    img = window_stack(_resize_hw(ph.hu[a:b].astype(np.float32).mean(0, keepdims=True), (128, 128)), ("mediastinum",))[0, 0]
+    f = ph.hu.shape[1] / 128
+    yi, xi, r = cy / px / f, cx / px / f, les["radius_mm"] / px / f
+    yy, xx = np.ogrid[:128, :128]
+    d = np.hypot(yy - yi, xx - xi)
+    return float(img[d <= 0.5 * r].mean() - np.median(img[(d >= r + 1.5) & (d <= r + 4)]))
+
+
+def test_phantom_v2_makes_enlarged_lymph_nodes_visible():
+    """Version 1 (the shipped data) draws a 42 HU node in 35 HU mediastinal tissue: a subcarinal
+    node has no contrast (paratracheal and hilar ones show against the lung or airway). Version 2
+    puts mediastinal fat around it, as in a real chest."""
+    v1, v2 = _node_contrast(1), _node_contrast(2)
+    assert abs(v1) < 0.1, v1
+    assert v2 > 0.25, v2
+
+
+def test_phantom_version_is_checked_and_recorded(tmp_path):
+    with pytest.raises(ValueError, match="phantom version"):
+        render(_case(1, "tiny"), 3)
+    with pytest.raises(ValueError, match="phantom_version"):
+        DatasetConfig(n=1, phantom_version=0)
+    from data.synthetic.writer import _config_key
+
+    assert "phantom_version" not in _config_key(DatasetConfig(n=1))  # version 1 datasets stay reusable
+    assert _config_key(DatasetConfig(n=1, phantom_version=2))["phantom_version"] == 2
+    # version 2 changes the mediastinum only above the diaphragm; the lungs are untouched
+    case = _case(5, "tiny", normal=True)
+    h1, h2 = render(case, 1).hu, render(case, 2).hu
+    changed = h1 != h2
+    assert changed.any()
+    assert (h1[changed] > -60).mean() > 0.9 and (h2[changed] < -30).mean() > 0.9  # soft tissue became fat
+    assert not changed[h1 < -500].any()  # lungs and air untouched (same noise draws)
