@@ -38,10 +38,11 @@ from app import __version__
 from app.report import UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
 from core.generate import GenerationConfig, generate
 from data.errors import AudioError, HistoryError, MedreportError
+from data.finding_prompt import study_acquisition
 from data.history_digest import digest_ids
 from data.study import COMPANION_SUFFIXES, Study, StudyFiles, find_study_files, load_study
 from multimodal.fusion import MODALITIES
-from multimodal.model import WEIGHTS_FILE, ReportModel, StudyInputs, collate, digest_spans
+from multimodal.model import WEIGHTS_FILE, ReportModel, StudyInputs, collate, digest_spans, uses_prompt
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,10 @@ class ReportPipeline:
                 n_digest = len(dig)
                 hist_info["digest_tokens"] = n_digest
             ids = ids or None
+        acq = (study_acquisition(study.metadata, study.kind, study.spacing_mm[0])
+               if self.model.cfg.acquisition_prompt else None)
         inputs = StudyInputs(pixels=slabs.pixels, z_mm=slabs.z_mm, z_index_range=slabs.z_index_range, mel=mel,
-                             history_ids=ids, digest_len=n_digest)
+                             history_ids=ids, digest_len=n_digest, acquisition=acq)
         return inputs, hist_info, audio_info
 
     # ------------------------------------------------------------------------------ run
@@ -338,7 +341,7 @@ class ReportPipeline:
                 it.side = torch.softmax(heads.side_logits_BK4[0].float(), -1).cpu().numpy()  # [K,4]
                 it.loc = heads.location_logits_BKL[0].argmax(-1).cpu().numpy()  # [K]
                 it.gates = {m: float(g) for m, g in zip(MODALITIES, enc.gates_BM[0].float().cpu())}
-                it.prompt = model.prompt_ids(model.calls(heads)[0]) if model.cfg.finding_prompt else []
+                it.prompt = model.prompt_ids(model.calls(heads)[0], it.inputs.acquisition) if uses_prompt(model.cfg) else []
                 c, m = model.decoder_context(enc.fused_BFD, enc.mask_BF, heads)  # [1,F_i,D], [1,F_i]
                 ctxs.append(c[0])
                 masks.append(m[0])
@@ -347,7 +350,7 @@ class ReportPipeline:
         t0 = time.perf_counter()
         notify("generating", _STAGE_SPAN["generating"][0])
         x = collate([it.inputs for it in items])  # history ids and digest spans, padded
-        if model.cfg.finding_prompt:  # the heads' calls as text between the history and [REPORT]
+        if uses_prompt(model.cfg):  # acquisition line / the heads' calls as text between the history and [REPORT]
             x.prompt_len = torch.as_tensor([len(it.prompt) for it in items], dtype=torch.long)
         prefixes = [[tok.bos_id] + list(it.inputs.history_ids or ()) + it.prompt + [tok.report_id] for it in items]
         with torch.inference_mode():

@@ -35,14 +35,18 @@ import torch
 
 from core.decoder import spans_to_mask
 from data.errors import MedreportError
+from data.finding_prompt import study_acquisition
 from data.history_digest import digest_ids
 from multimodal.heads import SIDES, FindingLabels, coarse_location, side_index
-from multimodal.model import ModelInputs, StudyInputs, collate, digest_spans, prompt_token_ids
+from multimodal.model import ModelInputs, StudyInputs, collate, config_prompt_ids, digest_spans
 from multimodal.presets import ModelConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: the study's spacing and volume shape are cached too (token targets)
+# Training studies whose acquisition line is replaced by "unknown" (model.acquisition_prompt), so
+# that the decoder also learns to write a technique section without one (NIfTI, PNG, silent headers).
+ACQUISITION_DROPOUT = 0.1
+CACHE_VERSION = 3  # 2: the study's spacing and volume shape are cached too (token targets); 3: its acquisition line
 
 
 class TrainDataError(MedreportError):
@@ -167,6 +171,8 @@ class StudyCache:
             "z_index_range": slabs.z_index_range.astype(np.int64),
             "spacing_zyx": np.asarray(study.spacing_mm, dtype=np.float64),  # mm, as load_study measured it
             "shape_zyx": np.asarray(study.shape, dtype=np.int64),
+            # data.finding_prompt.study_acquisition: contrast and slice thickness from the header
+            "acquisition": np.asarray(study_acquisition(study.metadata, study.kind, study.spacing_mm[0])),
         }
         if self.pre.audio and entry.audio:
             from data.audio import AudioConfig, load_audio, log_mel
@@ -396,9 +402,15 @@ class ReportDataset(torch.utils.data.Dataset):
                      arrays: dict[str, np.ndarray] | None = None) -> StudyInputs:
         a = self.cache.arrays(entry) if arrays is None else arrays
         hist, n_digest = self.history_ids(entry, rng)
+        acq = None
+        if self.cfg.acquisition_prompt and "acquisition" in a:
+            acq = str(a["acquisition"])
+            if rng is not None and rng.random() < ACQUISITION_DROPOUT:  # as for a NIfTI or a silent header
+                acq = None
         return StudyInputs(
             pixels=a["pixels"].astype(np.float32), z_mm=a["z_mm"], z_index_range=a["z_index_range"],
             mel=a["mel"].astype(np.float32) if "mel" in a else None, history_ids=hist or None, digest_len=n_digest,
+            acquisition=acq,
         )
 
     def __getitem__(self, i: int) -> Example:
@@ -407,7 +419,7 @@ class ReportDataset(torch.utils.data.Dataset):
         arrays = self.cache.arrays(e)
         study = self.study_inputs(e, rng, arrays)
         report = self.tok.encode_report(e.sections)[: self.max_report_tokens]
-        prompt = prompt_token_ids(self.tok, label_calls(e.labels)) if self.cfg.finding_prompt else []
+        prompt = config_prompt_ids(self.tok, self.cfg, label_calls(e.labels), study.acquisition)
         prefix = [self.tok.bos_id, *(study.history_ids or []), *prompt, self.tok.report_id]
         present, side, loc = finding_targets(e.labels, self.cfg.heads.finding_names, self.cfg.heads.locations)
         tt = None

@@ -536,6 +536,7 @@ def _deidentified_metadata(ds: Any, files_used: int) -> dict:
             md[key] = v
     agent = _text(ds, "ContrastBolusAgent") or _text(ds, "ContrastBolusRoute")
     md["contrast_agent_present"] = bool(agent and agent.lower() not in {"none", "no", "n/a"})
+    md["contrast_agent_stated"] = bool(agent)  # False: the header is silent (not the same as "none")
     md["image_type"] = _image_type(ds)
     sex = _text(ds, "PatientSex").upper()
     if sex in {"M", "F", "O"}:

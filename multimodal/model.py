@@ -30,7 +30,7 @@ from torch import nn
 from core.decoder import Decoder, copy_loss, spans_to_mask
 from core.generate import GenerationConfig, generate
 from data.errors import MedreportError
-from data.finding_prompt import finding_prompt
+from data.finding_prompt import acquisition_phrase, finding_prompt
 from multimodal.audio_encoder import AudioEncoder
 from multimodal.evidence import Evidence, evidence_from_maps, gradcam_maps
 from multimodal.fusion import MODALITIES, Fusion, HistorySummary
@@ -64,6 +64,7 @@ class StudyInputs:
     mel: np.ndarray | None = None  # float32 (1, M, T) or (M, T) log-mel; None = no dictation
     history_ids: Sequence[int] | None = None  # record token ids (no special tokens); None = no history
     digest_len: int = 0  # the last digest_len history ids are the history digest (copy sources)
+    acquisition: str | None = None  # the acquisition line (data.finding_prompt.study_acquisition); None = unknown
 
     @classmethod
     def from_slabs(cls, slabs, mel: np.ndarray | None = None, history_ids: Sequence[int] | None = None) -> "StudyInputs":
@@ -93,6 +94,7 @@ class ModelInputs:
     history_digest_len: torch.Tensor | None = None  # [B] long: trailing history tokens that are the digest
     copy_mask: torch.Tensor | None = None  # [B, T] bool: decoder positions the copy head may copy from
     prompt_len: torch.Tensor | None = None  # [B] long: finding-prompt tokens between the history and [REPORT]
+    acquisition: list[str | None] | None = None  # per study, its acquisition line (cfg.acquisition_prompt)
 
     @property
     def batch_size(self) -> int:
@@ -102,6 +104,8 @@ class ModelInputs:
         def mv(x):
             if x is None:
                 return None
+            if isinstance(x, list):  # per-study text (acquisition lines)
+                return x
             if isinstance(x, FindingLabels):
                 return FindingLabels(*(None if t is None else t.to(device) for t in (x.present_BK, x.side_BK, x.location_BK)))
             return x.to(device)
@@ -154,7 +158,9 @@ def collate(studies: Sequence[StudyInputs]) -> ModelInputs:
     dlen = None
     if any(s.digest_len for s in studies):
         dlen = torch.tensor([min(s.digest_len, len(s.history_ids or ())) for s in studies], dtype=torch.long)
-    return ModelInputs(slabs, slab_mask, z_mm, zr, mel, present, lengths, hist, hmask, history_digest_len=dlen)
+    acq = [s.acquisition for s in studies] if any(s.acquisition for s in studies) else None
+    return ModelInputs(slabs, slab_mask, z_mm, zr, mel, present, lengths, hist, hmask, history_digest_len=dlen,
+                       acquisition=acq)
 
 
 def decoder_losses(cfg: ModelConfig, out, x: ModelInputs, canon_V: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -187,6 +193,27 @@ def decoder_losses(cfg: ModelConfig, out, x: ModelInputs, canon_V: torch.Tensor 
 def prompt_token_ids(tokenizer, calls: Sequence[tuple[str, str | None, str | None]]) -> list[int]:
     """Token ids (no special tokens) of ``data.finding_prompt.finding_prompt(calls)``."""
     return list(tokenizer.tk.encode(finding_prompt(calls), add_special_tokens=False).ids)
+
+
+def uses_prompt(cfg: ModelConfig) -> bool:
+    """Whether the decoder reads a prompt between the history and [REPORT]."""
+    return cfg.finding_prompt or cfg.acquisition_prompt
+
+
+def config_prompt_ids(tokenizer, cfg: ModelConfig, calls: Sequence[tuple[str, str | None, str | None]],
+                      acquisition: str | None) -> list[int]:
+    """The prompt the config asks for, as token ids: the acquisition line (``cfg.acquisition_prompt``;
+    "Acquisition: unknown." when the study's is None) then the calls (``cfg.finding_prompt``).
+    Training (from labels and the cached header) and inference (from the heads and the loaded
+    study) both build it here, so the two cannot drift apart."""
+    parts = []
+    if cfg.acquisition_prompt:
+        parts.append(acquisition or acquisition_phrase(None, None))
+    if cfg.finding_prompt:
+        parts.append(finding_prompt(calls))
+    if not parts:
+        return []
+    return list(tokenizer.tk.encode(" ".join(parts), add_special_tokens=False).ids)
 
 
 def digest_spans(x: ModelInputs) -> list[tuple[int, int] | None] | None:
@@ -410,19 +437,21 @@ class ReportModel(nn.Module):
         return [[(n, SIDES[side[b][k]], locs[loc[b][k]]) for k, n in enumerate(self.finding_names) if called[b][k]]
                 for b in range(len(called))]
 
-    def prompt_ids(self, calls: Sequence[tuple[str, str | None, str | None]]) -> list[int]:
-        """Token ids of the finding prompt for one study's calls (needs the tokenizer)."""
+    def prompt_ids(self, calls: Sequence[tuple[str, str | None, str | None]], acquisition: str | None = None) -> list[int]:
+        """Token ids of one study's prompt (its acquisition line and/or its calls, as the config
+        says; needs the tokenizer)."""
         if self.tokenizer is None:
             raise ValueError("the finding prompt needs the model's tokenizer (model.set_tokenizer)")
-        return prompt_token_ids(self.tokenizer, calls)
+        return config_prompt_ids(self.tokenizer, self.cfg, calls, acquisition)
 
     def with_prompts(self, x: ModelInputs, prefixes: list[list[int]], heads: HeadsOutput) -> tuple[ModelInputs, list[list[int]]]:
-        """Insert each study's finding prompt (from the heads' calls) before the last prefix token
-        ([REPORT]); -> (inputs with ``prompt_len``, new prefixes). A no-op without
-        ``cfg.finding_prompt``."""
-        if not self.cfg.finding_prompt:
+        """Insert each study's prompt (its acquisition line from ``x.acquisition`` and/or the
+        heads' calls) before the last prefix token ([REPORT]); -> (inputs with ``prompt_len``, new
+        prefixes). A no-op without ``cfg.finding_prompt`` and ``cfg.acquisition_prompt``."""
+        if not uses_prompt(self.cfg):
             return x, prefixes
-        prompts = [self.prompt_ids(c) for c in self.calls(heads)]
+        acq = x.acquisition or [None] * x.batch_size
+        prompts = [self.prompt_ids(c, a) for c, a in zip(self.calls(heads), acq)]
         out = [list(p[:-1]) + q + list(p[-1:]) for p, q in zip(prefixes, prompts)]
         lens = torch.tensor([len(q) for q in prompts], dtype=torch.long, device=x.slabs.device)  # [B]
         return dataclasses.replace(x, prompt_len=lens), out

@@ -55,6 +55,10 @@ class ModelConfig:
     # history and [REPORT] ("Calls: cardiomegaly; right lower lobe nodule."), from the heads at
     # inference and from the labels in training; a copy source with the digest. False = off.
     finding_prompt: bool = False
+    # Acquisition line (data.finding_prompt.acquisition_phrase) before the calls: IV contrast or
+    # not and the slice thickness, from the study's header in training and at inference
+    # ("Acquisition: no IV contrast, 5 mm slices."), for the technique section. False = off.
+    acquisition_prompt: bool = False
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = DEFAULT_VOCAB_SIZE, **overrides) -> "ModelConfig":
@@ -89,7 +93,7 @@ class ModelConfig:
             decoder=_decoder_from_dict(d.get("decoder", {})),
             heads=build(HeadsConfig, d.get("heads", {})),
             **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "copy_weight", "fact_weight", "name", "use_image", "use_audio",
-                                      "history_digest_words", "finding_prompt") if k in d},
+                                      "history_digest_words", "finding_prompt", "acquisition_prompt") if k in d},
         )
 
 

@@ -258,3 +258,49 @@ def test_finding_prompt_in_the_pipeline_matches_the_report_findings(pipe, tmp_pa
     calls = [("cardiomegaly", "none", "unspecified"), ("nodule", nod.side, nod.location)]
     prompt = tok.tk.encode(finding_prompt(calls), add_special_tokens=False).ids
     assert seen["prefixes"][0] == [tok.bos_id, *prompt, tok.report_id]
+
+
+def test_acquisition_line_in_the_pipeline_equals_the_training_one(pipe, tmp_path, monkeypatch):
+    """An acquisition-prompt model (model.acquisition_prompt): the pipeline puts the study's
+    acquisition line (from its DICOM header) before the calls, and the training dataset builds
+    the same ids for the same study and calls, so what the decoder reads at inference is what
+    it was trained on."""
+    import dataclasses
+
+    import torch
+
+    import app.pipeline as ap
+    from app.train_data import PreprocessConfig, ReportDataset, StudyCache
+    from data.datasets import read_manifest
+    from data.finding_prompt import finding_prompt
+    from multimodal.model import ReportModel, config_prompt_ids
+    from multimodal.presets import ModelConfig
+
+    tok = pipe.tokenizer
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, finding_prompt=True, acquisition_prompt=True)
+    cfg.heads.decision_thresholds = tuple(0.0 if n == "cardiomegaly" else 1.0 for n in cfg.heads.finding_names)
+    torch.manual_seed(0)
+    ReportModel(cfg, tokenizer=tok).save_pretrained(tmp_path / "m", tok)
+    seen = {}
+    real = ap.generate
+
+    def spy(decoder, prefixes, *a, **kw):
+        seen["prefixes"] = prefixes
+        return real(decoder, prefixes, *a, **kw)
+
+    monkeypatch.setattr(ap, "generate", spy)
+    p = ReportPipeline.from_dir(tmp_path / "m", dataclasses.replace(CFG, evidence=False))
+    p.run(STUDIES / "syn00003")  # no history: the prefix is [BOS] prompt [REPORT]
+    import pydicom
+
+    contrast = "ContrastBolusAgent" in pydicom.dcmread(STUDIES / "syn00003" / "IM0001.dcm", stop_before_pixels=True)
+    line = seen["prefixes"][0][1:-1]
+    text = tok.tk.decode(line)
+    assert text.startswith("Acquisition: " + ("IV contrast" if contrast else "no IV contrast")), text
+    assert "mm slices" in text and "Calls: cardiomegaly" in text
+    calls = [("cardiomegaly", "none", "unspecified")]
+    entry = next(e for e in read_manifest(EXAMPLES / "manifest.jsonl") if e.id == "syn00003")
+    ds = ReportDataset([entry], tok, ReportModel(cfg).cfg, StudyCache(None, PreprocessConfig.from_model(cfg)))
+    acq = ds.study_inputs(entry).acquisition
+    assert config_prompt_ids(tok, cfg, calls, acq) == line
+    assert text.endswith(finding_prompt(calls))

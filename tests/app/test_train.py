@@ -444,6 +444,41 @@ def test_finding_prompt_in_training_comes_from_the_labels(shared, repo_root):
     assert any(lab.present for e in entries for lab in e.labels)  # some example has a real call
 
 
+def test_acquisition_prompt_in_training_comes_from_the_header(shared, repo_root, monkeypatch):
+    """model.acquisition_prompt: the cached acquisition line (contrast and slice thickness read
+    from each study's DICOM header) leads the prompt before the calls; with the dropout at 1 the
+    line says "unknown" (as for a NIfTI input); off, no acquisition tokens at all."""
+    import app.train_data as td
+    from data.finding_prompt import acquisition_phrase, finding_prompt, study_acquisition
+    from data.study import load_study
+    from data.tokenizer import ReportTokenizer
+    from multimodal.heads import coarse_location
+
+    cfg = _cfg(shared, repo_root, "model.finding_prompt=true", "model.acquisition_prompt=true")
+    tok = ReportTokenizer.load(shared["tok"])
+    mcfg = model_config(cfg, tok.vocab_size)
+    entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "train"][:4]
+    cache = StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg, audio=False))
+    monkeypatch.setattr(td, "ACQUISITION_DROPOUT", 0.0)
+    ds = ReportDataset(entries, tok, mcfg, cache, max_history_tokens=64, max_report_tokens=96)
+    for i, e in enumerate(entries):
+        study = load_study(e.study_path)
+        line = study_acquisition(study.metadata, study.kind, study.spacing_mm[0])
+        assert line.startswith("Acquisition: ") and "mm slices" in line and "contrast" in line
+        calls = [(lab.finding, lab.side, coarse_location(lab.location)) for lab in e.labels if lab.present]
+        ex = ds[i]
+        prompt = tok.tk.encode(f"{line} {finding_prompt(calls)}", add_special_tokens=False).ids
+        assert ex.n_prompt == len(prompt)
+        assert ex.ids[ex.n_prefix - 1 - len(prompt): ex.n_prefix - 1] == prompt
+    monkeypatch.setattr(td, "ACQUISITION_DROPOUT", 1.0)
+    ex = ds[0]
+    unknown = tok.tk.encode(f"{acquisition_phrase(None, None)} ", add_special_tokens=False).ids
+    assert ex.ids[ex.n_prefix - 1 - ex.n_prompt: ex.n_prefix - 1][: len(unknown) - 1] == unknown[:-1]
+    off = ReportDataset(entries, tok, model_config(_cfg(shared, repo_root, "model.finding_prompt=true"), tok.vocab_size),
+                        cache, max_history_tokens=64, max_report_tokens=96)
+    assert "Acquisition" not in tok.tk.decode(off[0].ids[: off[0].n_prefix])
+
+
 def test_fact_weight_weights_the_report_tokens_that_state_history_facts(shared, repo_root):
     """model.fact_weight: the LM loss weight is fact_weight on exactly the report tokens that spell
     a planted fact's expected phrase (case as written), 1 elsewhere; the weighted loss is the

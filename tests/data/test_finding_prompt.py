@@ -20,3 +20,52 @@ def test_prompt_orders_calls_as_the_vocabulary_and_says_none():
     assert finding_prompt(calls) == "Calls: right middle lobe nodule; cardiomegaly."
     assert finding_prompt(list(reversed(calls))) == finding_prompt(calls)
     assert finding_prompt([]) == "Calls: none."
+
+
+def test_contrast_from_the_header_then_the_study_description():
+    from data.finding_prompt import contrast_from_metadata
+
+    assert contrast_from_metadata({"contrast_agent_stated": True, "contrast_agent_present": True}) is True
+    assert contrast_from_metadata({"contrast_agent_stated": True, "contrast_agent_present": False,
+                                   "study_description": "CT CHEST WITH CONTRAST"}) is False  # the header's "NONE" wins
+    assert contrast_from_metadata({"contrast_agent_present": False, "study_description": "CT CHEST WITHOUT CONTRAST"}) is False
+    assert contrast_from_metadata({"study_description": "CT THORAX W/O"}) is False
+    assert contrast_from_metadata({"study_description": "CT Thorax non-contrast"}) is False
+    assert contrast_from_metadata({"study_description": "CT CHEST W/ CONTRAST"}) is True
+    assert contrast_from_metadata({"study_description": "CTA chest (pulmonary angiogram)"}) is True
+    assert contrast_from_metadata({"study_description": "CT CHEST"}) is None  # says nothing
+    assert contrast_from_metadata({}) is None  # NIfTI, PNG
+
+
+def test_acquisition_line():
+    from data.finding_prompt import acquisition_phrase, study_acquisition
+
+    assert acquisition_phrase(True, 2.5) == "Acquisition: IV contrast, 2.5 mm slices."
+    assert acquisition_phrase(False, 5.0) == "Acquisition: no IV contrast, 5 mm slices."
+    assert acquisition_phrase(None, 1.25) == "Acquisition: 1.25 mm slices."
+    assert acquisition_phrase(None, None) == acquisition_phrase(None, 0.0) == "Acquisition: unknown."
+    md = {"contrast_agent_stated": True, "contrast_agent_present": True, "slice_thickness_mm": 3.0}
+    assert study_acquisition(md, "volume", 2.0) == "Acquisition: IV contrast, 3 mm slices."  # header thickness first
+    assert study_acquisition({}, "volume", 1.5) == "Acquisition: 1.5 mm slices."  # NIfTI: the slice spacing
+    assert study_acquisition({}, "radiograph", 1.0) == "Acquisition: unknown."
+
+
+def test_synthetic_dicom_header_gives_the_truth(tmp_path):
+    """The synthetic writer states the agent for contrast studies and only the description for
+    the others (like many scanners): both must read back as the case's truth."""
+    import numpy as np
+
+    from data.finding_prompt import study_acquisition
+    from data.study import load_study
+    from data.synthetic.dicom_writer import write_series
+    from data.synthetic.findings import sample_case
+    from data.synthetic.phantom import render
+
+    for allergy in (False, True):
+        case = sample_case(np.random.default_rng(3), "t3", 3, "train", "tiny", force={"contrast_allergy": allergy, "has_history": True})
+        ph = render(case)
+        write_series(case, ph.hu, ph.spacing, tmp_path / str(allergy))
+        study = load_study(tmp_path / str(allergy))
+        thk = f"{case.acquisition['slice_thickness']:g}"
+        want = f"Acquisition: {'no IV contrast' if allergy else 'IV contrast'}, {thk} mm slices."
+        assert study_acquisition(study.metadata, study.kind, study.spacing_mm[0]) == want
