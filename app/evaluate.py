@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -410,10 +411,22 @@ def facts_carried(hyp: dict[str, str], entries) -> dict:
     by_kind: dict[str, list[bool]] = {}
     for (_, f), h in zip(facts, hit):
         by_kind.setdefault(f.kind, []).append(h)
+    # A prior-nodule fact's phrase ("increased from 6 mm to 9 mm") joins the record's prior size
+    # with today's size, which only the image gives (to the millimetre). Reported apart, not part
+    # of the rate above: how often the record's part ("from 6 mm", "unchanged at 9 mm") is there.
+    prior = [(e, _prior_part(f.expect_in_report)) for e, f in facts if f.kind == "prior_nodule"]
+    prior_hit = [p.lower() in hyp[e.id].lower() for e, p in prior if p]
     return {"facts_carried": float(np.mean(hit)) if hit else None, "facts_checked": len(hit),
             "facts_carried_studies": float(np.mean(list(per_study.values()))) if per_study else None,
             "facts_studies_checked": len(per_study),
-            "facts_carried_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_kind.items())}}
+            "facts_carried_by_kind": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_kind.items())},
+            "prior_nodule_record_part_carried": round(float(np.mean(prior_hit)), 4) if prior_hit else None}
+
+
+def _prior_part(phrase: str) -> str | None:
+    """The record's part of a prior-nodule phrase: "from 6 mm" / "unchanged at 9 mm"."""
+    m = re.search(r"\b(from|unchanged at) (\d+(?:\.\d+)?) mm\b", phrase)
+    return f"{m.group(1)} {m.group(2)} mm" if m else None
 
 
 def manifest_facts(path: str | Path, ids) -> list | None:

@@ -158,3 +158,23 @@ def test_cli_reports_planted_facts_when_the_reference_is_a_synthetic_manifest(tm
     assert main(["evaluate", "--hyp", str(good), "--ref", str(good), "--json", str(tmp_path / "p.json"),
                  "--bootstrap", "0", "--no-meteor"]) == 0
     assert "facts_carried" not in json.loads((tmp_path / "p.json").read_text())
+
+
+def test_prior_nodule_facts_report_the_records_part_apart():
+    """A prior-nodule phrase joins the record's size with today's (image) size: the strict rate
+    needs both, the record part ("from 6 mm", "unchanged at 9 mm") is reported apart."""
+    from types import SimpleNamespace as NS
+
+    from app.evaluate import facts_carried
+
+    def entry(i, phrase):
+        return NS(id=i, history="h", history_text=None, facts=[NS(kind="prior_nodule", expect_in_report=phrase)])
+
+    entries = [entry("a", "increased from 6 mm to 9 mm"), entry("b", "remained unchanged at 9 mm"),
+               entry("c", "decreased from 8 mm to 5 mm")]
+    hyp = {"a": "The nodule has increased from 6 mm to 8 mm.", "b": "It remained unchanged at 9 mm.",
+           "c": "A 5 mm nodule."}
+    out = facts_carried(hyp, entries)
+    assert out["facts_carried"] == pytest.approx(1 / 3)  # only b is exact
+    assert out["prior_nodule_record_part_carried"] == pytest.approx(2 / 3, abs=1e-4)  # a and b carry the record's size
+    assert facts_carried({"a": "x"}, [entry("a", "remained unchanged at 9 mm")])["prior_nodule_record_part_carried"] == 0.0
