@@ -486,7 +486,7 @@ class _BlockSparseFn(torch.autograd.Function):
         # which softmax outputs backward gets from forward instead of recomputing: all of them at
         # short T; always the selected branch's (recomputing it means gathering its K*c raw keys
         # per query block again, the costliest step; keeping it costs one output-sized tensor)
-        keep = {name: grad and (not recompute or name == "selected") for name in cfg.branches}
+        keep = {name: grad and (not recompute or name in KEEP_WHEN_RECOMPUTING) for name in cfg.branches}
         # inference with one selected block per query block: that branch runs after the chunks,
         # grouped by chosen block (Plan.selected_by_block); with gradients it stays per chunk
         by_block = not grad and "selected" in cfg.branches and cfg.select_topk == 1
@@ -568,6 +568,10 @@ class _BlockSparseFn(torch.autograd.Function):
 # ~50 MB per layer at the demo sizes; above it backward recomputes the local and compressed ones
 # chunk by chunk.  Keeping them measured ~10 % faster at B=8, T=1024 (0.28 vs 0.32 s, one layer).
 KEEP_GRAPH_MAX_TOKENS = 16384
+# Branches whose softmax outputs are kept from forward even above that size (the others are
+# recomputed chunk by chunk in backward): the selected branch's recompute would gather its raw
+# key blocks again, the costliest step, for one output-sized tensor per branch.
+KEEP_WHEN_RECOMPUTING: tuple[str, ...] = ("selected",)
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig,

@@ -20,7 +20,6 @@ Legend: B batch, T tokens, N flattened tokens, D width, E experts, K top-k, F ex
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass, fields
 
 import torch
