@@ -184,7 +184,7 @@ def decoder_losses(cfg: ModelConfig, out, x: ModelInputs, canon_V: torch.Tensor 
         losses["lm"] = lm
         total = total + cfg.lm_weight * lm
         if cfg.copy_weight > 0 and out.copy is not None:
-            losses["copy"] = copy_loss(out.copy, x.ids, x.lm_labels, canon_V=canon_V)
+            losses["copy"] = copy_loss(out.copy, x.ids, x.lm_labels, n=cfg.copy_ngram, canon_V=canon_V)
             total = total + cfg.copy_weight * losses["copy"]
     losses["weighted"] = total
     return losses

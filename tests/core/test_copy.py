@@ -129,6 +129,15 @@ def test_copy_targets_align_the_report_ngrams_found_among_the_sources():
     for u, s in ((10, 1), (11, 2), (12, 3)):  # each points at the source offering its token there
         assert src[0, u - 3].nonzero()[:, 0].tolist() == [s]
     assert query[0].nonzero()[:, 0].tolist() == [u - 3 for u in range(9, ids.shape[1])]
+    # bigrams (model.copy_ngram = 2): the same three here ("31 12" and "12 40" are no source bigrams)
+    bi = {u for u in range(9, ids.shape[1]) if copy_targets(ids, labels, tr, n=2).gate_BT[0, u - 1 - 2] > 0}
+    assert bi == {10, 11, 12}
+    ids2 = ids.clone()
+    ids2[0, 15] = 13  # "12 13" again, after the lone 12: a bigram copy, not a trigram one
+    lab2 = torch.where(labels >= 0, ids2, labels)
+    tri2 = {u for u in range(9, ids.shape[1]) if copy_targets(ids2, lab2, tr, n=3).gate_BT[0, u - 1 - 2] > 0}
+    bi2 = {u for u in range(9, ids.shape[1]) if copy_targets(ids2, lab2, tr, n=2).gate_BT[0, u - 1 - 2] > 0}
+    assert tri2 == {10, 11, 12} and bi2 == {10, 11, 12, 14, 15}
     loss = copy_loss(tr, ids, labels)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
