@@ -419,7 +419,8 @@ class ReportDataset(torch.utils.data.Dataset):
         arrays = self.cache.arrays(e)
         study = self.study_inputs(e, rng, arrays)
         report = self.tok.encode_report(e.sections)[: self.max_report_tokens]
-        prompt = config_prompt_ids(self.tok, self.cfg, label_calls(e.labels), study.acquisition)
+        with_calls = not (self.cfg.finding_prompt_dropout > 0 and rng.random() < self.cfg.finding_prompt_dropout)
+        prompt = config_prompt_ids(self.tok, self.cfg, label_calls(e.labels), study.acquisition, with_calls)
         prefix = [self.tok.bos_id, *(study.history_ids or []), *prompt, self.tok.report_id]
         present, side, loc = finding_targets(e.labels, self.cfg.heads.finding_names, self.cfg.heads.locations)
         tt = None

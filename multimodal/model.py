@@ -201,7 +201,7 @@ def uses_prompt(cfg: ModelConfig) -> bool:
 
 
 def config_prompt_ids(tokenizer, cfg: ModelConfig, calls: Sequence[tuple[str, str | None, str | None]],
-                      acquisition: str | None) -> list[int]:
+                      acquisition: str | None, with_calls: bool = True) -> list[int]:
     """The prompt the config asks for, as token ids: the acquisition line (``cfg.acquisition_prompt``;
     "Acquisition: unknown." when the study's is None) then the calls (``cfg.finding_prompt``).
     Training (from labels and the cached header) and inference (from the heads and the loaded
@@ -209,7 +209,7 @@ def config_prompt_ids(tokenizer, cfg: ModelConfig, calls: Sequence[tuple[str, st
     parts = []
     if cfg.acquisition_prompt:
         parts.append(acquisition or acquisition_phrase(None, None))
-    if cfg.finding_prompt:
+    if cfg.finding_prompt and with_calls:  # with_calls=False: training's finding_prompt_dropout
         parts.append(finding_prompt(calls))
     if not parts:
         return []

@@ -65,6 +65,11 @@ class ModelConfig:
     # not and the slice thickness, from the study's header in training and at inference
     # ("Acquisition: no IV contrast, 5 mm slices."), for the technique section. False = off.
     acquisition_prompt: bool = False
+    # Training only: the share of examples whose prompt leaves the calls line out (the report is
+    # then written from the record, the image context and the acquisition line alone), so that the
+    # decoder does not learn to lean on the calls alone: session 10's model carried a known cancer
+    # into 23 % of its reports, an image-blind decoder trained the same way into 71 %. 0 = off.
+    finding_prompt_dropout: float = 0.0
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = DEFAULT_VOCAB_SIZE, **overrides) -> "ModelConfig":
@@ -99,7 +104,7 @@ class ModelConfig:
             decoder=_decoder_from_dict(d.get("decoder", {})),
             heads=build(HeadsConfig, d.get("heads", {})),
             **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "copy_weight", "copy_ngram", "fact_weight", "name", "use_image", "use_audio",
-                                      "history_digest_words", "finding_prompt", "acquisition_prompt") if k in d},
+                                      "history_digest_words", "finding_prompt", "acquisition_prompt", "finding_prompt_dropout") if k in d},
         )
 
 

@@ -479,6 +479,29 @@ def test_acquisition_prompt_in_training_comes_from_the_header(shared, repo_root,
     assert "Acquisition" not in tok.tk.decode(off[0].ids[: off[0].n_prefix])
 
 
+def test_finding_prompt_dropout_leaves_the_calls_out_of_some_examples(shared, repo_root):
+    """model.finding_prompt_dropout (training only): that share of examples has no calls line, the
+    rest the usual one; at 0 every example has it (and no extra random draw is made)."""
+    from data.tokenizer import ReportTokenizer
+
+    tok = ReportTokenizer.load(shared["tok"])
+    entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "train"]
+
+    def prefixes(*overrides):
+        mcfg = model_config(_cfg(shared, repo_root, "model.finding_prompt=true", *overrides), tok.vocab_size)
+        ds = ReportDataset(entries, tok, mcfg, StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg, audio=False)),
+                           max_history_tokens=64, max_report_tokens=96)
+        exs = [ds[i] for i in range(len(ds))]
+        ds.epoch = 1  # another epoch: other draws
+        exs += [ds[i] for i in range(len(ds))]
+        return [(tok.tk.decode(ex.ids[: ex.n_prefix]), ex.n_prompt) for ex in exs]
+
+    assert all("Calls:" in p and n > 0 for p, n in prefixes())
+    assert all("Calls:" not in p and n == 0 for p, n in prefixes("model.finding_prompt_dropout=1.0"))
+    half = [("Calls:" in p) for p, _ in prefixes("model.finding_prompt_dropout=0.5")]
+    assert any(half) and not all(half)
+
+
 def test_fact_weight_weights_the_report_tokens_that_state_history_facts(shared, repo_root):
     """model.fact_weight: the LM loss weight is fact_weight on exactly the report tokens that spell
     a planted fact's expected phrase (case as written), 1 elsewhere; the weighted loss is the
