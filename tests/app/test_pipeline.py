@@ -224,24 +224,22 @@ def test_digest_counts_inside_the_history_budget(pipe, tmp_path):
     assert rep.provenance["input"]["history_tokens"] == 120
 
 
-def test_finding_prompt_in_the_pipeline_matches_the_report_findings(pipe, tmp_path, monkeypatch):
-    """A finding-prompt model served by the pipeline: the decoder's prefix carries the calls
-    that the report's findings table shows, as text right before [REPORT]."""
+def _run_prompt_model(pipe, tmp_path, monkeypatch, called: tuple[str, ...], **overrides):
+    """A tiny prompt model that calls exactly ``called``, served by the pipeline on the bundled
+    study syn00003 (no history: the prefix is [BOS] prompt [REPORT]) -> (report, config, the
+    decoder prefixes it was given)."""
     import dataclasses
 
     import torch
 
     import app.pipeline as ap
-    from data.finding_prompt import finding_prompt
     from multimodal.model import ReportModel
     from multimodal.presets import ModelConfig
 
-    tok = pipe.tokenizer
-    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, finding_prompt=True)
-    K = cfg.heads.num_findings
-    cfg.heads.decision_thresholds = tuple(0.0 if n in ("cardiomegaly", "nodule") else 1.0 for n in cfg.heads.finding_names)
+    cfg = ModelConfig.preset("tiny", vocab_size=pipe.tokenizer.vocab_size, finding_prompt=True, **overrides)
+    cfg.heads.decision_thresholds = tuple(0.0 if n in called else 1.0 for n in cfg.heads.finding_names)
     torch.manual_seed(0)
-    ReportModel(cfg, tokenizer=tok).save_pretrained(tmp_path / "m", tok)
+    ReportModel(cfg, tokenizer=pipe.tokenizer).save_pretrained(tmp_path / "m", pipe.tokenizer)
     seen = {}
     real = ap.generate
 
@@ -251,13 +249,22 @@ def test_finding_prompt_in_the_pipeline_matches_the_report_findings(pipe, tmp_pa
 
     monkeypatch.setattr(ap, "generate", spy)
     p = ReportPipeline.from_dir(tmp_path / "m", dataclasses.replace(CFG, evidence=False))
-    rep = p.run(STUDIES / "syn00003")  # no history: the prefix is [BOS] prompt [REPORT]
+    return p.run(STUDIES / "syn00003"), cfg, seen["prefixes"]
+
+
+def test_finding_prompt_in_the_pipeline_matches_the_report_findings(pipe, tmp_path, monkeypatch):
+    """A finding-prompt model served by the pipeline: the decoder's prefix carries the calls
+    that the report's findings table shows, as text right before [REPORT]."""
+    from data.finding_prompt import finding_prompt
+
+    tok = pipe.tokenizer
+    rep, cfg, prefixes = _run_prompt_model(pipe, tmp_path, monkeypatch, ("cardiomegaly", "nodule"))
     present = [f for f in rep.findings if f.present]
-    assert sorted(f.name for f in present) == ["cardiomegaly", "nodule"] and K > 2
+    assert sorted(f.name for f in present) == ["cardiomegaly", "nodule"] and cfg.heads.num_findings > 2
     nod = next(f for f in present if f.name == "nodule")
     calls = [("cardiomegaly", "none", "unspecified"), ("nodule", nod.side, nod.location)]
     prompt = tok.tk.encode(finding_prompt(calls), add_special_tokens=False).ids
-    assert seen["prefixes"][0] == [tok.bos_id, *prompt, tok.report_id]
+    assert prefixes[0] == [tok.bos_id, *prompt, tok.report_id]
 
 
 def test_acquisition_line_in_the_pipeline_equals_the_training_one(pipe, tmp_path, monkeypatch):
@@ -265,42 +272,23 @@ def test_acquisition_line_in_the_pipeline_equals_the_training_one(pipe, tmp_path
     acquisition line (from its DICOM header) before the calls, and the training dataset builds
     the same ids for the same study and calls, so what the decoder reads at inference is what
     it was trained on."""
-    import dataclasses
+    import pydicom
 
-    import torch
-
-    import app.pipeline as ap
     from app.train_data import PreprocessConfig, ReportDataset, StudyCache
     from data.datasets import read_manifest
     from data.finding_prompt import finding_prompt
-    from multimodal.model import ReportModel, config_prompt_ids
-    from multimodal.presets import ModelConfig
+    from multimodal.model import config_prompt_ids
 
     tok = pipe.tokenizer
-    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, finding_prompt=True, acquisition_prompt=True)
-    cfg.heads.decision_thresholds = tuple(0.0 if n == "cardiomegaly" else 1.0 for n in cfg.heads.finding_names)
-    torch.manual_seed(0)
-    ReportModel(cfg, tokenizer=tok).save_pretrained(tmp_path / "m", tok)
-    seen = {}
-    real = ap.generate
-
-    def spy(decoder, prefixes, *a, **kw):
-        seen["prefixes"] = prefixes
-        return real(decoder, prefixes, *a, **kw)
-
-    monkeypatch.setattr(ap, "generate", spy)
-    p = ReportPipeline.from_dir(tmp_path / "m", dataclasses.replace(CFG, evidence=False))
-    p.run(STUDIES / "syn00003")  # no history: the prefix is [BOS] prompt [REPORT]
-    import pydicom
-
+    _, cfg, prefixes = _run_prompt_model(pipe, tmp_path, monkeypatch, ("cardiomegaly",), acquisition_prompt=True)
     contrast = "ContrastBolusAgent" in pydicom.dcmread(STUDIES / "syn00003" / "IM0001.dcm", stop_before_pixels=True)
-    line = seen["prefixes"][0][1:-1]
+    line = prefixes[0][1:-1]
     text = tok.tk.decode(line)
     assert text.startswith("Acquisition: " + ("IV contrast" if contrast else "no IV contrast")), text
     assert "mm slices" in text and "Calls: cardiomegaly" in text
     calls = [("cardiomegaly", "none", "unspecified")]
     entry = next(e for e in read_manifest(EXAMPLES / "manifest.jsonl") if e.id == "syn00003")
-    ds = ReportDataset([entry], tok, ReportModel(cfg).cfg, StudyCache(None, PreprocessConfig.from_model(cfg)))
+    ds = ReportDataset([entry], tok, cfg, StudyCache(None, PreprocessConfig.from_model(cfg)))
     acq = ds.study_inputs(entry).acquisition
     assert config_prompt_ids(tok, cfg, calls, acq) == line
     assert text.endswith(finding_prompt(calls))
