@@ -253,8 +253,7 @@ class ReportPipeline:
                 n_digest = len(dig)
                 hist_info["digest_tokens"] = n_digest
             ids = ids or None
-        acq = (study_acquisition(study.metadata, study.kind, study.spacing_mm[0])
-               if self.model.cfg.acquisition_prompt else None)
+        acq = study_acquisition(study) if self.model.cfg.acquisition_prompt else None
         inputs = StudyInputs(pixels=slabs.pixels, z_mm=slabs.z_mm, z_index_range=slabs.z_index_range, mel=mel,
                              history_ids=ids, digest_len=n_digest, acquisition=acq)
         return inputs, hist_info, audio_info

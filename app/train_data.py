@@ -172,7 +172,7 @@ class StudyCache:
             "spacing_zyx": np.asarray(study.spacing_mm, dtype=np.float64),  # mm, as load_study measured it
             "shape_zyx": np.asarray(study.shape, dtype=np.int64),
             # data.finding_prompt.study_acquisition: contrast and slice thickness from the header
-            "acquisition": np.asarray(study_acquisition(study.metadata, study.kind, study.spacing_mm[0])),
+            "acquisition": np.asarray(study_acquisition(study)),
         }
         if self.pre.audio and entry.audio:
             from data.audio import AudioConfig, load_audio, log_mel

@@ -249,32 +249,17 @@ class MoE(nn.Module):
             return "grouped"
         return "sorted"
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        cfg = self.cfg
-        shape = x_BTD.shape
-        x = x_BTD.reshape(-1, shape[-1])  # [N,D]
-        N, K, E = x.shape[0], cfg.top_k, cfg.n_experts
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad or self.lora is not None)
-        w_NK, idx_NK, probs_NE = self.route(x, need_probs=grad)
-        flat = idx_NK.reshape(-1)  # [N*K]
-        mode = self._mode(N, grad)
-        if mode == "padded_small":
-            y, counts = self._experts_padded_small(x, w_NK, idx_NK)
-        elif mode == "gather":
-            y, counts = self._experts_gather(x, w_NK, idx_NK)
-        else:
-            counts = torch.bincount(flat, minlength=E)  # [E]
-        if mode not in ("all", "padded_small", "gather"):
-            order = flat.argsort(stable=True)  # assignments sorted by expert
-            tok = order // K  # [N*K] source token of each sorted assignment
-            counts_l = counts.tolist()
-            if mode == "sorted":  # measured: padded wins only at decode sizes
-                mode = "padded" if N * K <= 8 * E and max(counts_l) * E <= max(2 * N * K, 4 * E) else "loop"
-        if mode in ("padded_small", "gather"):
-            pass  # done above
-        elif mode == "all":
-            y = self._experts_all(x, w_NK, idx_NK)
-        elif mode == "padded":
+    def _experts_sorted(self, x: torch.Tensor, w_NK: torch.Tensor, flat: torch.Tensor, counts: torch.Tensor,
+                        mode: str, grad: bool) -> torch.Tensor:
+        """The dispatches that sort the assignments by expert ("padded", "grouped", "loop"; "sorted"
+        = padded or loop, decided here from the counts). -> y [N,D]."""
+        N, K, E = x.shape[0], self.cfg.top_k, self.cfg.n_experts
+        order = flat.argsort(stable=True)  # assignments sorted by expert
+        tok = order // K  # [N*K] source token of each sorted assignment
+        counts_l = counts.tolist()
+        if mode == "sorted":  # measured: padded wins only at decode sizes
+            mode = "padded" if N * K <= 8 * E and max(counts_l) * E <= max(2 * N * K, 4 * E) else "loop"
+        if mode == "padded":
             expert_sorted = flat[order]  # [N*K]
             starts = torch.cumsum(counts, 0) - counts  # [E]
             slot = torch.arange(N * K, device=x.device) - starts[expert_sorted]  # row within its expert
@@ -302,6 +287,24 @@ class MoE(nn.Module):
                     if counts_l[e]:
                         y.index_add_(0, tok_e[e], self._expert(e, x.index_select(0, tok_e[e]), ws_e[e],
                                                                w13=w13_e[e], w2=w2_e[e]).to(x.dtype))
+        return y
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        shape = x_BTD.shape
+        x = x_BTD.reshape(-1, shape[-1])  # [N,D]
+        N, K, E = x.shape[0], cfg.top_k, cfg.n_experts
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad or self.lora is not None)
+        w_NK, idx_NK, probs_NE = self.route(x, need_probs=grad)
+        flat = idx_NK.reshape(-1)  # [N*K]
+        mode = self._mode(N, grad)
+        if mode == "padded_small":
+            y, counts = self._experts_padded_small(x, w_NK, idx_NK)
+        elif mode == "gather":
+            y, counts = self._experts_gather(x, w_NK, idx_NK)
+        else:
+            counts = torch.bincount(flat, minlength=E)  # [E]
+            y = self._experts_all(x, w_NK, idx_NK) if mode == "all" else self._experts_sorted(x, w_NK, flat, counts, mode, grad)
         if self.shared is not None:
             y = y + self.shared(x)
         load_E = counts.to(x.dtype) / max(N * K, 1)

@@ -82,10 +82,10 @@ def acquisition_phrase(contrast: bool | None, slice_mm: float | None) -> str:
     return f"{ACQ_LEAD} {', '.join(parts) if parts else UNKNOWN}."
 
 
-def study_acquisition(metadata: Mapping, kind: str, spacing_z_mm: float | None) -> str:
-    """The acquisition line of a loaded study (``data.study.Study``: metadata, kind, spacing):
-    the header's slice thickness, else the volume's slice spacing; none for radiographs."""
-    if kind == "radiograph":
-        return acquisition_phrase(contrast_from_metadata(metadata), None)
-    thk = metadata.get("slice_thickness_mm") or spacing_z_mm
-    return acquisition_phrase(contrast_from_metadata(metadata), thk)
+def study_acquisition(study) -> str:
+    """The acquisition line of a loaded study (a ``data.study.Study``: its metadata, kind and
+    spacing): the header's slice thickness, else the volume's slice spacing; none for radiographs."""
+    md = study.metadata
+    if study.kind == "radiograph":
+        return acquisition_phrase(contrast_from_metadata(md), None)
+    return acquisition_phrase(contrast_from_metadata(md), md.get("slice_thickness_mm") or study.spacing_mm[0])

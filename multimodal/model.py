@@ -190,11 +190,6 @@ def decoder_losses(cfg: ModelConfig, out, x: ModelInputs, canon_V: torch.Tensor 
     return losses
 
 
-def prompt_token_ids(tokenizer, calls: Sequence[tuple[str, str | None, str | None]]) -> list[int]:
-    """Token ids (no special tokens) of ``data.finding_prompt.finding_prompt(calls)``."""
-    return list(tokenizer.tk.encode(finding_prompt(calls), add_special_tokens=False).ids)
-
-
 def uses_prompt(cfg: ModelConfig) -> bool:
     """Whether the decoder reads a prompt between the history and [REPORT]."""
     return cfg.finding_prompt or cfg.acquisition_prompt

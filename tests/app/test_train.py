@@ -463,7 +463,7 @@ def test_acquisition_prompt_in_training_comes_from_the_header(shared, repo_root,
     ds = ReportDataset(entries, tok, mcfg, cache, max_history_tokens=64, max_report_tokens=96)
     for i, e in enumerate(entries):
         study = load_study(e.study_path)
-        line = study_acquisition(study.metadata, study.kind, study.spacing_mm[0])
+        line = study_acquisition(study)
         assert line.startswith("Acquisition: ") and "mm slices" in line and "contrast" in line
         calls = [(lab.finding, lab.side, coarse_location(lab.location)) for lab in e.labels if lab.present]
         ex = ds[i]

@@ -38,6 +38,8 @@ def test_contrast_from_the_header_then_the_study_description():
 
 
 def test_acquisition_line():
+    from types import SimpleNamespace as NS
+
     from data.finding_prompt import acquisition_phrase, study_acquisition
 
     assert acquisition_phrase(True, 2.5) == "Acquisition: IV contrast, 2.5 mm slices."
@@ -45,9 +47,9 @@ def test_acquisition_line():
     assert acquisition_phrase(None, 1.25) == "Acquisition: 1.25 mm slices."
     assert acquisition_phrase(None, None) == acquisition_phrase(None, 0.0) == "Acquisition: unknown."
     md = {"contrast_agent_stated": True, "contrast_agent_present": True, "slice_thickness_mm": 3.0}
-    assert study_acquisition(md, "volume", 2.0) == "Acquisition: IV contrast, 3 mm slices."  # header thickness first
-    assert study_acquisition({}, "volume", 1.5) == "Acquisition: 1.5 mm slices."  # NIfTI: the slice spacing
-    assert study_acquisition({}, "radiograph", 1.0) == "Acquisition: unknown."
+    assert study_acquisition(NS(metadata=md, kind="volume", spacing_mm=(2.0, 1.0, 1.0))) == "Acquisition: IV contrast, 3 mm slices."  # header thickness first
+    assert study_acquisition(NS(metadata={}, kind="volume", spacing_mm=(1.5, 1.0, 1.0))) == "Acquisition: 1.5 mm slices."  # NIfTI: the slice spacing
+    assert study_acquisition(NS(metadata={}, kind="radiograph", spacing_mm=(1.0, 1.0, 1.0))) == "Acquisition: unknown."
 
 
 def test_synthetic_dicom_header_gives_the_truth(tmp_path):
@@ -68,4 +70,4 @@ def test_synthetic_dicom_header_gives_the_truth(tmp_path):
         study = load_study(tmp_path / str(allergy))
         thk = f"{case.acquisition['slice_thickness']:g}"
         want = f"Acquisition: {'no IV contrast' if allergy else 'IV contrast'}, {thk} mm slices."
-        assert study_acquisition(study.metadata, study.kind, study.spacing_mm[0]) == want
+        assert study_acquisition(study) == want
