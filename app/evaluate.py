@@ -171,6 +171,14 @@ def corpus_bleu_scores(hyps: list[list[str]], refs: list[list[str]]) -> dict[str
         return {name: float(corpus_bleu([[r] for r in refs], hyps, weights=w)) for name, w in BLEU_WEIGHTS.items()}
 
 
+def length_scores(hyps: list[list[str]], refs: list[list[str]]) -> dict[str, float]:
+    """Corpus length ratio (hypothesis / reference tokens) and the brevity penalty BLEU multiplies by
+    (1 when the hypotheses are longer, else exp(1 - ref / hyp)), as sacrebleu reports them."""
+    h, r = sum(map(len, hyps)), sum(map(len, refs))
+    bp = 1.0 if h > r else (0.0 if h == 0 else math.exp(1 - r / h))
+    return {"length_ratio": h / r if r else 0.0, "brevity_penalty": bp}
+
+
 def sentence_bleu_scores(hyp: list[str], ref: list[str]) -> dict[str, float]:
     """Single-report BLEU-1..4 (the UI): nltk ``sentence_bleu`` with smoothing method1."""
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
@@ -289,6 +297,7 @@ def evaluate_reports(hyp: dict[str, str], ref: dict[str, str], sections: str = "
     R = [clean_for_bleu(t) for t in ref_txt]
 
     scores: dict = corpus_bleu_scores(H, R)
+    scores.update(length_scores(H, R))
     rouge = rouge_l_scores(H, R)
     cider = cider_scores(H, R)
     scores["rouge_l"] = float(rouge.mean())

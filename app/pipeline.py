@@ -72,6 +72,7 @@ class PipelineConfig:
     strategy: str = "greedy"  # core.generate: "greedy" | "beam" | "sample"
     num_beams: int = 4
     no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0  # beam search: a hypothesis scores sum log p / length ** length_penalty
     seed: int | None = 0
     evidence: bool = True
     evidence_threshold: float = UNCERTAIN_BAND[0]  # Grad-CAM for findings at or above (present + uncertain)
@@ -87,7 +88,7 @@ class PipelineConfig:
     def generation(self, tokenizer) -> GenerationConfig:
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens, eos_id=tokenizer.eos_id, strategy=self.strategy,
-            num_beams=self.num_beams, no_repeat_ngram_size=self.no_repeat_ngram_size,
+            num_beams=self.num_beams, no_repeat_ngram_size=self.no_repeat_ngram_size, length_penalty=self.length_penalty,
             section_ids=list(tokenizer.section_ids), seed=self.seed, pad_id=tokenizer.pad_id,
             **(tokenizer.item_constraints() if self.nonempty_items else {}),
         )
@@ -155,11 +156,14 @@ class ReportPipeline:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: PipelineConfig | None = None, quantize: bool | None = None) -> "ReportPipeline":
-        """Load a ``save_pretrained`` directory once (CPU, fp32)."""
+        """Load a ``save_pretrained`` directory once (CPU, fp32). Without ``config``, the model
+        decodes as its folder's ``decoding.json`` chose (``app.decoding``; greedy if it has none)."""
+        from app.decoding import read_decoding
+
         d = Path(model_dir)
         model = ReportModel.from_pretrained(d, device="cpu")
         model.float()
-        config = config or PipelineConfig()
+        config = config or PipelineConfig(**read_decoding(d))
         if quantize is not None:
             config = dataclasses.replace(config, quantize=quantize)
         return cls(model, model.tokenizer, config, model_name=d.resolve().name, checkpoint_sha256=sha256_file(d / WEIGHTS_FILE))
@@ -448,6 +452,7 @@ class ReportPipeline:
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "generation": {"strategy": cfg.strategy, "max_new_tokens": cfg.max_new_tokens, "tokens_generated": n_tokens,
                            "num_beams": cfg.num_beams if cfg.strategy == "beam" else None,
+                           "length_penalty": cfg.length_penalty if cfg.strategy == "beam" else None,
                            "no_repeat_ngram_size": cfg.no_repeat_ngram_size},
             "timings_s": dict(timings),
             "input": {  # no paths, UIDs or patient facts

@@ -1099,7 +1099,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                    max_history_tokens: int = 100_000, batch_size: int = 4, max_new_tokens: int = 400,
                    predictions: str | Path | None = None, progress: bool = True,
                    no_repeat_ngram_size: int = 0, strategy: str = "greedy", num_beams: int = 4,
-                   nonempty_items: bool = False) -> dict:
+                   length_penalty: float = 1.0, nonempty_items: bool = False) -> dict:
     """Generate reports (greedy unless ``strategy``) for a split and score them (no manifest facts
     are used to crop).
 
@@ -1139,7 +1139,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     tok = model.tokenizer
     gen = GenerationConfig(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, section_ids=list(tok.section_ids),
                            pad_id=tok.pad_id, no_repeat_ngram_size=no_repeat_ngram_size, strategy=strategy,
-                           num_beams=num_beams, **(tok.item_constraints() if nonempty_items else {}))
+                           num_beams=num_beams, length_penalty=length_penalty,
+                           **(tok.item_constraints() if nonempty_items else {}))
 
     def _hist_size(e) -> int:  # batch studies of similar record length: less padding in the prefill
         if e.history:
@@ -1149,6 +1150,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
 
     entries = sorted(entries, key=_hist_size)
     thr_k = dict(zip(names, model.cfg.heads.thresholds()))
+    t0 = time.perf_counter()
     for a in range(0, len(entries), batch_size):
         chunk = entries[a: a + batch_size]
         studies = [ds.study_inputs(e) for e in chunk]
@@ -1169,8 +1171,12 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     P, Y, BR = np.asarray(probs), np.asarray(labels), np.asarray(below, dtype=bool)
     ref = {e.id: e.report for e in entries}
     ev = evaluate_reports(hyp, ref, bootstrap=0, meteor=False)
-    out: dict[str, Any] = {"split": split, "n": len(entries), "max_history_tokens": max_history_tokens}
-    out.update({k: ev.scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider") if k in ev.scores})
+    out: dict[str, Any] = {"split": split, "n": len(entries), "max_history_tokens": max_history_tokens,
+                           "seconds_per_study": round((time.perf_counter() - t0) / len(entries), 3),
+                           "decoding": {"strategy": strategy, "num_beams": num_beams if strategy == "beam" else 1,
+                                        "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}}
+    out.update({k: ev.scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "length_ratio",
+                                          "brevity_penalty") if k in ev.scores})
     out["text_finding_micro_f1"] = ev.scores.get("finding_micro_f1")
     main_Y = np.where(BR, -1, Y)  # below-resolution findings scored apart
     thr = model.cfg.heads.thresholds()  # [K] operating points (0.5 unless fitted on val)

@@ -79,12 +79,13 @@ def latency(pipe, study: Path, history: str, runs: int) -> dict:
 
 def quality(model_dir: Path, manifest: Path, n: int) -> dict:
     """int8 vs fp32 reports on ``n`` test studies (2K-token history budget)."""
+    from app.decoding import read_decoding
     from app.evaluate import evaluate_reports
     from app.pipeline import PipelineConfig, ReportPipeline
     from data.datasets import read_manifest
 
     entries = [e for e in read_manifest(manifest) if e.split == "test"][:n]
-    cfg = PipelineConfig(evidence=False, max_history_tokens=2048)
+    cfg = PipelineConfig(evidence=False, max_history_tokens=2048, **read_decoding(model_dir))
     out = {}
     for name, q in (("fp32", False), ("int8", True)):
         pipe = ReportPipeline.from_dir(model_dir, config=cfg, quantize=q)
@@ -123,14 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.runs, args.lengths, args.quality_studies = 2, "2000", 4
+    from app.decoding import read_decoding
     from app.pipeline import PipelineConfig, ReportPipeline
 
+    decoding = read_decoding(args.model)  # the product's decoding: the model folder's choice, else greedy
     lengths = [int(x) for x in args.lengths.split(",") if x]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         study = args.study or _write_study(Path(tmp) / "ds")
         for quant in (False,) if args.no_int8 else (False, True):
-            pipe = ReportPipeline.from_dir(args.model, config=PipelineConfig(), quantize=quant)
+            pipe = ReportPipeline.from_dir(args.model, config=PipelineConfig(**decoding), quantize=quant)
             for n in lengths:
                 hist = _history_of_tokens(pipe.tokenizer, n)
                 runs = args.runs if n <= 10_000 else max(2, min(args.runs, args.runs_long))
@@ -140,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {r['decoder']} history {n}: p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s", flush=True)
     cols = ["decoder", "history_tokens", "p50_s", "p95_s", "loading_p50_s", "encoding_p50_s", "generating_p50_s",
             "evidence_p50_s", "report_tokens", "heatmaps"]
+    print(f"decoding: {decoding or 'greedy'}")
     print_table(rows, cols)
     payload = {"model": str(args.model), "study": str(args.study) if args.study else "synthetic (seed 7)",
-               "machine": machine(), "rows": rows}
+               "decoding": decoding or {"strategy": "greedy"}, "machine": machine(), "rows": rows}
     for n in lengths:
         f = next(r for r in rows if r["history_tokens"] == n and r["decoder"] == "fp32")
         payload[f"p50_{n}_s"], payload[f"p95_{n}_s"] = f["p50_s"], f["p95_s"]

@@ -35,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-studies", type=int, default=0, help="test studies to evaluate (0 = all)")
     parser.add_argument("--eval-history-tokens", type=int, default=100_000,
                         help="history tokens the decoder reads at test time (most recent kept; default 100000 = all)")
+    parser.add_argument("--tune-studies", type=int, default=0,
+                        help="val studies on which to choose the decoding (greedy or beam search and its length "
+                             "penalty) by BLEU-4 before the test evaluation (default 0: greedy, as the shipped model; "
+                             "120 took 26 min in session 12 and did not raise test BLEU-4, docs/training.md)")
     parser.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16, to stay under 25 MB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--card-only", action="store_true",
@@ -61,6 +65,7 @@ def _make_dataset(args) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from app.decoding import DECODING_FILE, GREEDY, tune_decoding, write_decoding
     from app.train import evaluate_split, latest_checkpoint, load_config, read_metrics, train
     from multimodal.model import ReportModel
 
@@ -87,13 +92,27 @@ def run(args: argparse.Namespace) -> int:
     train_seconds = max((r.get("train_s", 0.0) for r in rows), default=0.0)
 
     model = ReportModel.from_pretrained(final)
+    decoding, table = dict(GREEDY), []
+    if args.tune_studies:
+        decoding, table = tune_decoding(model, manifest, "val", max_studies=args.tune_studies,
+                                        max_history_tokens=args.eval_history_tokens, batch_size=cfg.data.batch_size,
+                                        progress=not args.no_progress)
+        log.info("decoding chosen on %d val studies: %s", args.tune_studies, decoding)
     metrics = evaluate_split(model, manifest, "test", max_studies=args.eval_studies,
                              max_history_tokens=args.eval_history_tokens, batch_size=cfg.data.batch_size,
-                             predictions=args.run / "test_predictions.jsonl", progress=not args.no_progress)
+                             predictions=args.run / "test_predictions.jsonl", progress=not args.no_progress,
+                             strategy=decoding["strategy"], num_beams=decoding["num_beams"],
+                             length_penalty=decoding["length_penalty"],
+                             no_repeat_ngram_size=decoding["no_repeat_ngram_size"])
+    metrics["decoding_table_val"] = table
     metrics["train_wall_seconds_this_invocation"] = round(train_wall, 1)
     metrics["preprocess_seconds_this_invocation"] = round(prep_s, 1)
     metrics["train_step_seconds"] = round(train_seconds, 1)  # optimizer steps only, all invocations
     write_shipped_model(model, args.out, fp16=not args.fp32)
+    if table:
+        write_decoding(args.out, decoding, table, "val", int(table[0]["n"]))
+    else:
+        (args.out / DECODING_FILE).unlink(missing_ok=True)  # greedy: no stale choice left behind
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (args.out / "MODEL_CARD.md").write_text(model_card(args, cfg, metrics))
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
@@ -121,7 +140,9 @@ def _prepare(manifest: Path, cfg, args) -> float:
 
 
 def write_shipped_model(model, out: Path, fp16: bool = True) -> Path:
-    """save_pretrained into ``out`` (fp16 weights unless told; loading converts back to fp32)."""
+    """save_pretrained into ``out`` (fp16 weights unless told; loading converts back to fp32). Files
+    beside the weights that the save does not write (decoding.json, calibration.json, the card) are
+    kept, so that rewriting a model in place (``medreport calibrate``) loses none of them."""
     import copy
 
     tmp = out.with_name(out.name + ".tmp")
@@ -130,6 +151,10 @@ def write_shipped_model(model, out: Path, fp16: bool = True) -> Path:
     if fp16:
         m = m.half()
     m.save_pretrained(tmp, model.tokenizer)
+    if out.is_dir():
+        for f in out.iterdir():
+            if f.is_file() and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -195,6 +220,17 @@ def model_card(args, cfg, metrics: dict) -> str:
     per_table = (f"\n## Per finding (test split, called present at {at})\n"
                  "| finding | positives | threshold | precision | recall | F1 | AUC |\n"
                  "|---|---|---|---|---|---|---|\n" + _finding_rows(per) + "\n") if per else ""
+    dec = metrics.get("decoding") or {}
+    table = metrics.get("decoding_table_val") or []
+    if table:
+        from app.commands.tune_decoding import format_table
+
+        decoding = ("\n## Decoding\nChosen by BLEU-4 of Findings + Impression on "
+                    f"{table[0].get('n')} val studies (`medreport tune-decoding`, stored in `decoding.json`, used by "
+                    "`generate`, the UI and the test metrics below):\n\n```\n"
+                    f"{format_table(table, {k: dec[k] for k in dec})}\n```\n")
+    else:
+        decoding = "\n## Decoding\nGreedy (not tuned).\n"
     pv = f" --phantom-version {args.phantom_version}" if getattr(args, "phantom_version", 1) != 1 else ""
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in metrics.items() if not isinstance(v, (dict, list)))
@@ -219,7 +255,7 @@ Finding probabilities are temperature-scaled on the validation split, and each f
 threshold (its operating point) is chosen there to maximise the micro-F1 over all findings (0.5
 where val has too few cases). Weights stored in
 {"fp32" if args.fp32 else "fp16 (loaded as fp32)"}. See docs/training.md.{started}
-
+{decoding}
 ## Test-split metrics
 Test history policy: the most recent {args.eval_history_tokens} tokens of each record.
 

@@ -28,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8,
                    help="studies whose reports are generated together, each encoded alone (default 8; 1 = one at a time); "
                         "studies of similar record length are grouped, a 100K-token record runs alone")
+    p.add_argument("--strategy", choices=("greedy", "beam", "sample"), default=None,
+                   help="decoding (default: what the model folder's decoding.json chose on val, else greedy)")
+    p.add_argument("--num-beams", type=int, default=None, help="beam width with --strategy beam")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="beam search scores sum log p / length ** L; above 1 favours longer reports")
     p.add_argument("--no-evidence", action="store_true", help="skip Grad-CAM key slices (faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -57,12 +62,16 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from app.batch import rank_from_env, read_batch_input, run_batch
+    from app.decoding import read_decoding, validate_decoding
     from app.pipeline import PipelineConfig, ReportPipeline
 
     formats = parse_formats(args.formats)
     items = read_batch_input(args.input, split=args.split)
     model_dir = resolve_model_dir(args.model)
-    cfg = PipelineConfig(quantize=args.quantize, evidence=not args.no_evidence)
+    decoding = read_decoding(model_dir)  # the model folder's choice (made on val), then the flags
+    decoding.update({k: v for k, v in (("strategy", args.strategy), ("num_beams", args.num_beams),
+                                       ("length_penalty", args.length_penalty)) if v is not None})
+    cfg = PipelineConfig(quantize=args.quantize, evidence=not args.no_evidence, **validate_decoding(decoding, "flags"))
     if args.max_new_tokens is not None:
         cfg = dataclasses.replace(cfg, max_new_tokens=args.max_new_tokens)
     if args.max_history_tokens is not None:

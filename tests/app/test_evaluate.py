@@ -178,3 +178,22 @@ def test_prior_nodule_facts_report_the_records_part_apart():
     assert out["facts_carried"] == pytest.approx(1 / 3)  # only b is exact
     assert out["prior_nodule_record_part_carried"] == pytest.approx(2 / 3, abs=1e-4)  # a and b carry the record's size
     assert facts_carried({"a": "x"}, [entry("a", "remained unchanged at 9 mm")])["prior_nodule_record_part_carried"] == 0.0
+
+
+def test_length_ratio_and_brevity_penalty_are_nltks():
+    from nltk.translate.bleu_score import brevity_penalty
+
+    from app.evaluate import length_scores
+
+    rng = random.Random(1)
+    words = "the heart size is normal no effusion lungs are clear".split()
+    refs = [[rng.choice(words) for _ in range(rng.randint(5, 15))] for _ in range(30)]
+    short = [r[: max(1, len(r) // 2)] for r in refs]  # half as long: penalised
+    for hyps in (short, [r + ["x"] for r in refs]):
+        h, r = sum(map(len, hyps)), sum(map(len, refs))
+        got = length_scores(hyps, refs)
+        assert got["length_ratio"] == pytest.approx(h / r)
+        assert got["brevity_penalty"] == pytest.approx(brevity_penalty(r, h), abs=1e-12)
+    assert length_scores(short, refs)["brevity_penalty"] < 0.5 < length_scores(refs, refs)["brevity_penalty"] == 1.0
+    scores = evaluate_reports({"a": REPORT_A}, {"a": REPORT_A}, bootstrap=0, meteor=False).scores
+    assert scores["length_ratio"] == 1.0 and scores["brevity_penalty"] == 1.0

@@ -350,6 +350,17 @@ def test_model_card_lists_findings_and_names_the_unlearned_ones(tmp_path):
     args.run = tmp_path / "run"
     card = model_card(args, load_config(None, "configs/demo.json"), {"finding_micro_f1": 0.6, "n": 4, "per_finding": per})
     assert "`runs/a/stages/encoders` (`medreport train --start-from`)" in card
+    assert "## Decoding\nGreedy (not tuned)." in card
+    # a decoding chosen on val is shown with its table, the chosen row marked
+    rows = [{"strategy": "greedy", "num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "n": 3, "bleu4": 0.1,
+             "length_ratio": 0.8, "brevity_penalty": 0.78},
+            {"strategy": "beam", "num_beams": 4, "length_penalty": 2.0, "no_repeat_ngram_size": 0, "n": 3, "bleu4": 0.2,
+             "length_ratio": 0.9, "brevity_penalty": 0.9}]
+    card = model_card(args, load_config(None, "configs/demo.json"),
+                      {"n": 4, "decoding": {k: rows[1][k] for k in ("strategy", "num_beams", "length_penalty",
+                                                                   "no_repeat_ngram_size")}, "decoding_table_val": rows})
+    assert "on 3 val studies" in card and "beam 4 lp 2" in card
+    assert [ln for ln in card.splitlines() if "<- chosen" in ln][0].startswith("beam 4 lp 2")
 
 
 def test_history_digest_and_copy_head_train_and_generate(shared, repo_root, tmp_path):

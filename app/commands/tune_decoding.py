@@ -1,0 +1,56 @@
+"""`medreport tune-decoding --model DIR --manifest M`: choose how the model writes (greedy, or beam
+search at a length penalty) by BLEU-4 on labelled held-out studies, and store the choice beside the
+weights (DIR/decoding.json), which `generate`, the UI and the pipeline then use (``app.decoding``)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "tune-decoding"
+HELP = "choose greedy or beam search (and its length penalty) by BLEU-4 on val studies; writes MODEL/decoding.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="model directory (decoding.json is written into it)")
+    p.add_argument("--manifest", required=True, type=Path, help="manifest.jsonl with reference reports")
+    p.add_argument("--split", default="val", help="split to choose on (default val; never test)")
+    p.add_argument("--max-studies", type=int, default=120, help="studies scored per candidate (default 120)")
+    p.add_argument("--num-beams", type=int, default=4, help="beam width of the beam candidates (default 4; 1 = greedy only)")
+    p.add_argument("--length-penalties", default="1.0,1.5,2.0", help="comma list of beam length penalties (default 1.0,1.5,2.0)")
+    p.add_argument("--max-history-tokens", type=int, default=100_000, help="history tokens read per study (default 100000)")
+    p.add_argument("--batch-size", type=int, default=8, help="studies generated together (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=400, help="report length cap in tokens (default 400)")
+    p.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from app.decoding import DecodingError, candidates, tune_decoding, write_decoding
+    from multimodal.model import ReportModel
+
+    try:
+        lps = tuple(float(x) for x in args.length_penalties.split(",") if x.strip())
+    except ValueError:
+        raise DecodingError(f"--length-penalties {args.length_penalties!r}: give numbers separated by commas, e.g. 1.0,1.5") from None
+    model = ReportModel.from_pretrained(args.model, device="cpu").float().eval()
+    chosen, table = tune_decoding(model, args.manifest, args.split, max_studies=args.max_studies,
+                                  cands=candidates(args.num_beams, lps), max_history_tokens=args.max_history_tokens,
+                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                  progress=not args.no_progress)
+    print(format_table(table, chosen))
+    if not args.dry_run:
+        p = write_decoding(args.model, chosen, table, args.split, int(table[0]["n"]))
+        print(f"wrote {p}")
+    return 0
+
+
+def format_table(table: list[dict], chosen: dict) -> str:
+    head = f"{'decoding':<22} {'BLEU-4':>7} {'len/ref':>7} {'BP':>6} {'facts':>6} {'text F1':>7} {'s/study':>7}"
+    lines = [head]
+    for r in table:
+        name = "greedy" if r["strategy"] == "greedy" else f"{r['strategy']} {r['num_beams']} lp {r['length_penalty']:g}"
+        mark = " <- chosen" if all(r[k] == v for k, v in chosen.items()) else ""
+        lines.append(f"{name:<22} {r['bleu4']:7.4f} {r['length_ratio']:7.3f} {r['brevity_penalty']:6.3f} "
+                     f"{(r.get('facts_carried') or 0):6.3f} {(r.get('text_finding_micro_f1') or 0):7.3f} "
+                     f"{(r.get('seconds_per_study') or 0):7.2f}{mark}")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""How a model writes its reports: greedy or beam search, chosen on held-out studies.
+
+A model folder may hold ``decoding.json`` beside its weights (written by ``medreport
+tune-decoding`` and by ``medreport demo-model``)::
+
+    {"chosen": {"strategy": "beam", "num_beams": 4, "length_penalty": 1.5, "no_repeat_ngram_size": 0},
+     "split": "val", "studies": 120, "criterion": "bleu4", "table": [...one row per candidate...]}
+
+``medreport generate``, the web UI and ``ReportPipeline.from_dir`` decode with ``chosen`` unless
+told otherwise; a folder without the file decodes greedily. The choice is made on the val split
+(never the test split) by corpus BLEU-4 of Findings + Impression, the product's headline metric;
+the table keeps every candidate's facts carried and labeller F1 so that a trade-off is visible.
+
+Why it matters: BLEU multiplies by a brevity penalty, exp(1 - reference length / hypothesis
+length) when the hypotheses are shorter. Greedy decoding ends a report at the first point where
+EOS is the likeliest next token; beam search with a length penalty (the sum of log-probabilities
+divided by length ** penalty) compares whole reports instead, and a penalty above 1 favours the
+longer of two equally likely ones.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from data.errors import MedreportError
+
+log = logging.getLogger(__name__)
+
+DECODING_FILE = "decoding.json"
+# the settings a decoding.json may choose, with their types
+DECODING_KEYS: dict[str, type] = {"strategy": str, "num_beams": int, "length_penalty": float, "no_repeat_ngram_size": int}
+GREEDY = {"strategy": "greedy", "num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0}
+
+
+class DecodingError(MedreportError):
+    """A decoding.json that cannot be used, or a tuning request that cannot run."""
+
+
+def validate_decoding(chosen: dict, where: str = "decoding") -> dict:
+    """``chosen`` with its values checked and typed; unknown keys or bad values raise with the fix."""
+    unknown = sorted(set(chosen) - set(DECODING_KEYS))
+    if unknown:
+        raise DecodingError(f"{where}: unknown setting(s) {unknown}; allowed: {sorted(DECODING_KEYS)}")
+    out = {}
+    for k, v in chosen.items():
+        try:
+            out[k] = DECODING_KEYS[k](v)
+        except (TypeError, ValueError):
+            raise DecodingError(f"{where}: {k}={v!r} is not a {DECODING_KEYS[k].__name__}") from None
+    if out.get("strategy", "greedy") not in ("greedy", "beam", "sample"):
+        raise DecodingError(f"{where}: strategy must be greedy, beam or sample, not {out['strategy']!r}")
+    if out.get("num_beams", 1) < 1 or out.get("no_repeat_ngram_size", 0) < 0:
+        raise DecodingError(f"{where}: num_beams must be >= 1 and no_repeat_ngram_size >= 0")
+    return out
+
+
+def read_decoding(model_dir: str | Path) -> dict:
+    """The decoding settings a model folder chose (``decoding.json``'s ``chosen``), or {} if none."""
+    p = Path(model_dir) / DECODING_FILE
+    if not p.is_file():
+        return {}
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        chosen = doc["chosen"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DecodingError(f"{p} is not a decoding file with a 'chosen' object: rerun `medreport tune-decoding "
+                            f"--model {Path(model_dir)}` or delete it to decode greedily") from None
+    return validate_decoding(chosen, str(p))
+
+
+def write_decoding(model_dir: str | Path, chosen: dict, table: list[dict], split: str, studies: int) -> Path:
+    p = Path(model_dir) / DECODING_FILE
+    doc = {"chosen": validate_decoding(chosen), "split": split, "studies": studies, "criterion": "bleu4",
+           "table": table}
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    tmp.replace(p)
+    return p
+
+
+def candidates(num_beams: int = 4, length_penalties: tuple[float, ...] = (1.0, 1.5, 2.0)) -> list[dict]:
+    """Greedy first (the cheapest, kept on ties), then beam search at each length penalty."""
+    out = [dict(GREEDY)]
+    if num_beams > 1:
+        out += [{"strategy": "beam", "num_beams": num_beams, "length_penalty": float(lp), "no_repeat_ngram_size": 0}
+                for lp in length_penalties]
+    return out
+
+
+def choose(table: list[dict], criterion: str = "bleu4") -> dict:
+    """The candidate with the highest ``criterion`` (the earlier, cheaper one on a tie)."""
+    if not table:
+        raise DecodingError("no decoding candidates were scored")
+    best = max(range(len(table)), key=lambda i: (table[i][criterion], -i))
+    return {k: table[best][k] for k in DECODING_KEYS}
+
+
+def tune_decoding(model, manifest: str | Path, split: str = "val", max_studies: int = 120,
+                  cands: list[dict] | None = None, max_history_tokens: int = 100_000, batch_size: int = 8,
+                  max_new_tokens: int = 400, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Score each candidate decoding on ``split`` (the same studies for all) and return (chosen, table)."""
+    from app.train import evaluate_split
+
+    if split == "test":
+        raise DecodingError("choosing the decoding on the test split would leak it into the test metrics: use val")
+    table = []
+    for c in cands or candidates():
+        c = validate_decoding(c)
+        m = evaluate_split(model, manifest, split, max_studies=max_studies, max_history_tokens=max_history_tokens,
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                           strategy=c["strategy"], num_beams=c["num_beams"], length_penalty=c["length_penalty"],
+                           no_repeat_ngram_size=c["no_repeat_ngram_size"])
+        row = {**c, **{k: m.get(k) for k in ("n", "bleu1", "bleu4", "rouge_l", "cider", "brevity_penalty", "length_ratio",
+                                             "text_finding_micro_f1", "facts_carried", "seconds_per_study")}}
+        log.info("decoding %s: %s", c, {k: row[k] for k in ("bleu4", "length_ratio", "facts_carried")})
+        table.append(row)
+    return choose(table), table
