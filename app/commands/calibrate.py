@@ -8,15 +8,14 @@ import argparse
 import json
 from pathlib import Path
 
+from app.commands._held_out import add_held_out_arguments
+
 NAME = "calibrate"
 HELP = "refit the finding heads' temperature and per-finding operating points on labelled held-out studies"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="model directory (rewritten in place unless --out)")
-    parser.add_argument("--manifest", required=True, type=Path, help="manifest.jsonl whose studies have labels")
-    parser.add_argument("--split", default="val", help="manifest split to calibrate on (default val; never the test split)")
-    parser.add_argument("--max-studies", type=int, default=512, help="at most this many studies (default 512)")
+    add_held_out_arguments(parser, "model directory (rewritten in place unless --out)", 512)
     parser.add_argument("--max-history-tokens", type=int, default=1024,
                         help="history tokens the heads read per study (default 1024, the demo recipe's last training cap)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-study cache folder (default: none, studies decoded as read)")

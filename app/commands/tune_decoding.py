@@ -4,17 +4,15 @@ weights (DIR/decoding.json), which `generate`, the UI and the pipeline then use 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from app.commands._held_out import add_held_out_arguments
 
 NAME = "tune-decoding"
 HELP = "choose greedy or beam search (and its length penalty) by BLEU-4 on val studies; writes MODEL/decoding.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="model directory (decoding.json is written into it)")
-    p.add_argument("--manifest", required=True, type=Path, help="manifest.jsonl with reference reports")
-    p.add_argument("--split", default="val", help="split to choose on (default val; never test)")
-    p.add_argument("--max-studies", type=int, default=120, help="studies scored per candidate (default 120)")
+    add_held_out_arguments(p, "model directory (decoding.json is written into it)", 120, per=" per candidate")
     p.add_argument("--num-beams", type=int, default=4, help="beam width of the beam candidates (default 4; 1 = greedy only)")
     p.add_argument("--length-penalties", default="1.0,1.5,2.0", help="comma list of beam length penalties (default 1.0,1.5,2.0)")
     p.add_argument("--max-history-tokens", type=int, default=100_000, help="history tokens read per study (default 100000)")
