@@ -108,11 +108,22 @@ def tune_decoding(model, manifest: str | Path, split: str = "val", max_studies: 
     for c in cands or candidates():
         c = validate_decoding(c)
         m = evaluate_split(model, manifest, split, max_studies=max_studies, max_history_tokens=max_history_tokens,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
-                           strategy=c["strategy"], num_beams=c["num_beams"], length_penalty=c["length_penalty"],
-                           no_repeat_ngram_size=c["no_repeat_ngram_size"])
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, **c)
         row = {**c, **{k: m.get(k) for k in ("n", "bleu1", "bleu4", "rouge_l", "cider", "brevity_penalty", "length_ratio",
                                              "text_finding_micro_f1", "facts_carried", "seconds_per_study")}}
         log.info("decoding %s: %s", c, {k: row[k] for k in ("bleu4", "length_ratio", "facts_carried")})
         table.append(row)
     return choose(table), table
+
+
+def format_table(table: list[dict], chosen: dict) -> str:
+    """The candidates as a text table (tune-decoding's output, the model card), the chosen row marked."""
+    head = f"{'decoding':<22} {'BLEU-4':>7} {'len/ref':>7} {'BP':>6} {'facts':>6} {'text F1':>7} {'s/study':>7}"
+    lines = [head]
+    for r in table:
+        name = "greedy" if r["strategy"] == "greedy" else f"{r['strategy']} {r['num_beams']} lp {r['length_penalty']:g}"
+        mark = " <- chosen" if all(r[k] == v for k, v in chosen.items()) else ""
+        lines.append(f"{name:<22} {r['bleu4']:7.4f} {r['length_ratio']:7.3f} {r['brevity_penalty']:6.3f} "
+                     f"{(r.get('facts_carried') or 0):6.3f} {(r.get('text_finding_micro_f1') or 0):7.3f} "
+                     f"{(r.get('seconds_per_study') or 0):7.2f}{mark}")
+    return "\n".join(lines)

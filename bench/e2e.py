@@ -77,15 +77,14 @@ def latency(pipe, study: Path, history: str, runs: int) -> dict:
     return row
 
 
-def quality(model_dir: Path, manifest: Path, n: int) -> dict:
-    """int8 vs fp32 reports on ``n`` test studies (2K-token history budget)."""
-    from app.decoding import read_decoding
+def quality(model_dir: Path, manifest: Path, n: int, decoding: dict) -> dict:
+    """int8 vs fp32 reports on ``n`` test studies (2K-token history budget), decoded as ``decoding``."""
     from app.evaluate import evaluate_reports
     from app.pipeline import PipelineConfig, ReportPipeline
     from data.datasets import read_manifest
 
     entries = [e for e in read_manifest(manifest) if e.split == "test"][:n]
-    cfg = PipelineConfig(evidence=False, max_history_tokens=2048, **read_decoding(model_dir))
+    cfg = PipelineConfig(evidence=False, max_history_tokens=2048, **decoding)
     out = {}
     for name, q in (("fp32", False), ("int8", True)):
         pipe = ReportPipeline.from_dir(model_dir, config=cfg, quantize=q)
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             payload[f"int8_speedup_{n}"] = f["p50_s"] / q["p50_s"]
     path = write_json(args.name, payload, quick=args.quick)  # latency first: kept if the quality check fails
     if args.manifest:
-        payload["int8_quality"] = quality(args.model, args.manifest, args.quality_studies)
+        payload["int8_quality"] = quality(args.model, args.manifest, args.quality_studies, decoding)
         print(json.dumps(payload["int8_quality"], indent=1))
         path = write_json(args.name, payload, quick=args.quick)
     print(f"wrote {path}")

@@ -100,10 +100,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("decoding chosen on %d val studies: %s", args.tune_studies, decoding)
     metrics = evaluate_split(model, manifest, "test", max_studies=args.eval_studies,
                              max_history_tokens=args.eval_history_tokens, batch_size=cfg.data.batch_size,
-                             predictions=args.run / "test_predictions.jsonl", progress=not args.no_progress,
-                             strategy=decoding["strategy"], num_beams=decoding["num_beams"],
-                             length_penalty=decoding["length_penalty"],
-                             no_repeat_ngram_size=decoding["no_repeat_ngram_size"])
+                             predictions=args.run / "test_predictions.jsonl", progress=not args.no_progress, **decoding)
     metrics["decoding_table_val"] = table
     metrics["train_wall_seconds_this_invocation"] = round(train_wall, 1)
     metrics["preprocess_seconds_this_invocation"] = round(prep_s, 1)
@@ -223,12 +220,12 @@ def model_card(args, cfg, metrics: dict) -> str:
     dec = metrics.get("decoding") or {}
     table = metrics.get("decoding_table_val") or []
     if table:
-        from app.commands.tune_decoding import format_table
+        from app.decoding import format_table
 
         decoding = ("\n## Decoding\nChosen by BLEU-4 of Findings + Impression on "
                     f"{table[0].get('n')} val studies (`medreport tune-decoding`, stored in `decoding.json`, used by "
                     "`generate`, the UI and the test metrics below):\n\n```\n"
-                    f"{format_table(table, {k: dec[k] for k in dec})}\n```\n")
+                    f"{format_table(table, dec)}\n```\n")
     else:
         decoding = "\n## Decoding\nGreedy (not tuned).\n"
     pv = f" --phantom-version {args.phantom_version}" if getattr(args, "phantom_version", 1) != 1 else ""

@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.decoding import DecodingError, candidates, tune_decoding, write_decoding
+    from app.decoding import DecodingError, candidates, format_table, tune_decoding, write_decoding
     from multimodal.model import ReportModel
 
     try:
@@ -40,15 +40,3 @@ def run(args: argparse.Namespace) -> int:
         p = write_decoding(args.model, chosen, table, args.split, int(table[0]["n"]))
         print(f"wrote {p}")
     return 0
-
-
-def format_table(table: list[dict], chosen: dict) -> str:
-    head = f"{'decoding':<22} {'BLEU-4':>7} {'len/ref':>7} {'BP':>6} {'facts':>6} {'text F1':>7} {'s/study':>7}"
-    lines = [head]
-    for r in table:
-        name = "greedy" if r["strategy"] == "greedy" else f"{r['strategy']} {r['num_beams']} lp {r['length_penalty']:g}"
-        mark = " <- chosen" if all(r[k] == v for k, v in chosen.items()) else ""
-        lines.append(f"{name:<22} {r['bleu4']:7.4f} {r['length_ratio']:7.3f} {r['brevity_penalty']:6.3f} "
-                     f"{(r.get('facts_carried') or 0):6.3f} {(r.get('text_finding_micro_f1') or 0):7.3f} "
-                     f"{(r.get('seconds_per_study') or 0):7.2f}{mark}")
-    return "\n".join(lines)
