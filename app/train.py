@@ -568,17 +568,19 @@ def validate(model: ReportModel, ds: ReportDataset, cfg: TrainConfig, lm: bool, 
 
 def fit_operating_points(model: ReportModel, probs: np.ndarray, labels: np.ndarray) -> dict:
     """Choose each finding's decision threshold on held-out (validation) probabilities and labels
-    (``multimodal.heads.fit_decision_thresholds``) and store them in the model's config, which
-    ``save_pretrained`` writes; returns what to log (thresholds, val micro-F1 at 0.5 and at them)."""
+    (``multimodal.heads.fit_decision_thresholds``, for the micro F-beta of the model's
+    ``heads.operating_beta``) and store them in the model's config, which ``save_pretrained``
+    writes; returns what to log (thresholds, val micro-F1 at 0.5 and at them)."""
     from multimodal.heads import fit_decision_thresholds
 
-    thr = fit_decision_thresholds(probs, labels)
+    beta = model.cfg.heads.operating_beta
+    thr = fit_decision_thresholds(probs, labels, beta=beta)
     model.cfg.heads.decision_thresholds = thr
     names = model.finding_names
     moved = {n: t for n, t in zip(names, thr) if t != 0.5}
-    log.info("finding operating points chosen on %d val studies: %s", probs.shape[0],
+    log.info("finding operating points (micro F-beta, beta %g) chosen on %d val studies: %s", beta, probs.shape[0],
              ", ".join(f"{n} {t:.2f}" for n, t in moved.items()) or "all 0.5")
-    return {"decision_thresholds": dict(zip(names, thr)),
+    return {"decision_thresholds": dict(zip(names, thr)), "operating_beta": beta,
             "val_finding_micro_f1_at_0.5": micro_f1(probs >= 0.5, labels),
             "val_finding_micro_f1_at_thresholds": micro_f1(probs >= np.asarray(thr), labels)}
 

@@ -93,6 +93,13 @@ class HeadsConfig:
     # threshold (same order as finding_names; empty = 0.5 for all). Chosen on the validation split
     # after training (fit_decision_thresholds); the probabilities themselves are not changed.
     decision_thresholds: tuple[float, ...] = ()
+    # What the operating points maximise on the validation split: micro F-beta over all findings.
+    # 1 = F1 (a missed finding and a false call cost the same); beta > 1 weighs recall, a missed
+    # finding costing beta^2 false calls -- the radiologist's preference (a false call is
+    # dismissed on the images, a missed nodule is not followed up), and what the report's text
+    # needs: the decoder writes what is called, and on the demo test split a missed finding cost
+    # BLEU-4 two to three times what a false call did (session 13, docs/training.md).
+    operating_beta: float = 1.0
 
     @property
     def num_findings(self) -> int:
@@ -338,10 +345,11 @@ def fit_temperature(logits, labels, max_iter: int = 100) -> float:
 
 
 def fit_decision_thresholds(probs, labels, min_positives: int = 10, min_gain: float = 0.002,
-                            passes: int = 2, min_lift: float = 1.5) -> tuple[float, ...]:
+                            passes: int = 2, min_lift: float = 1.5, beta: float = 1.0) -> tuple[float, ...]:
     """Per-finding operating points (on a 0.05 grid, 0.10-0.90) that maximise the **micro-F1**
-    over all findings on held-out data, by coordinate ascent from 0.5 (``passes`` sweeps over the
-    findings; a finding moves only when that raises micro-F1 by ``min_gain``, nearest 0.5 on
+    (micro F-beta with ``beta`` != 1: a missed finding weighs beta^2 false calls) over all
+    findings on held-out data, by coordinate ascent from 0.5 (``passes`` sweeps over the
+    findings; a finding moves only when that raises the score by ``min_gain``, nearest 0.5 on
     ties). Micro-F1, not each finding's own F1: a finding the model does not see would maximise
     its own F1 by being called in every study, flooding the calls with false positives. A finding
     with fewer than ``min_positives`` known positives or negatives keeps 0.5. An operating point
@@ -350,8 +358,11 @@ def fit_decision_thresholds(probs, labels, min_positives: int = 10, min_gain: fl
     can raise micro-F1 at a 30 % prevalence, but the call then says nothing about the study: found
     in session 7, a nodule called in 297 of 310 test studies).
     probs, labels: [N, K] (labels 1/0, negative = unknown)."""
+    if not beta > 0:
+        raise ValueError(f"operating-point beta must be > 0, got {beta}")
     P, Y = np.asarray(probs, dtype=np.float64), np.asarray(labels)
     K = P.shape[1]
+    b2 = float(beta) ** 2
     grid = np.round(np.arange(0.10, 0.901, 0.05), 2)  # [G]
     known, pos = Y >= 0, Y == 1
     pred = P[None] >= grid[:, None, None]  # [G,N,K]
@@ -365,9 +376,9 @@ def fit_decision_thresholds(probs, labels, min_positives: int = 10, min_gain: fl
     informative = tp >= min_lift * prevalence[None] * np.maximum(tp + fp, 1)  # [G,K] precision >= lift x prevalence
     informative[half] = True
 
-    def micro(sel: np.ndarray) -> float:
+    def micro(sel: np.ndarray) -> float:  # micro F-beta
         t, f, n = tp[sel, cols].sum(), fp[sel, cols].sum(), fn[sel, cols].sum()
-        return 2 * t / (2 * t + f + n) if t + f + n else 1.0
+        return (1 + b2) * t / ((1 + b2) * t + b2 * n + f) if t + f + n else 1.0
 
     eligible = [k for k in range(K) if (pos & known)[:, k].sum() >= min_positives
                 and (~pos & known)[:, k].sum() >= min_positives]

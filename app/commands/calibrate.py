@@ -1,7 +1,7 @@
 """`medreport calibrate --model DIR --manifest M`: refit a model's finding calibration on held-out
 studies with labels (a hospital's own validation set, or a run's val split): the heads'
 temperature, then each finding's operating point (the probability at which it is called present,
-chosen for the micro-F1 over all findings). Writes the model back (same weight precision) and prints what changed."""
+chosen for the micro-F1 over all findings, or the micro F-beta of ``--beta``). Writes the model back (same weight precision) and prints what changed."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="history tokens the heads read per study (default 1024, the demo recipe's last training cap)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="decoded-study cache folder (default: none, studies decoded as read)")
     parser.add_argument("--out", type=Path, default=None, help="write the calibrated model here instead")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="choose the operating points for micro F-beta: > 1 weighs a missed finding beta^2 false "
+                             "calls (default: the model's heads.operating_beta, 1 = F1); stored in the model")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if args.split == "test":
         raise MedreportError("calibrating on the test split would leak it into the test metrics: use val "
                              "(or another held-out split)")
+    if args.beta is not None and not args.beta > 0:
+        raise MedreportError(f"--beta must be > 0 (1 = F1, 2 = recall weighed 4x), got {args.beta}")
     model = ReportModel.from_pretrained(args.model)
     if model.tokenizer is None:
         raise MedreportError(f"{args.model} has no tokenizer/ folder: calibrate a directory written by save_pretrained")
@@ -48,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     ds = ReportDataset(entries, model.tokenizer, model.cfg, cache, crop="tail", max_history_tokens=args.max_history_tokens)
     cfg = TrainConfig()
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, calibration_studies=args.max_studies))
+    if args.beta is not None:
+        model.cfg.heads.operating_beta = float(args.beta)
     before = dict(zip(model.finding_names, model.cfg.heads.thresholds().tolist()))
     out = calibrate_heads(model, ds, cfg, torch.device("cpu"))
     dest = args.out or args.model
@@ -56,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"calibrated on {out['calibration_studies']} {args.split} studies: temperature {out['temperature']:.3f}, "
           f"val ECE {out['val_ece_before']:.4f} -> {out['val_ece']:.4f}; val finding micro-F1 "
           f"{out['val_finding_micro_f1_at_0.5']:.3f} at 0.5 -> {out['val_finding_micro_f1_at_thresholds']:.3f} "
-          "at the operating points")
+          f"at the operating points (chosen for micro F-beta, beta {model.cfg.heads.operating_beta:g})")
     for n, (a, b) in moved.items():
         print(f"  {n}: operating point {a:.2f} -> {b:.2f}")
     (dest / "calibration.json").write_text(json.dumps({"split": args.split, "manifest": args.manifest.name, **out},

@@ -196,7 +196,9 @@ def model_card(args, cfg, metrics: dict) -> str:
     splits = Counter(e.split for e in read_manifest(args.dataset / "manifest.jsonl", validate=False))
     f1 = metrics.get("finding_micro_f1") or 0.0
     fitted = any(t != 0.5 for t in (metrics.get("decision_thresholds") or {}).values())
-    at = "each finding's operating point chosen on val" if fitted else "p >= 0.5"
+    beta = float((cfg.model.get("heads") or {}).get("operating_beta", 1.0))
+    at = (("each finding's operating point chosen on val" + (f" for micro F-beta, beta {beta:g} (recall weighed)"
+                                                             if beta != 1 else "")) if fitted else "p >= 0.5")
     per = metrics.get("per_finding") or {}
     weak = sorted(n.replace("_", " ") for n, d in per.items() if (d.get("auc") or 0) < 0.75)
     weak_note = (f"* **A CPU-trained model that sees only some findings** (test finding micro-F1 {f1:.2f} at {at}). "

@@ -409,16 +409,19 @@ def test_calibrate_command_refits_operating_points_on_val(shared, repo_root, tmp
     final = train(shared["manifest"], tmp_path / "run", cfg, progress=False)
     out = tmp_path / "calibrated"
     rc = main(["calibrate", "--model", str(final), "--manifest", str(shared["manifest"]), "--out", str(out),
-               "--cache-dir", str(shared["cache"]), "--max-history-tokens", "64"])
+               "--cache-dir", str(shared["cache"]), "--max-history-tokens", "64", "--beta", "2"])
     assert rc == 0
     m = ReportModel.from_pretrained(out)
     cal = json.loads((out / "calibration.json").read_text())
+    assert m.cfg.heads.operating_beta == 2.0 and cal["operating_beta"] == 2.0  # stored with the model
     assert len(m.cfg.heads.decision_thresholds) == len(m.finding_names)
     assert list(cal["decision_thresholds"].values()) == list(m.cfg.heads.decision_thresholds)
     assert float(m.heads.temperature) == pytest.approx(cal["temperature"])
     assert "calibrated on" in capsys.readouterr().out
     assert main(["calibrate", "--model", str(final), "--manifest", str(shared["manifest"]), "--split", "test"]) == 2
     assert "leak" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(final), "--manifest", str(shared["manifest"]), "--beta", "0"]) == 2
+    assert "--beta must be > 0" in capsys.readouterr().err
 
 
 def test_finding_prompt_in_training_comes_from_the_labels(shared, repo_root):

@@ -260,3 +260,29 @@ def test_operating_points_must_be_informative():
     thr = fit_decision_thresholds(P, Y)
     assert thr[0] == 0.5
     assert 0.15 <= thr[1] <= 0.25
+
+
+def test_operating_beta_weighs_recall():
+    """F-beta with beta > 1 trades false calls for fewer missed findings: on a finding whose
+    positives and negatives overlap, the beta-2 operating point is lower than the F1 one and
+    recalls more positives; beta 1 is the F1 fit; the config carries beta through a save."""
+    from multimodal.heads import fit_decision_thresholds
+    from multimodal.presets import ModelConfig
+
+    rng = np.random.default_rng(1)
+    N = 600
+    y = (rng.random(N) < 0.3).astype(int)
+    p = np.clip(np.where(y == 1, rng.normal(0.45, 0.15, N), rng.normal(0.25, 0.12, N)), 0, 1)  # overlapping
+    P, Y = p[:, None], y[:, None]
+    t1 = fit_decision_thresholds(P, Y)[0]
+    assert fit_decision_thresholds(P, Y, beta=1.0)[0] == t1
+    t2 = fit_decision_thresholds(P, Y, beta=2.0)[0]
+    assert t2 < t1
+    recall = lambda t: float(((p >= t) & (y == 1)).sum() / y.sum())  # noqa: E731
+    assert recall(t2) > recall(t1)
+    with pytest.raises(ValueError, match="beta"):
+        fit_decision_thresholds(P, Y, beta=0.0)
+    cfg = ModelConfig.preset("tiny")
+    assert cfg.heads.operating_beta == 1.0
+    cfg.heads.operating_beta = 2.0
+    assert ModelConfig.from_dict(cfg.to_dict()).heads.operating_beta == 2.0
