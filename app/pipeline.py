@@ -84,13 +84,19 @@ class PipelineConfig:
     # choice, mostly a finding the heads did not call (text-finding consistency 0.95 -> 0.89), so
     # an incomplete report is left visibly incomplete rather than completed with a guess.
     nonempty_items: bool = False
+    # Keep the report whole (data.tokenizer.complete_constraints): it may not end before the
+    # impression has content, and no findings line starts with a list enumerator (numbered items
+    # belong to the impression). Measured on the demo test split (session 13, 1,100-step model):
+    # empty impressions 12 -> 1, numbered items inside the findings 7 -> 0, BLEU-4 0.153 -> 0.156,
+    # consistency 0.966 -> 0.968. Unlike ``nonempty_items`` it adds no item the model did not start.
+    complete_sections: bool = True
 
     def generation(self, tokenizer) -> GenerationConfig:
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens, eos_id=tokenizer.eos_id, strategy=self.strategy,
             num_beams=self.num_beams, no_repeat_ngram_size=self.no_repeat_ngram_size, length_penalty=self.length_penalty,
             section_ids=list(tokenizer.section_ids), seed=self.seed, pad_id=tokenizer.pad_id,
-            **(tokenizer.item_constraints() if self.nonempty_items else {}),
+            **tokenizer.report_constraints(self.nonempty_items, self.complete_sections),
         )
 
 
@@ -453,6 +459,7 @@ class ReportPipeline:
             "generation": {"strategy": cfg.strategy, "max_new_tokens": cfg.max_new_tokens, "tokens_generated": n_tokens,
                            "num_beams": cfg.num_beams if cfg.strategy == "beam" else None,
                            "length_penalty": cfg.length_penalty if cfg.strategy == "beam" else None,
+                           "complete_report": cfg.complete_sections,
                            "no_repeat_ngram_size": cfg.no_repeat_ngram_size},
             "timings_s": dict(timings),
             "input": {  # no paths, UIDs or patient facts

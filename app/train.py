@@ -1101,7 +1101,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                    max_history_tokens: int = 100_000, batch_size: int = 4, max_new_tokens: int = 400,
                    predictions: str | Path | None = None, progress: bool = True,
                    no_repeat_ngram_size: int = 0, strategy: str = "greedy", num_beams: int = 4,
-                   length_penalty: float = 1.0, nonempty_items: bool = False) -> dict:
+                   length_penalty: float = 1.0, nonempty_items: bool = False, complete_sections: bool = True) -> dict:
     """Generate reports (greedy unless ``strategy``) for a split and score them (no manifest facts
     are used to crop).
 
@@ -1142,7 +1142,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     gen = GenerationConfig(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, section_ids=list(tok.section_ids),
                            pad_id=tok.pad_id, no_repeat_ngram_size=no_repeat_ngram_size, strategy=strategy,
                            num_beams=num_beams, length_penalty=length_penalty,
-                           **(tok.item_constraints() if nonempty_items else {}))
+                           **tok.report_constraints(nonempty_items, complete_sections))
 
     def _hist_size(e) -> int:  # batch studies of similar record length: less padding in the prefill
         if e.history:
@@ -1176,7 +1176,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     out: dict[str, Any] = {"split": split, "n": len(entries), "max_history_tokens": max_history_tokens,
                            "seconds_per_study": round((time.perf_counter() - t0) / len(entries), 3),
                            "decoding": {"strategy": strategy, "num_beams": num_beams if strategy == "beam" else 1,
-                                        "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size}}
+                                        "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
+                                        "complete_report": complete_sections}}
     out.update({k: ev.scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "length_ratio",
                                           "brevity_penalty") if k in ev.scores})
     out["text_finding_micro_f1"] = ev.scores.get("finding_micro_f1")

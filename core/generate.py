@@ -1,5 +1,6 @@
 """Batched generation with the decoder's KV cache: greedy, beam search (n-gram blocking) and nucleus
-sampling, EOS / max length, and an optional constraint that keeps section markers in order.
+sampling, EOS / max length, and optional constraints that keep section markers in order and keep a
+report from ending before its last section has content.
 
 Legend: B prefixes, W beams, V vocab.
 """
@@ -29,6 +30,15 @@ class GenerationConfig:
     # a line start) the row may not end there: EOS, section markers and ``line_end_ids`` are banned.
     no_end_after: tuple[tuple[int, ...], ...] = ()
     line_end_ids: tuple[int, ...] = ()
+    # Complete report: EOS is banned until the last of ``section_ids`` (the impression) has been
+    # emitted and followed by a token other than ``line_end_ids`` (an empty impression, or a report
+    # that stops inside the findings, is never the right report). ``max_new_tokens`` still ends it.
+    complete_sections: bool = False
+    # Section grammar: inside section ``line_start_section`` (an index into ``section_ids``; the
+    # findings) a line may not start with one of ``line_start_banned`` (the impression's list
+    # enumerators "1." ... : a numbered item belongs to the impression, after its marker).
+    line_start_banned: tuple[int, ...] = ()
+    line_start_section: int = -1
 
     def __post_init__(self) -> None:
         if self.strategy not in ("greedy", "beam", "sample"):
@@ -43,12 +53,14 @@ class _RowState:
         self.tokens: list[int] = []
         self.ngrams: dict[tuple[int, ...], set[int]] = {}
         self.last_section = -1
+        self.since_section = 0  # content tokens (not line ends) since the last section marker
 
     def copy(self) -> "_RowState":
         s = _RowState(self.cfg)
         s.tokens = list(self.tokens)
         s.ngrams = {k: set(v) for k, v in self.ngrams.items()}
         s.last_section = self.last_section
+        s.since_section = self.since_section
         return s
 
     def push(self, tok: int) -> None:
@@ -58,6 +70,9 @@ class _RowState:
             self.ngrams.setdefault(tuple(self.tokens[-n:-1]), set()).add(tok)
         if self.cfg.section_ids and tok in self.cfg.section_ids:
             self.last_section = max(self.last_section, self.cfg.section_ids.index(tok))
+            self.since_section = 0
+        elif tok not in self.cfg.line_end_ids:
+            self.since_section += 1
 
     def banned(self) -> list[int]:
         out: list[int] = []
@@ -71,6 +86,12 @@ class _RowState:
             out.extend(self.cfg.line_end_ids)
             if self.cfg.eos_id is not None:
                 out.append(self.cfg.eos_id)
+        if (self.cfg.line_start_banned and self.last_section == self.cfg.line_start_section and self.tokens
+                and (self.tokens[-1] in self.cfg.line_end_ids or self.tokens[-1] in (self.cfg.section_ids or ()))):
+            out.extend(self.cfg.line_start_banned)
+        if self.cfg.complete_sections and self.cfg.eos_id is not None and self.cfg.section_ids and not (
+                self.last_section == len(self.cfg.section_ids) - 1 and self.since_section > 0):
+            out.append(self.cfg.eos_id)
         return out
 
     def _after_item_start(self) -> bool:

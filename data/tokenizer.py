@@ -79,6 +79,32 @@ class ReportTokenizer:
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size()
 
+    def whitespace_ids(self) -> tuple[int, ...]:
+        """Ids of the tokens that decode to whitespace only (newlines, spaces): not content."""
+        return tuple(i for i in range(self.vocab_size)
+                     if i not in self.section_ids and (t := self.tk.decode([i], skip_special_tokens=False)) and not t.strip())
+
+    def complete_constraints(self) -> dict:
+        """``GenerationConfig`` fields that keep a report whole: it may not end before its
+        impression has content (``complete_sections``; whitespace is not content), and no line of
+        the findings starts with a list enumerator (a digit token at a line start: numbered items
+        belong to the impression, after its marker)."""
+        digits = tuple(i for i in range(self.vocab_size)
+                       if (t := self.tk.decode([i], skip_special_tokens=False))[:1].isdigit())
+        return {"complete_sections": True, "line_end_ids": self.whitespace_ids(),
+                "line_start_banned": digits, "line_start_section": SECTION_KEYS.index("findings")}
+
+    def report_constraints(self, nonempty_items: bool = False, complete_sections: bool = False) -> dict:
+        """``GenerationConfig`` fields for the chosen report constraints (both may be on)."""
+        out: dict = {}
+        if nonempty_items:
+            out.update(self.item_constraints())
+        if complete_sections:
+            done = self.complete_constraints()
+            done["line_end_ids"] = tuple(sorted(set(done["line_end_ids"]) | set(out.get("line_end_ids", ()))))
+            out.update(done)
+        return out
+
     def item_constraints(self, max_items: int = 9) -> dict:
         """``GenerationConfig`` fields that keep numbered report items non-empty: the enumerators
         "1." .. "9." at a line or section start (``no_end_after``) and the newline tokens

@@ -230,6 +230,9 @@ def model_card(args, cfg, metrics: dict) -> str:
                     f"{format_table(table, dec)}\n```\n")
     else:
         decoding = "\n## Decoding\nGreedy (not tuned).\n"
+    decoding += ("The report is kept whole (`PipelineConfig.complete_sections`, on by default): it may not end before "
+                 "the impression has content, and no findings line starts with a list number.\n"
+                 if (metrics.get("decoding") or {}).get("complete_report") else "")
     pv = f" --phantom-version {args.phantom_version}" if getattr(args, "phantom_version", 1) != 1 else ""
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in metrics.items() if not isinstance(v, (dict, list)))
@@ -251,7 +254,8 @@ f"{'LM + finding loss' if s.lm else 'finding loss'}, lr {s.lr if s.lr is not Non
 f"{''.join(f', {f:g}x for {p}' for p, f in s.lr_scale)})" for s in cfg.stages)}. History length curriculum
 {[list(x) for x in cfg.data.history_curriculum]} (share of a stage's steps, max tokens; crop `{cfg.data.history_crop}`).
 Finding probabilities are temperature-scaled on the validation split, and each finding's decision
-threshold (its operating point) is chosen there to maximise the micro-F1 over all findings (0.5
+threshold (its operating point) is chosen there to maximise the {"micro-F1" if beta == 1 else
+f"micro F-beta (beta {beta:g}: a missed finding weighs {beta * beta:g} false calls)"} over all findings (0.5
 where val has too few cases). Weights stored in
 {"fp32" if args.fp32 else "fp16 (loaded as fp32)"}. See docs/training.md.{started}
 {decoding}

@@ -153,3 +153,39 @@ def test_no_empty_numbered_item():
     # the whole suffix must match the generated tokens: "7 8" not after a newline is no item start
     other = generate(dec, [[11]], None, None, GenerationConfig(**base, no_end_after=((9, 7, 8),), line_end_ids=(9,)))[0]
     assert other == [7, 8, 2]
+
+
+class _Prefs(_EndsAfterEnumerator):
+    """Next-token preferences by the last token (best first): findings marker 10, impression
+    marker 11, newline 9, enumerator digit 7, word 15, EOS 2."""
+
+    PREFS = {1: [10], 10: [15], 15: [2, 9, 11], 9: [7, 11, 15], 7: [15], 11: [2, 9, 15]}
+
+    def _logits_for(self, last):
+        lg = torch.zeros(len(last), self.V)
+        for r, t in enumerate(last):
+            for rank, tok in enumerate(self.PREFS.get(t, [2])):
+                lg[r, tok] = 10.0 - rank
+        return lg
+
+
+def test_complete_report_grammar():
+    """``complete_sections``: no EOS before the last section marker is followed by content
+    (whitespace is not content); ``line_start_banned``: in the findings no line starts with an
+    enumerator, so the scripted model's numbered item goes to the impression, after its marker."""
+    dec = _Prefs()
+    base = dict(max_new_tokens=12, eos_id=2, section_ids=[10, 11])
+    assert generate(dec, [[1]], None, None, GenerationConfig(**base))[0] == [10, 15, 2]  # stops in the findings
+    whole = GenerationConfig(**base, complete_sections=True, line_end_ids=(9,), line_start_banned=(7,), line_start_section=0)
+    assert generate(dec, [[1]], None, None, whole)[0] == [10, 15, 9, 11, 9, 7, 15, 2]
+    # without the line-start rule the item is written inside the findings (and the report, never
+    # allowed to end there, runs to max_new_tokens): what the grammar is for
+    loose = generate(dec, [[1]], None, None, GenerationConfig(**base, complete_sections=True, line_end_ids=(9,)))[0]
+    assert loose[:4] == [10, 15, 9, 7] and 2 not in loose and len(loose) == 12
+    # an impression marker followed by EOS: the EOS waits for content
+    dec.PREFS = {**_Prefs.PREFS, 1: [11]}
+    assert generate(dec, [[1]], None, None, GenerationConfig(**base))[0] == [11, 2]
+    assert generate(dec, [[1]], None, None, whole)[0] == [11, 9, 7, 15, 2]
+    for strategy in ("beam", "sample"):  # every strategy goes through the same row constraints
+        out = generate(_Prefs(), [[1]], None, None, GenerationConfig(**{**whole.__dict__, "strategy": strategy, "num_beams": 2, "seed": 0}))[0]
+        assert 11 in out and out[-1] == 2 and 7 not in out[:out.index(11)] and out.index(11) < len(out) - 2, out

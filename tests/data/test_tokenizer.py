@@ -92,3 +92,21 @@ def test_item_constraints_name_the_enumerators_at_line_and_section_starts(tok):
     seq = tok.encode_report({"impression": "1. Small effusion.\n2. Emphysema."})
     # the constrained suffixes occur in a real numbered impression
     assert any(tuple(seq[i: i + len(s)]) == s for s in c["no_end_after"] for i in range(len(seq)))
+
+
+def test_complete_constraints_name_whitespace_enumerators_and_the_findings(tok):
+    from data.report_format import SECTION_KEYS
+
+    c = tok.complete_constraints()
+    assert c["complete_sections"] and c["line_start_section"] == SECTION_KEYS.index("findings")
+    nl = tok.encode("\n")
+    assert set(nl) <= set(c["line_end_ids"])
+    assert all(not tok.tk.decode([i]).strip() for i in c["line_end_ids"])
+    assert not set(c["line_end_ids"]) & set(tok.section_ids)
+    digits = set(c["line_start_banned"])
+    assert tok.encode("2.")[0] in digits and tok.encode("Lungs")[0] not in digits
+    assert all(tok.tk.decode([i])[:1].isdigit() for i in digits)  # " 9" (mid-line) stays allowed
+    both = tok.report_constraints(nonempty_items=True, complete_sections=True)
+    assert both["no_end_after"] == tok.item_constraints()["no_end_after"] and both["complete_sections"]
+    assert set(tok.item_constraints()["line_end_ids"]) <= set(both["line_end_ids"])
+    assert tok.report_constraints() == {}
