@@ -11,6 +11,7 @@ Byte-level BPE is lossless: ``decode(encode(t)) == t`` for any text.
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -79,19 +80,30 @@ class ReportTokenizer:
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size()
 
+    @functools.cached_property
+    def _line_token_classes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(whitespace-only token ids, ids of tokens that start with a digit): one pass over the
+        vocabulary, once per tokenizer (the pipeline asks for the constraints on every report)."""
+        space, digit = [], []
+        for i in range(self.vocab_size):
+            t = self.tk.decode([i], skip_special_tokens=False)
+            if t and not t.strip():
+                space.append(i)
+            elif t[:1].isdigit():
+                digit.append(i)
+        return tuple(space), tuple(digit)
+
     def whitespace_ids(self) -> tuple[int, ...]:
         """Ids of the tokens that decode to whitespace only (newlines, spaces): not content."""
-        return tuple(i for i in range(self.vocab_size)
-                     if i not in self.section_ids and (t := self.tk.decode([i], skip_special_tokens=False)) and not t.strip())
+        return self._line_token_classes[0]
 
     def complete_constraints(self) -> dict:
         """``GenerationConfig`` fields that keep a report whole: it may not end before its
         impression has content (``complete_sections``; whitespace is not content), and no line of
         the findings starts with a list enumerator (a digit token at a line start: numbered items
         belong to the impression, after its marker)."""
-        digits = tuple(i for i in range(self.vocab_size)
-                       if (t := self.tk.decode([i], skip_special_tokens=False))[:1].isdigit())
-        return {"complete_sections": True, "line_end_ids": self.whitespace_ids(),
+        space, digits = self._line_token_classes
+        return {"complete_sections": True, "line_end_ids": space,
                 "line_start_banned": digits, "line_start_section": SECTION_KEYS.index("findings")}
 
     def report_constraints(self, nonempty_items: bool = False, complete_sections: bool = False) -> dict:
