@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 
 DECODING_FILE = "decoding.json"
 # the settings a decoding.json may choose, with their types
-DECODING_KEYS: dict[str, type] = {"strategy": str, "num_beams": int, "length_penalty": float, "no_repeat_ngram_size": int}
-GREEDY = {"strategy": "greedy", "num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0}
+DECODING_KEYS: dict[str, type] = {"strategy": str, "num_beams": int, "length_penalty": float, "no_repeat_ngram_size": int,
+                                  "consistent_with_calls": bool}
+GREEDY = {"strategy": "greedy", "num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+          "consistent_with_calls": False}
 
 
 class DecodingError(MedreportError):
@@ -44,6 +46,11 @@ def validate_decoding(chosen: dict, where: str = "decoding") -> dict:
         raise DecodingError(f"{where}: unknown setting(s) {unknown}; allowed: {sorted(DECODING_KEYS)}")
     out = {}
     for k, v in chosen.items():
+        if DECODING_KEYS[k] is bool:
+            if not isinstance(v, bool):
+                raise DecodingError(f"{where}: {k}={v!r} must be true or false")
+            out[k] = v
+            continue
         try:
             out[k] = DECODING_KEYS[k](v)
         except (TypeError, ValueError):
@@ -79,12 +86,16 @@ def write_decoding(model_dir: str | Path, chosen: dict, table: list[dict], split
     return p
 
 
-def candidates(num_beams: int = 4, length_penalties: tuple[float, ...] = (1.0, 1.5, 2.0)) -> list[dict]:
-    """Greedy first (the cheapest, kept on ties), then beam search at each length penalty."""
+def candidates(num_beams: int = 4, length_penalties: tuple[float, ...] = (1.0, 1.5, 2.0),
+               consistency: bool = False) -> list[dict]:
+    """Greedy first (the cheapest, kept on ties), then beam search at each length penalty; with
+    ``consistency`` each of them again with the findings-table veto (``consistent_with_calls``)."""
     out = [dict(GREEDY)]
     if num_beams > 1:
-        out += [{"strategy": "beam", "num_beams": num_beams, "length_penalty": float(lp), "no_repeat_ngram_size": 0}
-                for lp in length_penalties]
+        out += [{"strategy": "beam", "num_beams": num_beams, "length_penalty": float(lp), "no_repeat_ngram_size": 0,
+                 "consistent_with_calls": False} for lp in length_penalties]
+    if consistency:
+        out += [{**c, "consistent_with_calls": True} for c in list(out)]
     return out
 
 
@@ -93,7 +104,7 @@ def choose(table: list[dict], criterion: str = "bleu4") -> dict:
     if not table:
         raise DecodingError("no decoding candidates were scored")
     best = max(range(len(table)), key=lambda i: (table[i][criterion], -i))
-    return {k: table[best][k] for k in DECODING_KEYS}
+    return {k: table[best][k] for k in DECODING_KEYS if k in table[best]}
 
 
 def tune_decoding(model, manifest: str | Path, split: str = "val", max_studies: int = 120,
@@ -122,7 +133,8 @@ def format_table(table: list[dict], chosen: dict) -> str:
     lines = [head]
     for r in table:
         name = "greedy" if r["strategy"] == "greedy" else f"{r['strategy']} {r['num_beams']} lp {r['length_penalty']:g}"
-        mark = " <- chosen" if all(r[k] == v for k, v in chosen.items()) else ""
+        name += " +veto" if r.get("consistent_with_calls") else ""
+        mark = " <- chosen" if all(r.get(k, GREEDY[k]) == v for k, v in chosen.items()) else ""
         lines.append(f"{name:<22} {r['bleu4']:7.4f} {r['length_ratio']:7.3f} {r['brevity_penalty']:6.3f} "
                      f"{(r.get('facts_carried') or 0):6.3f} {(r.get('text_finding_micro_f1') or 0):7.3f} "
                      f"{(r.get('seconds_per_study') or 0):7.2f}{mark}")

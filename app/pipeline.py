@@ -40,6 +40,7 @@ from core.generate import GenerationConfig, generate
 from data.errors import AudioError, HistoryError, MedreportError
 from data.finding_prompt import study_acquisition
 from data.history_digest import digest_ids
+from data.report_consistency import CallsVeto
 from data.study import COMPANION_SUFFIXES, Study, StudyFiles, find_study_files, load_study
 from multimodal.fusion import MODALITIES
 from multimodal.model import WEIGHTS_FILE, ReportModel, StudyInputs, collate, digest_spans, uses_prompt
@@ -90,6 +91,11 @@ class PipelineConfig:
     # empty impressions 12 -> 1, numbered items inside the findings 7 -> 0, BLEU-4 0.153 -> 0.156,
     # consistency 0.966 -> 0.968. Unlike ``nonempty_items`` it adds no item the model did not start.
     complete_sections: bool = True
+    # Keep the text consistent with the findings table (data.report_consistency.CallsVeto): in the
+    # Findings and Impression a continuation is refused when the sentence being written denies a
+    # finding the table calls present or asserts one it does not call; the decoder then writes its
+    # next most likely token. See docs/training.md (session 14) for what it does to the demo model.
+    consistent_with_calls: bool = False
 
     def generation(self, tokenizer) -> GenerationConfig:
         return GenerationConfig(
@@ -158,6 +164,7 @@ class ReportPipeline:
         cfg = model.cfg
         self.n_slabs = cfg.image.max_slabs
         self.size_hw = (cfg.image.image_size, cfg.image.image_size)
+        self.mip_windows = tuple(cfg.image.mip_windows)
         self.audio_config = _audio_config(cfg)
 
     @classmethod
@@ -226,7 +233,7 @@ class ReportPipeline:
         from data.audio import load_audio, log_mel
         from data.preprocess import make_slabs
 
-        slabs = make_slabs(study, self.n_slabs, self.size_hw)
+        slabs = make_slabs(study, self.n_slabs, self.size_hw, mip_windows=self.mip_windows)
         mel, audio_info = None, {"given": False}
         if audio is not None:
             ac = self.audio_config
@@ -350,7 +357,9 @@ class ReportPipeline:
                 it.side = torch.softmax(heads.side_logits_BK4[0].float(), -1).cpu().numpy()  # [K,4]
                 it.loc = heads.location_logits_BKL[0].argmax(-1).cpu().numpy()  # [K]
                 it.gates = {m: float(g) for m, g in zip(MODALITIES, enc.gates_BM[0].float().cpu())}
-                it.prompt = model.prompt_ids(model.calls(heads)[0], it.inputs.acquisition) if uses_prompt(model.cfg) else []
+                calls = model.calls(heads)[0]
+                it.called = [name for name, _, _ in calls]
+                it.prompt = model.prompt_ids(calls, it.inputs.acquisition) if uses_prompt(model.cfg) else []
                 c, m = model.decoder_context(enc.fused_BFD, enc.mask_BF, heads)  # [1,F_i,D], [1,F_i]
                 ctxs.append(c[0])
                 masks.append(m[0])
@@ -366,11 +375,14 @@ class ReportPipeline:
             ctx = torch.nn.utils.rnn.pad_sequence(ctxs, batch_first=True)  # [B,F,D] zero-padded
             cmask = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)  # [B,F] False on padding
             spans = digest_spans(x) if model.cfg.decoder.copy else None
-            token_ids = generate(model.decoder, prefixes, ctx, cmask, self.config.generation(tok), copy_spans=spans)
+            vetoes = [CallsVeto(tok, it.called) for it in items] if self.config.consistent_with_calls else None
+            token_ids = generate(model.decoder, prefixes, ctx, cmask, self.config.generation(tok), copy_spans=spans,
+                                 vetoes=vetoes)
         t_gen = round((time.perf_counter() - t0) / n, 4)
         notify("generating", _STAGE_SPAN["generating"][1])
         for b, it in enumerate(items):
             it.token_ids = token_ids[b]
+            it.refused = vetoes[b].refused if vetoes is not None else None
             it.timings.update(encoding=t_enc, generating=t_gen)
             it.batch_size = n
 
@@ -405,6 +417,8 @@ class ReportPipeline:
         from data.report_format import format_report
 
         provenance = self._provenance(study, inputs, dict(item.timings), len(item.token_ids))
+        if item.refused is not None:
+            provenance["generation"]["consistency_refusals"] = item.refused
         provenance["batch_size"] = item.batch_size
         report = Report(
             sections=sections,
@@ -460,6 +474,7 @@ class ReportPipeline:
                            "num_beams": cfg.num_beams if cfg.strategy == "beam" else None,
                            "length_penalty": cfg.length_penalty if cfg.strategy == "beam" else None,
                            "complete_report": cfg.complete_sections,
+                           "consistent_with_calls": cfg.consistent_with_calls,
                            "no_repeat_ngram_size": cfg.no_repeat_ngram_size},
             "timings_s": dict(timings),
             "input": {  # no paths, UIDs or patient facts
@@ -487,6 +502,8 @@ class _Item:
     token_ids: list[int] | None = None
     batch_size: int = 1
     prompt: list[int] = dataclasses.field(default_factory=list)  # finding-prompt ids (model.cfg.finding_prompt)
+    called: list[str] = dataclasses.field(default_factory=list)  # findings the heads call present
+    refused: int | None = None  # continuations the consistency veto refused (consistent_with_calls)
 
 
 def _audio_config(cfg):

@@ -112,13 +112,15 @@ class PreprocessConfig:
     image_size: int
     n_mels: int
     audio: bool = True  # False: ignore dictations (image + history only)
+    mip_windows: tuple[str, ...] = ()  # extra MIP channels (ImageEncoderConfig.mip_windows)
 
     @classmethod
     def from_model(cls, cfg: ModelConfig, audio: bool = True) -> "PreprocessConfig":
-        return cls(cfg.image.max_slabs, cfg.image.image_size, cfg.audio.n_mels, audio)
+        return cls(cfg.image.max_slabs, cfg.image.image_size, cfg.audio.n_mels, audio, tuple(cfg.image.mip_windows))
 
     def key(self) -> str:
-        return f"v{CACHE_VERSION}-s{self.n_slabs}-i{self.image_size}-m{self.n_mels}"
+        mip = "-mip_" + "_".join(self.mip_windows) if self.mip_windows else ""
+        return f"v{CACHE_VERSION}-s{self.n_slabs}-i{self.image_size}-m{self.n_mels}{mip}"
 
 
 def _stamp(p: Path | None) -> str:
@@ -144,7 +146,7 @@ class StudyCache:
         return self.dir / f"{h}.npz"
 
     def arrays(self, entry) -> dict[str, np.ndarray]:
-        """pixels float16 (S, 3, H, W), z_mm (S,), z_index_range (S, 2) and, with audio, mel float16 (M, T)."""
+        """pixels float16 (S, C, H, W), z_mm (S,), z_index_range (S, 2) and, with audio, mel float16 (M, T)."""
         f = self._file(entry) if self.dir is not None else None
         if f is not None and f.is_file():
             try:
@@ -164,7 +166,8 @@ class StudyCache:
         from data.study import load_study
 
         study = load_study(entry.study_path)
-        slabs = make_slabs(study, self.pre.n_slabs, (self.pre.image_size, self.pre.image_size))
+        slabs = make_slabs(study, self.pre.n_slabs, (self.pre.image_size, self.pre.image_size),
+                           mip_windows=self.pre.mip_windows)
         out = {
             "pixels": slabs.pixels.astype(np.float16),  # values in [0, 1]: float16 keeps ~1e-3
             "z_mm": slabs.z_mm.astype(np.float32),
@@ -277,6 +280,8 @@ class Example:
     dense_targets_SGGK: np.ndarray | None = None  # [S, G, G, K] on the dense grid (heads.dense_loss_weight > 0)
     fact_spans: tuple[tuple[int, int], ...] = ()  # [start, end) in ids of planted-fact phrases
     fact_weight: float = 1.0  # LM loss weight on those tokens (model.fact_weight)
+    finding_spans: tuple[tuple[int, int], ...] = ()  # [start, end) in ids of sentences stating a present finding
+    finding_weight: float = 1.0  # LM loss weight on those tokens (model.finding_weight)
 
 
 def below_resolution(labels) -> set[str]:
@@ -321,6 +326,41 @@ def fact_spans(tok, report_ids: Sequence[int], phrases: Sequence[str]) -> list[t
                 continue
             out.update((i, i + n) for i in range(len(ids) - n + 1) if ids[i: i + n] == seq)
     return sorted(out)
+
+
+def finding_sentence_spans(tok, sections: dict[str, str], present: set[str],
+                           keys: Sequence[str] = ("findings", "impression")) -> list[tuple[int, int]]:
+    """``[start, end)`` positions, in ``tok.encode_report(sections)``, of the sentences of the
+    ``keys`` sections that the labeller reads as stating one of the ``present`` findings (e.g.
+    "Cardiomegaly." in the heart line, "3. Cardiomegaly." in the impression; not "No pericardial
+    effusion."). A token belongs to a sentence when it holds one of its characters."""
+    from data.labeler import label_sentence, split_sentences
+    from data.report_format import SECTION_KEYS
+
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for key in SECTION_KEYS:
+        pos += 1  # the section marker
+        text = (sections.get(key) or "").strip()
+        if not text:
+            continue
+        enc = tok.tk.encode(text, add_special_tokens=False)
+        if key in keys and present:
+            starts = np.asarray([o[0] for o in enc.offsets], dtype=np.int64)  # char span of each token
+            ends = np.asarray([o[1] for o in enc.offsets], dtype=np.int64)    # (a leading space belongs to it)
+            cursor = 0
+            for sent in split_sentences(text):
+                a = text.find(sent, cursor)
+                if a < 0:
+                    continue
+                b = cursor = a + len(sent)
+                if any(lab.present and lab.finding in present for lab in label_sentence(sent)):
+                    # tokens that hold a character of [a, b): first end past a, last start before b
+                    i, j = int(np.searchsorted(ends, a, "right")), int(np.searchsorted(starts, b, "left"))
+                    if j > i:
+                        out.append((pos + i, pos + j))
+        pos += len(enc.ids)
+    return out
 
 
 def label_calls(labels) -> list[tuple[str, str | None, str]]:
@@ -436,8 +476,13 @@ class ReportDataset(torch.utils.data.Dataset):
         if self.cfg.fact_weight != 1.0 and e.facts:
             phrases = [f.expect_in_report for f in e.facts if f.kind != "distractor" and f.expect_in_report]
             spans = tuple((len(prefix) + a, len(prefix) + b) for a, b in fact_spans(self.tok, report, phrases))
+        fspans: tuple[tuple[int, int], ...] = ()
+        if self.cfg.finding_weight != 1.0:
+            names = {lab.finding for lab in e.labels if lab.present}
+            fspans = tuple((len(prefix) + a, len(prefix) + min(b, len(report)))
+                           for a, b in finding_sentence_spans(self.tok, e.sections, names) if a < len(report))
         return Example(e.id, study, prefix + report + [self.tok.eos_id], len(prefix), present, side, loc, tt, len(prompt),
-                       dense, spans, self.cfg.fact_weight)
+                       dense, spans, self.cfg.fact_weight, fspans, self.cfg.finding_weight)
 
 
 def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInputs:
@@ -450,11 +495,12 @@ def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInput
         ids[b, : len(ex.ids)] = torch.as_tensor(ex.ids)
         lm[b, ex.n_prefix: len(ex.ids)] = ids[b, ex.n_prefix: len(ex.ids)]
     x.ids, x.lm_labels = ids, lm
-    if any(ex.fact_spans for ex in examples):
+    if any(ex.fact_spans or ex.finding_spans for ex in examples):
         w = torch.ones(len(examples), T)  # [B, T] LM loss weight of each target token
         for b, ex in enumerate(examples):
-            for a, e in ex.fact_spans:
-                w[b, a:e] = ex.fact_weight
+            for spans, weight in ((ex.finding_spans, ex.finding_weight), (ex.fact_spans, ex.fact_weight)):
+                for a, e in spans:  # a token in both kinds of span takes the fact weight
+                    w[b, a:e] = weight
         x.lm_weights = w
     if any(ex.n_prompt for ex in examples):
         x.prompt_len = torch.as_tensor([ex.n_prompt for ex in examples], dtype=torch.long)  # [B]

@@ -2,11 +2,18 @@
 sampling, EOS / max length, and optional constraints that keep section markers in order and keep a
 report from ending before its last section has content.
 
+A caller may also pass one *veto* per prefix: a function of the row's generated tokens (the
+candidate last) that returns True to refuse that continuation (the app uses it to keep a report
+from contradicting its own findings table). Greedy and sampling then take the most likely of the
+``veto_topk`` best tokens that is not refused; beam search drops refused candidates. When every
+candidate is refused the unconstrained choice is kept: a veto never stops a report.
+
 Legend: B prefixes, W beams, V vocab.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -39,6 +46,9 @@ class GenerationConfig:
     # enumerators "1." ... : a numbered item belongs to the impression, after its marker).
     line_start_banned: tuple[int, ...] = ()
     line_start_section: int = -1
+    # With vetoes (generate(..., vetoes=)): how many of the best tokens greedy decoding and
+    # sampling try, in order, before keeping the unconstrained choice.
+    veto_topk: int = 8
 
     def __post_init__(self) -> None:
         if self.strategy not in ("greedy", "beam", "sample"):
@@ -120,24 +130,33 @@ def _nucleus(logits_BV: torch.Tensor, top_p: float, temperature: float, gen: tor
     return si.gather(1, pick)[:, 0]
 
 
+Veto = Callable[[list[int]], bool]
+
+
 @torch.no_grad()
 def generate(dec: Decoder, prefixes: list[list[int]], context_BFD: torch.Tensor | None = None,
              context_mask_BF: torch.Tensor | None = None, cfg: GenerationConfig | None = None,
-             copy_spans: list[tuple[int, int] | None] | None = None) -> list[list[int]]:
+             copy_spans: list[tuple[int, int] | None] | None = None,
+             vetoes: Sequence[Veto | None] | None = None) -> list[list[int]]:
     """New tokens per prefix (EOS included when emitted).  Prefixes may differ in length.
     ``copy_spans``: per prefix, the ``[start, end)`` positions the decoder's copy head may copy
-    from (the history digest), or None."""
+    from (the history digest), or None. ``vetoes``: per prefix, a function of the generated
+    tokens (candidate last) that refuses a continuation, or None (module docstring)."""
     cfg = cfg or GenerationConfig()
     if not prefixes or any(len(p) == 0 for p in prefixes):
         raise ValueError("every prefix needs at least one token (e.g. [BOS])")
     if copy_spans is not None and len(copy_spans) != len(prefixes):
         raise ValueError("give one copy span (or None) per prefix")
+    if vetoes is not None and len(vetoes) != len(prefixes):
+        raise ValueError("give one veto (or None) per prefix")
+    if cfg.veto_topk < 1:
+        raise ValueError("veto_topk must be >= 1")
     was_training = dec.training
     dec.eval()
     try:
         if cfg.strategy == "beam":
-            return _beam(dec, prefixes, context_BFD, context_mask_BF, cfg, copy_spans)
-        return _greedy_or_sample(dec, prefixes, context_BFD, context_mask_BF, cfg, copy_spans)
+            return _beam(dec, prefixes, context_BFD, context_mask_BF, cfg, copy_spans, vetoes)
+        return _greedy_or_sample(dec, prefixes, context_BFD, context_mask_BF, cfg, copy_spans, vetoes)
     finally:
         dec.train(was_training)
 
@@ -155,7 +174,18 @@ def _prefill(dec, prefixes, ctx, mask, cfg, copy_spans=None):
                        copy_mask_BT=spans_to_mask(copy_spans, T, device))
 
 
-def _greedy_or_sample(dec, prefixes, ctx, mask, cfg, copy_spans=None):
+def _vetted(logits_V: torch.Tensor, first: int, tokens: list[int], veto: Veto, k: int) -> int:
+    """``first`` if the veto lets it through, else the most likely of the ``k`` best tokens it
+    lets through, else ``first`` (a veto never blocks a row)."""
+    if not veto(tokens + [first]):
+        return first
+    for tok in logits_V.topk(min(k, logits_V.shape[-1])).indices.tolist():
+        if tok != first and logits_V[tok] > float("-inf") and not veto(tokens + [tok]):
+            return tok
+    return first
+
+
+def _greedy_or_sample(dec, prefixes, ctx, mask, cfg, copy_spans=None, vetoes=None):
     logits, cache = _prefill(dec, prefixes, ctx, mask, cfg, copy_spans)
     gen = None
     if cfg.strategy == "sample" and cfg.seed is not None:
@@ -165,6 +195,12 @@ def _greedy_or_sample(dec, prefixes, ctx, mask, cfg, copy_spans=None):
     for _ in range(cfg.max_new_tokens):
         logits = _mask_banned(logits.float(), states)
         nxt = _nucleus(logits, cfg.top_p, cfg.temperature, gen) if cfg.strategy == "sample" else logits.argmax(-1)
+        if vetoes is not None:
+            picks = nxt.tolist()
+            for r, veto in enumerate(vetoes):
+                if veto is not None and not done[r]:
+                    picks[r] = _vetted(logits[r], picks[r], states[r].tokens, veto, cfg.veto_topk)
+            nxt = torch.tensor(picks, dtype=nxt.dtype, device=nxt.device)
         for r, tok in enumerate(nxt.tolist()):
             if not done[r]:
                 states[r].push(tok)
@@ -175,7 +211,7 @@ def _greedy_or_sample(dec, prefixes, ctx, mask, cfg, copy_spans=None):
     return [s.tokens for s in states]
 
 
-def _beam(dec, prefixes, ctx, mask, cfg, copy_spans=None):
+def _beam(dec, prefixes, ctx, mask, cfg, copy_spans=None, vetoes=None):
     B, W = len(prefixes), cfg.num_beams
     logits, cache = _prefill(dec, prefixes, ctx, mask, cfg, copy_spans)
     shared = int(min(len(p) for p in prefixes))  # cache positions identical across a row's beams
@@ -191,7 +227,8 @@ def _beam(dec, prefixes, ctx, mask, cfg, copy_spans=None):
         logp = _mask_banned(logits.float(), states).log_softmax(-1)  # [B*W,V]
         V = logp.shape[-1]
         cand = (scores.reshape(-1, 1) + logp).reshape(B, W * V)
-        top_s, top_i = cand.topk(min(2 * W, W * V), dim=-1)  # [B,2W]
+        pool = 2 * W + (cfg.veto_topk if vetoes is not None else 0)  # refused candidates need spares
+        top_s, top_i = cand.topk(min(pool, W * V), dim=-1)  # [B,pool]
         new_scores = torch.full((B, W), float("-inf"), device=logits.device)
         src = torch.arange(B * W, device=logits.device).reshape(B, W).clone()
         toks = torch.full((B, W), cfg.pad_id, dtype=torch.long, device=logits.device)
@@ -200,7 +237,12 @@ def _beam(dec, prefixes, ctx, mask, cfg, copy_spans=None):
             if done[b]:
                 continue
             k = 0
-            for s, i in zip(top_s[b].tolist(), top_i[b].tolist()):
+            pairs = list(zip(top_s[b].tolist(), top_i[b].tolist()))
+            veto = vetoes[b] if vetoes is not None else None
+            if veto is not None:  # refused continuations leave the beam, unless all are refused
+                kept = [(s, i) for s, i in pairs if s > float("-inf") and not veto(states[b * W + i // V].tokens + [i % V])]
+                pairs = kept or pairs
+            for s, i in pairs:
                 if s == float("-inf"):
                     break
                 beam, tok = divmod(i, V)

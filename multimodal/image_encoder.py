@@ -33,7 +33,10 @@ class ImageEncoderConfig:
     weights_file: str | None = None  # local .safetensors for the backbone (timm pretrained_cfg_overlay)
     grid: int = 4  # feature map pooled to grid x grid tokens per slab
     dim: int = 256  # token width D
-    in_chans: int = 3
+    in_chans: int = 3  # 3 mean-slab windows + one channel per ``mip_windows`` entry
+    # Extra input channels: the slab's maximum-intensity projection in these CT windows
+    # (data.preprocess.make_slabs), e.g. ("lung",) for small nodules. () = none.
+    mip_windows: tuple[str, ...] = ()
     channels_last: bool = True
     # Input geometry this encoder is built for (the preprocessing reads these; the encoder itself
     # accepts any H, W and slab count).
@@ -41,6 +44,14 @@ class ImageEncoderConfig:
     max_slabs: int = 16
     z_min_period_mm: float = 4.0
     z_max_period_mm: float = 2000.0
+
+    def __post_init__(self) -> None:
+        self.mip_windows = tuple(self.mip_windows)
+        if self.in_chans != 3 + len(self.mip_windows):
+            raise ValueError(
+                f"image encoder in_chans={self.in_chans} does not match its input: 3 window channels + "
+                f"{len(self.mip_windows)} MIP channel(s) {list(self.mip_windows)}; set in_chans to "
+                f"{3 + len(self.mip_windows)}")
 
     def stage_reduction(self, stage: int) -> int:
         """Downsampling of backbone stage ``stage`` (timm feature index: 0 stem, 1-4 layer1-4),
@@ -64,7 +75,7 @@ class ImageEncoderConfig:
 
 
 class ImageEncoder(nn.Module):
-    """slabs [B, S, 3, H, W] + slab_mask [B, S] + z_mm [B, S] -> (tokens [B, S*G*G, D], mask [B, S*G*G])."""
+    """slabs [B, S, C, H, W] + slab_mask [B, S] + z_mm [B, S] -> (tokens [B, S*G*G, D], mask [B, S*G*G])."""
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()

@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ class CheckpointError(MedreportError):
 class StudyInputs:
     """One study's model inputs as arrays (what ``data.preprocess`` produces)."""
 
-    pixels: np.ndarray  # float32 (S, 3, H, W) in [0, 1]
+    pixels: np.ndarray  # float32 (S, C, H, W) in [0, 1] (C = image.in_chans)
     z_mm: np.ndarray  # (S,) slab centres, mm
     z_index_range: np.ndarray | None = None  # int (S, 2) original slice ranges [start, stop)
     mel: np.ndarray | None = None  # float32 (1, M, T) or (M, T) log-mel; None = no dictation
@@ -76,7 +76,7 @@ class StudyInputs:
 class ModelInputs:
     """A padded batch. Masks: True = valid."""
 
-    slabs: torch.Tensor  # [B, S, 3, H, W]
+    slabs: torch.Tensor  # [B, S, C, H, W]
     slab_mask: torch.Tensor  # [B, S] bool
     z_mm: torch.Tensor  # [B, S]
     z_index_range: torch.Tensor | None = None  # [B, S, 2] long
@@ -471,6 +471,7 @@ class ReportModel(nn.Module):
         evidence: bool = True,
         evidence_threshold: float = 0.5,
         evidence_findings: Sequence[str] | None = None,
+        vetoes_for: Callable[[list[str]], Callable[[list[int]], bool] | None] | None = None,
     ) -> list[ReportPrediction]:
         """Report tokens, calibrated finding probabilities, gates and Grad-CAM evidence per study.
 
@@ -479,6 +480,8 @@ class ReportModel(nn.Module):
         when it is None).
         Evidence is computed for ``evidence_findings`` if given, else for every finding whose
         probability reaches ``evidence_threshold``.
+        ``vetoes_for``: given a study's called finding names (the heads at their operating points),
+        a decoding veto for its report (``core.generate``; e.g. ``data.report_consistency.CallsVeto``).
         """
         if prefixes is None or gen is None:
             if self.tokenizer is None:
@@ -505,8 +508,11 @@ class ReportModel(nn.Module):
             x, prefixes = self.with_prompts(x, prefixes, heads)
             with torch.inference_mode():
                 ctx, cmask = self.decoder_context(enc.fused_BFD.detach(), enc.mask_BF, heads)
+                vetoes = None
+                if vetoes_for is not None:
+                    vetoes = [vetoes_for([name for name, _, _ in row]) for row in self.calls(heads)]
                 token_ids = generate(self.decoder, prefixes, ctx, cmask, gen or GenerationConfig(),
-                                     copy_spans=digest_spans(x) if self.cfg.decoder.copy else None)
+                                     copy_spans=digest_spans(x) if self.cfg.decoder.copy else None, vetoes=vetoes)
             probs = heads.presence_probs.detach().cpu()
             side = torch.softmax(heads.side_logits_BK4.detach(), -1).cpu()
             loc = heads.location_logits_BKL.detach().argmax(-1).cpu()

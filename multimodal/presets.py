@@ -48,6 +48,14 @@ class ModelConfig:
     # across reports, so at a plain weight of 1 a CPU-trained decoder writes the common variant
     # ("with IV contrast") instead. Training only; data without facts is unaffected. 1 = off.
     fact_weight: float = 1.0
+    # Weight of the next-token loss on the report sentences (findings and impression) that state a
+    # finding the study has (app.train_data.finding_sentence_spans: the labeller reads each
+    # sentence). Session 13's decoder wrote "The heart is normal in size." under "Calls:
+    # cardiomegaly" in 41 of 41 test reports: teacher-forced on training studies it gave the
+    # heart line's "Cardiomegaly" 0.001, less than its share of all heart lines. These sentences
+    # are the few tokens that depend on the calls; the rest of a report is the normal template.
+    # Training only. 1 = off.
+    finding_weight: float = 1.0
     name: str = "custom"
     # Inputs the model reads. False makes a model blind to that modality everywhere (training,
     # generation, the UI): the image-blind baseline is use_image=False, use_audio=False.
@@ -103,7 +111,7 @@ class ModelConfig:
             fusion=build(FusionConfig, d.get("fusion", {})),
             decoder=_decoder_from_dict(d.get("decoder", {})),
             heads=build(HeadsConfig, d.get("heads", {})),
-            **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "copy_weight", "copy_ngram", "fact_weight", "name", "use_image", "use_audio",
+            **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "copy_weight", "copy_ngram", "fact_weight", "finding_weight", "name", "use_image", "use_audio",
                                       "history_digest_words", "finding_prompt", "acquisition_prompt", "finding_prompt_dropout") if k in d},
         )
 

@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-beams", type=int, default=None, help="beam width with --strategy beam")
     p.add_argument("--length-penalty", type=float, default=None,
                    help="beam search scores sum log p / length ** L; above 1 favours longer reports")
+    p.add_argument("--consistent-with-calls", action=argparse.BooleanOptionalAction, default=None,
+                   help="refuse report sentences that deny a finding the table calls or assert one it does not "
+                        "(default: the model folder's decoding.json, else off)")
     p.add_argument("--no-evidence", action="store_true", help="skip Grad-CAM key slices (faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)
     decoding = read_decoding(model_dir)  # the model folder's choice (made on val), then the flags
     decoding.update({k: v for k, v in (("strategy", args.strategy), ("num_beams", args.num_beams),
-                                       ("length_penalty", args.length_penalty)) if v is not None})
+                                       ("length_penalty", args.length_penalty),
+                                       ("consistent_with_calls", args.consistent_with_calls)) if v is not None})
     cfg = PipelineConfig(quantize=args.quantize, evidence=not args.no_evidence, **validate_decoding(decoding, "flags"))
     if args.max_new_tokens is not None:
         cfg = dataclasses.replace(cfg, max_new_tokens=args.max_new_tokens)

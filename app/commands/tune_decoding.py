@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-history-tokens", type=int, default=100_000, help="history tokens read per study (default 100000)")
     p.add_argument("--batch-size", type=int, default=8, help="studies generated together (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=400, help="report length cap in tokens (default 400)")
+    p.add_argument("--consistency", action="store_true",
+                   help="also score each candidate with the findings-table veto (consistent_with_calls): twice the candidates")
     p.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         raise DecodingError(f"--length-penalties {args.length_penalties!r}: give numbers separated by commas, e.g. 1.0,1.5") from None
     model = ReportModel.from_pretrained(args.model, device="cpu").float().eval()
     chosen, table = tune_decoding(model, args.manifest, args.split, max_studies=args.max_studies,
-                                  cands=candidates(args.num_beams, lps), max_history_tokens=args.max_history_tokens,
+                                  cands=candidates(args.num_beams, lps, args.consistency), max_history_tokens=args.max_history_tokens,
                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                   progress=not args.no_progress)
     print(format_table(table, chosen))

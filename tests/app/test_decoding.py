@@ -117,3 +117,31 @@ def test_rewriting_a_model_folder_keeps_its_decoding_and_card(model_dir):
     write_shipped_model(ReportModel.from_pretrained(model_dir), model_dir)
     assert read_decoding(model_dir) == BEAM and (model_dir / "MODEL_CARD.md").read_text() == "card"
     assert not model_dir.with_name(model_dir.name + ".tmp").exists()
+
+
+def test_consistency_veto_is_a_decoding_choice(model_dir, tmp_path):
+    """consistent_with_calls: a decoding.json setting (true/false only), tune-decoding's
+    --consistency candidates, a generate flag that overrides the folder's choice, recorded in
+    the report's provenance. A decoding.json written before the setting existed still reads."""
+    assert validate_decoding({"consistent_with_calls": True}) == {"consistent_with_calls": True}
+    with pytest.raises(DecodingError, match="true or false"):
+        validate_decoding({"consistent_with_calls": "yes"})
+    cands = candidates(2, (1.0,), consistency=True)
+    assert [(c["strategy"], c["consistent_with_calls"]) for c in cands] == [
+        ("greedy", False), ("beam", False), ("greedy", True), ("beam", True)]
+    rows = [{**c, "bleu4": b} for c, b in zip(cands, (0.1, 0.1, 0.1, 0.2))]
+    assert choose(rows) == cands[3]
+    assert choose([{**BEAM, "bleu4": 0.1}]) == BEAM  # an old table without the key
+    write_decoding(model_dir, {**BEAM, "consistent_with_calls": True}, [], "val", 1)
+    assert ReportPipeline.from_dir(model_dir).config.consistent_with_calls is True
+
+    def provenance(out: Path) -> dict:
+        return json.loads((out / "syn00000" / "report.json").read_text())["provenance"]["generation"]
+
+    common = ["--model", str(model_dir), "--limit", "1", "--no-evidence", "--max-new-tokens", "6", "--no-progress"]
+    assert main(["generate", str(EXAMPLES / "manifest.jsonl"), "--out", str(tmp_path / "a"), *common]) == 0
+    g = provenance(tmp_path / "a")
+    assert g["consistent_with_calls"] is True and g["consistency_refusals"] >= 0
+    assert main(["generate", str(EXAMPLES / "manifest.jsonl"), "--out", str(tmp_path / "b"), *common,
+                 "--no-consistent-with-calls"]) == 0
+    assert provenance(tmp_path / "b")["consistent_with_calls"] is False

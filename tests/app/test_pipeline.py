@@ -142,6 +142,41 @@ def test_quantized_decoder_runs(tmp_path_factory):
     assert set(report.sections) == set(SECTION_KEYS)
 
 
+def test_model_with_a_mip_channel_reads_it_in_the_pipeline_and_the_training_cache(tmp_path):
+    """A model built with image.mip_windows gets 4-channel slabs from the pipeline (the same
+    arrays the training cache stores, under its own cache key) and writes a report."""
+    import dataclasses
+
+    import torch
+
+    from app.train_data import PreprocessConfig, StudyCache
+    from data.datasets import read_manifest
+    from data.tokenizer import ReportTokenizer
+    from multimodal.model import ReportModel
+    from multimodal.presets import ModelConfig
+
+    entries = read_manifest(EXAMPLES / "manifest.jsonl")
+    tok = ReportTokenizer.train([e.report for e in entries], vocab_size=400, min_frequency=1)
+    base = ModelConfig.preset("tiny", vocab_size=tok.vocab_size)
+    cfg = dataclasses.replace(base, image=dataclasses.replace(base.image, mip_windows=("lung",), in_chans=4))
+    torch.manual_seed(0)
+    ReportModel(cfg, tokenizer=tok).eval().save_pretrained(tmp_path / "m", tok)
+    pipe = ReportPipeline.from_dir(tmp_path / "m", PipelineConfig(max_new_tokens=6, evidence=False))
+    assert pipe.model.cfg.image.mip_windows == ("lung",)
+    seen = []
+    stem = next(m for m in pipe.model.image_encoder.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    stem.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    report = pipe.run(STUDIES / "syn00002")
+    assert seen and all(sh[1] == 4 for sh in seen)  # [n_slabs, C, H, W] into the stem
+    assert set(report.sections) == set(SECTION_KEYS)
+    pre = PreprocessConfig.from_model(cfg, audio=False)
+    assert pre.mip_windows == ("lung",) and pre.key().endswith("-mip_lung")
+    assert PreprocessConfig.from_model(base, audio=False).key() != pre.key()
+    entry = next(e for e in entries if e.id == "syn00002")
+    arrays = StudyCache(tmp_path / "cache", pre).arrays(entry)
+    assert arrays["pixels"].shape[1] == 4
+
+
 def _row(name, p):
     return FindingRow(name=name, display=name, probability=p, present=p >= 0.5, uncertain=0.3 <= p <= 0.7)
 
@@ -265,6 +300,46 @@ def test_finding_prompt_in_the_pipeline_matches_the_report_findings(pipe, tmp_pa
     calls = [("cardiomegaly", "none", "unspecified"), ("nodule", nod.side, nod.location)]
     prompt = tok.tk.encode(finding_prompt(calls), add_special_tokens=False).ids
     assert prefixes[0] == [tok.bos_id, *prompt, tok.report_id]
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_consistency_veto_follows_the_findings_table(pipe, tmp_path, monkeypatch, on):
+    """consistent_with_calls: the decoder gets one CallsVeto per study, built from the findings
+    the report's table calls present, and the provenance says so and counts the refusals; off,
+    no veto is passed."""
+    import dataclasses
+
+    import torch
+
+    import app.pipeline as ap
+    from data.report_consistency import CallsVeto
+    from multimodal.model import ReportModel
+    from multimodal.presets import ModelConfig
+
+    called = ("cardiomegaly", "pleural_effusion")
+    cfg = ModelConfig.preset("tiny", vocab_size=pipe.tokenizer.vocab_size)
+    cfg.heads.decision_thresholds = tuple(0.0 if n in called else 1.0 for n in cfg.heads.finding_names)
+    torch.manual_seed(0)
+    ReportModel(cfg, tokenizer=pipe.tokenizer).save_pretrained(tmp_path / "m", pipe.tokenizer)
+    seen = {}
+    real = ap.generate
+
+    def spy(decoder, prefixes, *a, **kw):
+        seen["vetoes"] = kw.get("vetoes")
+        return real(decoder, prefixes, *a, **kw)
+
+    monkeypatch.setattr(ap, "generate", spy)
+    p = ReportPipeline.from_dir(tmp_path / "m", dataclasses.replace(CFG, evidence=False, consistent_with_calls=on))
+    rep = p.run(STUDIES / "syn00003")
+    gen = rep.provenance["generation"]
+    assert gen["consistent_with_calls"] is on
+    if not on:
+        assert seen["vetoes"] is None and "consistency_refusals" not in gen
+        return
+    (veto,) = seen["vetoes"]
+    assert isinstance(veto, CallsVeto)
+    assert veto.called == {f.name for f in rep.findings if f.present} == set(called)
+    assert gen["consistency_refusals"] == veto.refused >= 0
 
 
 def test_acquisition_line_in_the_pipeline_equals_the_training_one(pipe, tmp_path, monkeypatch):

@@ -568,6 +568,73 @@ def test_fact_weight_weights_the_report_tokens_that_state_history_facts(shared, 
     assert [tok.decode(ids[a:c]).strip().lower() for a, c in spans] == ["without intravenous contrast"] * 2
 
 
+def test_finding_sentence_spans_cover_exactly_the_sentences_that_state_a_present_finding(shared):
+    """finding_sentence_spans: in encode_report's ids, the findings and impression sentences the
+    labeller reads as stating a present finding (with their leading space), nothing negative,
+    nothing of another section, nothing for a finding the study does not have."""
+    from app.train_data import finding_sentence_spans
+    from data.tokenizer import ReportTokenizer
+
+    tok = ReportTokenizer.load(shared["tok"])
+    sections = {
+        "clinical_information": "Cardiomegaly on a prior radiograph.",
+        "technique": "CT of the chest.",
+        "findings": "Lungs and airways: The lungs are clear.\nPleura: There is a small right pleural effusion. "
+                    "No pneumothorax.\nHeart and mediastinum: Cardiomegaly. No pericardial effusion.",
+        "impression": "1. Cardiomegaly.\n2. Small right pleural effusion.",
+    }
+    ids = tok.encode_report(sections)
+    spans = finding_sentence_spans(tok, sections, {"cardiomegaly", "pleural_effusion"})
+    said = [tok.decode(ids[a:c]).strip() for a, c in spans]
+    assert said == ["There is a small right pleural effusion.", "Cardiomegaly.", "Cardiomegaly.",
+                    "Small right pleural effusion."]
+    assert all(0 < a < c <= len(ids) for a, c in spans)
+    assert [tok.decode(ids[a:c]).strip() for a, c in finding_sentence_spans(tok, sections, {"cardiomegaly"})] == \
+        ["Cardiomegaly.", "Cardiomegaly."]
+    assert finding_sentence_spans(tok, sections, set()) == []
+    assert finding_sentence_spans(tok, sections, {"nodule"}) == []
+
+
+def test_finding_weight_weights_the_finding_sentences_and_facts_keep_their_weight(shared, repo_root):
+    """model.finding_weight: the LM loss weight is finding_weight on the report sentences that
+    state one of the study's present findings, 1 elsewhere (facts keep fact_weight where both
+    apply); 1 leaves the batch unweighted."""
+    from app.train_data import finding_sentence_spans
+    from data.tokenizer import ReportTokenizer
+
+    tok = ReportTokenizer.load(shared["tok"])
+    entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "train"]
+    assert any(lab.present for e in entries for lab in e.labels)
+    mcfg = model_config(_cfg(shared, repo_root, "model.finding_weight=3"), tok.vocab_size)
+    ds = ReportDataset(entries, tok, mcfg, StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg, audio=False)),
+                       max_history_tokens=64, max_report_tokens=400)
+    exs = [ds[i] for i in range(len(ds))]
+    x = collate_examples(exs, tok.pad_id)
+    n_heavy = 0
+    for b, (e, ex) in enumerate(zip(entries, exs)):
+        present = {lab.finding for lab in e.labels if lab.present}
+        want = {ex.n_prefix + i for a, c in finding_sentence_spans(tok, e.sections, present) for i in range(a, c)}
+        heavy = set((x.lm_weights[b] == 3.0).nonzero()[:, 0].tolist())
+        assert heavy == want
+        n_heavy += len(heavy)
+        rest = [i for i in range(x.ids.shape[1]) if i not in heavy]
+        assert torch.all(x.lm_weights[b, rest] == 1)
+    assert n_heavy > 0
+    mcfg1 = model_config(_cfg(shared, repo_root), tok.vocab_size)
+    ds1 = ReportDataset(entries, tok, mcfg1, StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg1, audio=False)),
+                        max_history_tokens=64, max_report_tokens=400)
+    assert collate_examples([ds1[i] for i in range(len(ds1))], tok.pad_id).lm_weights is None
+    # with both weights on, a fact token keeps the fact weight
+    mcfg2 = model_config(_cfg(shared, repo_root, "model.finding_weight=3", "model.fact_weight=5"), tok.vocab_size)
+    ds2 = ReportDataset(entries, tok, mcfg2, StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg2, audio=False)),
+                        max_history_tokens=64, max_report_tokens=400)
+    exs2 = [ds2[i] for i in range(len(ds2))]
+    x2 = collate_examples(exs2, tok.pad_id)
+    for b, ex in enumerate(exs2):
+        for a, c in ex.fact_spans:
+            assert torch.all(x2.lm_weights[b, a:c] == 5.0)
+
+
 def test_balanced_localisation_loss_weighs_each_finding_equally():
     """'balanced': per finding, mean over its positive cells + mean over its negative cells, so a
     one-cell lesion counts as much as a large one; 'weighted' lets the large one dominate."""

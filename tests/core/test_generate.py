@@ -189,3 +189,33 @@ def test_complete_report_grammar():
     for strategy in ("beam", "sample"):  # every strategy goes through the same row constraints
         out = generate(_Prefs(), [[1]], None, None, GenerationConfig(**{**whole.__dict__, "strategy": strategy, "num_beams": 2, "seed": 0}))[0]
         assert 11 in out and out[-1] == 2 and 7 not in out[:out.index(11)] and out.index(11) < len(out) - 2, out
+
+
+def test_veto_refuses_continuations_under_every_strategy(dec):
+    """A veto (a function of the row's tokens, candidate last) refuses a continuation: greedy and
+    sampling take the next most likely token it lets through, beam search drops the refused
+    candidates; rows without a veto decode as before, and a veto that refuses everything never
+    blocks a row (the unconstrained choice is kept)."""
+    base = dict(max_new_tokens=6, eos_id=3, section_ids=[10, 11, 12])
+    # the scripted model prefers 12 > 11 > 10 > 3(EOS): refusing 12 makes greedy write 11, after
+    # which 10 is out of section order and 12 still refused, so EOS
+    no12 = lambda toks: toks[-1] == 12  # noqa: E731
+    assert generate(_Scripted(), [[1], [1]], None, None, GenerationConfig(**base), vetoes=[no12, None]) == [[11, 3], [12, 3]]
+    for strategy in ("beam", "sample"):
+        out = generate(_Scripted(), [[1]], None, None, GenerationConfig(**base, strategy=strategy, num_beams=2, seed=0),
+                       vetoes=[no12])[0]
+        assert 12 not in out and out[-1] == 3, (strategy, out)
+    everything = lambda toks: True  # noqa: E731
+    assert generate(_Scripted(), [[1]], None, None, GenerationConfig(**base), vetoes=[everything]) == [[12, 3]]
+    assert generate(_Scripted(), [[1]], None, None, GenerationConfig(**base, strategy="beam", num_beams=2),
+                    vetoes=[everything])[0][-1] == 3
+    # on a real decoder: a veto that refuses one token id keeps it out of every row it applies to
+    plain = generate(dec, PREFIXES, None, None, GenerationConfig(max_new_tokens=10))
+    banned = plain[0][0]
+    out = generate(dec, PREFIXES, None, None, GenerationConfig(max_new_tokens=10),
+                   vetoes=[lambda t: t[-1] == banned, None, None])
+    assert banned not in out[0] and out[1:] == plain[1:]
+    with pytest.raises(ValueError, match="one veto"):
+        generate(dec, PREFIXES, None, None, GenerationConfig(max_new_tokens=2), vetoes=[None])
+    with pytest.raises(ValueError, match="veto_topk"):
+        generate(dec, PREFIXES, None, None, GenerationConfig(max_new_tokens=2, veto_topk=0))

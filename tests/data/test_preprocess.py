@@ -4,7 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.preprocess import RADIOGRAPH_WINDOWS, WINDOWS, make_slabs, resample_volume, slab_ranges, window_stack
+from data.preprocess import (
+    MIP_RADIOGRAPH_WINDOW, RADIOGRAPH_WINDOWS, WINDOWS, _resize_hw, make_slabs, resample_volume, slab_ranges,
+    window_stack,
+)
 from data.study import Study
 
 
@@ -61,6 +64,42 @@ def test_make_slabs_mean_is_mean_not_mip():
     vol[1] = -600 - 750 + 900   # lung window value 0.6
     s = make_slabs(_study(vol), n_slabs=1, size_hw=(4, 4))
     np.testing.assert_allclose(s.pixels[0, 0], 0.4, atol=1e-6)
+
+
+def test_mip_channel_keeps_a_one_slice_nodule_that_the_mean_dilutes():
+    """mip_windows=("lung",): a 4th channel, the slab's maximum in the lung window. A solid
+    nodule on one slice of a 4-slice slab keeps its full contrast there and a quarter of it in
+    the mean channel; the three mean channels are unchanged."""
+    vol = np.full((8, 16, 16), -850.0, np.float32)   # aerated lung
+    vol[1, 7:9, 7:9] = 30.0                          # a small solid nodule on one slice
+    plain = make_slabs(_study(vol), n_slabs=2, size_hw=(16, 16))
+    s = make_slabs(_study(vol), n_slabs=2, size_hw=(16, 16), mip_windows=("lung",))
+    assert s.pixels.shape == (2, 4, 16, 16)
+    np.testing.assert_array_equal(s.pixels[:, :3], plain.pixels)
+    lung = lambda hu: (hu + 1350) / 1500
+    np.testing.assert_allclose(s.pixels[0, 3, 8, 8], lung(30.0), atol=1e-6)            # MIP: full contrast
+    np.testing.assert_allclose(s.pixels[0, 0, 8, 8], lung((30.0 - 3 * 850) / 4), atol=1e-6)  # mean: a quarter
+    np.testing.assert_allclose(s.pixels[1, 3], lung(-850.0), atol=1e-6)                # slab without it
+    two = make_slabs(_study(vol), n_slabs=2, size_hw=(16, 16), mip_windows=("lung", "bone"))
+    assert two.pixels.shape == (2, 5, 16, 16)
+    np.testing.assert_allclose(two.pixels[0, 4, 8, 8], (30.0 - 500 + 1000) / 2000, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown MIP window"):
+        make_slabs(_study(vol), n_slabs=2, size_hw=(16, 16), mip_windows=("soft",))
+
+
+def test_mip_channel_shrinks_by_block_maximum_and_radiographs_reuse_their_window():
+    img = np.zeros((1, 32, 32), np.float32)
+    img[0, 5, 9] = 1.0                               # one bright pixel
+    assert _resize_hw(img, (8, 8), reduce="max").max() == 1.0          # integer factor: block max
+    assert _resize_hw(img, (8, 8)).max() == pytest.approx(1 / 16)      # mean: diluted
+    assert _resize_hw(img, (10, 10), reduce="max").max() >= 0.99       # non-integer: max filter first
+    with pytest.raises(ValueError):
+        _resize_hw(img, (8, 8), reduce="median")
+    xr = _study(np.linspace(0, 1, 30 * 30).reshape(1, 30, 30), kind="radiograph")
+    r = make_slabs(xr, n_slabs=16, size_hw=(30, 30), mip_windows=("lung",))
+    assert r.pixels.shape == (1, 4, 30, 30)
+    assert MIP_RADIOGRAPH_WINDOW["lung"] == "full"
+    np.testing.assert_allclose(r.pixels[0, 3], r.pixels[0, list(RADIOGRAPH_WINDOWS).index("full")])
 
 
 def test_make_slabs_non_integer_resize_and_radiograph():

@@ -76,6 +76,23 @@ def test_no_image_in_batch_is_all_masked(image_encoder):
     assert not mask.any() and tok.abs().sum() == 0
 
 
+def test_mip_channels_widen_the_stem_and_in_chans_must_match():
+    """mip_windows adds input channels: the backbone's stem takes 3 + len(mip_windows); a config
+    whose in_chans disagrees is refused with the value to set."""
+    import dataclasses
+
+    cfg = dataclasses.replace(ImageEncoderConfig.preset("tiny"), mip_windows=("lung",), in_chans=4)
+    enc = ImageEncoder(cfg).eval()
+    stem = next(m for m in enc.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert stem.in_channels == 4
+    with torch.inference_mode():
+        tok, mask = enc(torch.rand(1, 2, 4, 64, 64), torch.ones(1, 2, dtype=torch.bool), torch.zeros(1, 2))
+    assert tok.shape[:2] == mask.shape and bool(mask.all()) and torch.isfinite(tok).all()
+    with pytest.raises(ValueError, match="set in_chans to 4"):
+        dataclasses.replace(ImageEncoderConfig.preset("tiny"), mip_windows=["lung"])
+    assert ImageEncoderConfig.preset("demo").mip_windows == () and ImageEncoderConfig.preset("demo").in_chans == 3
+
+
 def test_demo_preset_is_narrow_resnet50_layout():
     cfg = ImageEncoderConfig.preset("demo")
     enc = ImageEncoder(cfg)

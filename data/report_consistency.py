@@ -1,0 +1,67 @@
+"""A decoding veto that keeps a generated report consistent with its own findings table.
+
+The decoder reads the heads' calls ("Calls: cardiomegaly.") but, trained for under an hour on a
+CPU, it still writes the normal template for some organ systems: session 13's demo model wrote
+"The heart is normal in size." in 41 of the 41 test reports whose table said cardiomegaly (and put
+"Cardiomegaly." in the impression). :class:`CallsVeto` is passed to ``core.generate.generate`` as a
+per-study veto: while the report is in the Findings or Impression section, a continuation is
+refused when the sentence it is writing, read by the rule-based labeller
+(:mod:`data.labeler`), **denies a finding the table calls present** or **asserts one it does not
+call**. Uncertain mentions ("cannot exclude") and sentences without a finding pass. The decoder
+then takes its next most likely token; it writes the text, the veto only refuses. A veto never
+stops a report (the generator keeps the unconstrained token when every candidate is refused).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from data.labeler import label_sentence, split_sentences
+from data.report_format import SECTION_KEYS
+
+CHECKED_SECTIONS = ("findings", "impression")
+
+
+class CallsVeto:
+    """``veto(tokens) -> bool`` for one study; ``tokens`` are the generated report ids so far,
+    the candidate last. ``called``: the finding names the report's table calls present."""
+
+    def __init__(self, tokenizer, called: Iterable[str], sections: Iterable[str] = CHECKED_SECTIONS):
+        self.tok = tokenizer
+        self.called = frozenset(called)
+        self.section_of = {sid: key for key, sid in zip(SECTION_KEYS, tokenizer.section_ids)}
+        self.sections = frozenset(sections)
+        unknown = self.sections - set(SECTION_KEYS)
+        if unknown:
+            raise ValueError(f"unknown report section(s) {sorted(unknown)}; use names from {list(SECTION_KEYS)}")
+        self.refused = 0  # continuations refused so far (for the report's provenance)
+
+    def contradicts(self, sentence: str) -> bool:
+        """Whether ``sentence`` denies a called finding or asserts an uncalled one."""
+        for lab in label_sentence(sentence):
+            if lab.present is False and lab.finding in self.called:
+                return True
+            if lab.present is True and lab.finding not in self.called:
+                return True
+        return False
+
+    def current_sentence(self, tokens: list[int]) -> str | None:
+        """The sentence being written (text after the last sentence end of the current section),
+        or None outside the checked sections."""
+        start, section = None, None
+        for i in range(len(tokens) - 1, -1, -1):
+            if tokens[i] in self.section_of:
+                start, section = i + 1, self.section_of[tokens[i]]
+                break
+        if section not in self.sections:
+            return None
+        text = self.tok.decode(tokens[start:])
+        sentences = split_sentences(text)
+        return sentences[-1] if sentences else ""
+
+    def __call__(self, tokens: list[int]) -> bool:
+        sentence = self.current_sentence(tokens)
+        if not sentence:
+            return False
+        bad = self.contradicts(sentence)
+        self.refused += bad
+        return bad
