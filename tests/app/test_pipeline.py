@@ -259,10 +259,10 @@ def test_digest_counts_inside_the_history_budget(pipe, tmp_path):
     assert rep.provenance["input"]["history_tokens"] == 120
 
 
-def _run_prompt_model(pipe, tmp_path, monkeypatch, called: tuple[str, ...], **overrides):
-    """A tiny prompt model that calls exactly ``called``, served by the pipeline on the bundled
-    study syn00003 (no history: the prefix is [BOS] prompt [REPORT]) -> (report, config, the
-    decoder prefixes it was given)."""
+def _serve_calling(pipe, tmp_path, monkeypatch, called: tuple[str, ...], pipeline: dict | None = None, **overrides):
+    """A tiny model (``overrides`` on the tiny preset) that calls exactly ``called``, served by
+    the pipeline (``pipeline``: PipelineConfig overrides) on the bundled study syn00003 (no
+    history) -> (report, config, what the decoder's generate was given: prefixes and keywords)."""
     import dataclasses
 
     import torch
@@ -271,7 +271,7 @@ def _run_prompt_model(pipe, tmp_path, monkeypatch, called: tuple[str, ...], **ov
     from multimodal.model import ReportModel
     from multimodal.presets import ModelConfig
 
-    cfg = ModelConfig.preset("tiny", vocab_size=pipe.tokenizer.vocab_size, finding_prompt=True, **overrides)
+    cfg = ModelConfig.preset("tiny", vocab_size=pipe.tokenizer.vocab_size, **overrides)
     cfg.heads.decision_thresholds = tuple(0.0 if n in called else 1.0 for n in cfg.heads.finding_names)
     torch.manual_seed(0)
     ReportModel(cfg, tokenizer=pipe.tokenizer).save_pretrained(tmp_path / "m", pipe.tokenizer)
@@ -279,12 +279,19 @@ def _run_prompt_model(pipe, tmp_path, monkeypatch, called: tuple[str, ...], **ov
     real = ap.generate
 
     def spy(decoder, prefixes, *a, **kw):
-        seen["prefixes"] = prefixes
+        seen.update(prefixes=prefixes, **kw)
         return real(decoder, prefixes, *a, **kw)
 
     monkeypatch.setattr(ap, "generate", spy)
-    p = ReportPipeline.from_dir(tmp_path / "m", dataclasses.replace(CFG, evidence=False))
-    return p.run(STUDIES / "syn00003"), cfg, seen["prefixes"]
+    p = ReportPipeline.from_dir(tmp_path / "m", dataclasses.replace(CFG, evidence=False, **(pipeline or {})))
+    return p.run(STUDIES / "syn00003"), cfg, seen
+
+
+def _run_prompt_model(pipe, tmp_path, monkeypatch, called: tuple[str, ...], **overrides):
+    """A tiny prompt model that calls exactly ``called`` (the prefix is [BOS] prompt [REPORT])
+    -> (report, config, the decoder prefixes it was given)."""
+    rep, cfg, seen = _serve_calling(pipe, tmp_path, monkeypatch, called, finding_prompt=True, **overrides)
+    return rep, cfg, seen["prefixes"]
 
 
 def test_finding_prompt_in_the_pipeline_matches_the_report_findings(pipe, tmp_path, monkeypatch):
@@ -307,30 +314,10 @@ def test_consistency_veto_follows_the_findings_table(pipe, tmp_path, monkeypatch
     """consistent_with_calls: the decoder gets one CallsVeto per study, built from the findings
     the report's table calls present, and the provenance says so and counts the refusals; off,
     no veto is passed."""
-    import dataclasses
-
-    import torch
-
-    import app.pipeline as ap
     from data.report_consistency import CallsVeto
-    from multimodal.model import ReportModel
-    from multimodal.presets import ModelConfig
 
     called = ("cardiomegaly", "pleural_effusion")
-    cfg = ModelConfig.preset("tiny", vocab_size=pipe.tokenizer.vocab_size)
-    cfg.heads.decision_thresholds = tuple(0.0 if n in called else 1.0 for n in cfg.heads.finding_names)
-    torch.manual_seed(0)
-    ReportModel(cfg, tokenizer=pipe.tokenizer).save_pretrained(tmp_path / "m", pipe.tokenizer)
-    seen = {}
-    real = ap.generate
-
-    def spy(decoder, prefixes, *a, **kw):
-        seen["vetoes"] = kw.get("vetoes")
-        return real(decoder, prefixes, *a, **kw)
-
-    monkeypatch.setattr(ap, "generate", spy)
-    p = ReportPipeline.from_dir(tmp_path / "m", dataclasses.replace(CFG, evidence=False, consistent_with_calls=on))
-    rep = p.run(STUDIES / "syn00003")
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, called, pipeline={"consistent_with_calls": on})
     gen = rep.provenance["generation"]
     assert gen["consistent_with_calls"] is on
     if not on:

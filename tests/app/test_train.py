@@ -603,13 +603,17 @@ def test_finding_weight_weights_the_finding_sentences_and_facts_keep_their_weigh
     from data.tokenizer import ReportTokenizer
 
     tok = ReportTokenizer.load(shared["tok"])
+
+    def batch(*overrides):
+        mcfg = model_config(_cfg(shared, repo_root, *overrides), tok.vocab_size)
+        ds = ReportDataset(entries, tok, mcfg, StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg, audio=False)),
+                           max_history_tokens=64, max_report_tokens=400)
+        exs = [ds[i] for i in range(len(ds))]
+        return exs, collate_examples(exs, tok.pad_id)
+
     entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "train"]
     assert any(lab.present for e in entries for lab in e.labels)
-    mcfg = model_config(_cfg(shared, repo_root, "model.finding_weight=3"), tok.vocab_size)
-    ds = ReportDataset(entries, tok, mcfg, StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg, audio=False)),
-                       max_history_tokens=64, max_report_tokens=400)
-    exs = [ds[i] for i in range(len(ds))]
-    x = collate_examples(exs, tok.pad_id)
+    exs, x = batch("model.finding_weight=3")
     n_heavy = 0
     for b, (e, ex) in enumerate(zip(entries, exs)):
         present = {lab.finding for lab in e.labels if lab.present}
@@ -620,16 +624,9 @@ def test_finding_weight_weights_the_finding_sentences_and_facts_keep_their_weigh
         rest = [i for i in range(x.ids.shape[1]) if i not in heavy]
         assert torch.all(x.lm_weights[b, rest] == 1)
     assert n_heavy > 0
-    mcfg1 = model_config(_cfg(shared, repo_root), tok.vocab_size)
-    ds1 = ReportDataset(entries, tok, mcfg1, StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg1, audio=False)),
-                        max_history_tokens=64, max_report_tokens=400)
-    assert collate_examples([ds1[i] for i in range(len(ds1))], tok.pad_id).lm_weights is None
+    assert batch()[1].lm_weights is None
     # with both weights on, a fact token keeps the fact weight
-    mcfg2 = model_config(_cfg(shared, repo_root, "model.finding_weight=3", "model.fact_weight=5"), tok.vocab_size)
-    ds2 = ReportDataset(entries, tok, mcfg2, StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg2, audio=False)),
-                        max_history_tokens=64, max_report_tokens=400)
-    exs2 = [ds2[i] for i in range(len(ds2))]
-    x2 = collate_examples(exs2, tok.pad_id)
+    exs2, x2 = batch("model.finding_weight=3", "model.fact_weight=5")
     for b, ex in enumerate(exs2):
         for a, c in ex.fact_spans:
             assert torch.all(x2.lm_weights[b, a:c] == 5.0)
