@@ -414,8 +414,8 @@ def test_finding_prompt_from_the_heads_calls_goes_before_report(monkeypatch):
     m = ReportModel(cfg, tokenizer=tok).eval()
     seen = {}
 
-    def spy(decoder, prefixes, ctx, cmask, gen, copy_spans=None):
-        seen.update(prefixes=prefixes, spans=copy_spans)
+    def spy(decoder, prefixes, ctx, cmask, gen, copy_spans=None, vetoes=None):
+        seen.update(prefixes=prefixes, spans=copy_spans, vetoes=vetoes)
         return [[tok.eos_id] for _ in prefixes]
 
     monkeypatch.setattr(mm, "generate", spy)
@@ -428,4 +428,9 @@ def test_finding_prompt_from_the_heads_calls_goes_before_report(monkeypatch):
     for b, h in enumerate(hist):
         assert seen["prefixes"][b] == [tok.bos_id, *h, *prompt, tok.report_id]
         assert seen["spans"][b] == (1 + len(h), 1 + len(h) + len(prompt))  # no digest: the prompt alone
+    assert seen["vetoes"] is None
+    # vetoes_for: one veto per study, made from the names the heads call (here cardiomegaly)
+    m.generate_report(x, prefixes, GenerationConfig(max_new_tokens=2, eos_id=tok.eos_id), evidence=False,
+                      vetoes_for=lambda names: ("veto", tuple(names)))
+    assert seen["vetoes"] == [("veto", ("cardiomegaly",))] * 2
     assert tok.decode(prompt).strip() == "Calls: cardiomegaly."
