@@ -1152,17 +1152,17 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         return len(e.history_text or "")
 
     entries = sorted(entries, key=_hist_size)
+    vetoes_for = None  # one findings-table veto per study, from its calls (consistent_with_calls)
+    if consistent_with_calls:
+        from data.report_consistency import CallsVeto
+
+        vetoes_for = lambda names: CallsVeto(tok, names)  # noqa: E731
     thr_k = dict(zip(names, model.cfg.heads.thresholds()))
     t0 = time.perf_counter()
     for a in range(0, len(entries), batch_size):
         chunk = entries[a: a + batch_size]
         studies = [ds.study_inputs(e) for e in chunk]
         prefixes = [[tok.bos_id, *(s.history_ids or []), tok.report_id] for s in studies]
-        vetoes_for = None
-        if consistent_with_calls:
-            from data.report_consistency import CallsVeto
-
-            vetoes_for = lambda names: CallsVeto(tok, names)  # noqa: E731
         preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False, vetoes_for=vetoes_for)
         for e, p in zip(chunk, preds):
             hyp[e.id] = format_report(tok.decode_report(p.token_ids))
