@@ -49,8 +49,8 @@ import torch.distributed as dist
 from torch import nn
 
 from app.train_data import (
-    PreprocessConfig, ReportDataset, StudyCache, TrainDataError, collate_examples, history_text,
-    load_manifest_for_training,
+    PreprocessConfig, ReportDataset, StudyCache, TrainDataError, call_feature_masks, collate_examples,
+    history_text, load_manifest_for_training,
 )
 from data.errors import MedreportError
 from multimodal.model import ModelInputs, ReportModel, decoder_losses
@@ -101,6 +101,9 @@ class StageConfig:
     name: str = "joint"
     steps: int = 100  # optimizer steps
     train: tuple[str, ...] = ("all",)  # parameter-name prefixes to train ("all" = every parameter)
+    # Prefixes kept frozen although ``train`` matches them (e.g. ["heads.where_"]: a later stage
+    # trains those alone, and the stages before it stay what they were without them).
+    freeze: tuple[str, ...] = ()
     lm: bool = True  # decoder LM loss on (False: finding-head loss only, decoder not run)
     cache_encoders: bool = False  # frozen image/audio encoders: compute their tokens once per study
     lr: float | None = None  # None = optim.lr
@@ -460,8 +463,9 @@ class TrainStep(nn.Module):
         return losses
 
 
-def set_trainable(model: ReportModel, prefixes: Sequence[str]) -> list[nn.Parameter]:
-    """requires_grad on parameters whose name starts with one of ``prefixes`` ("all" = every one)."""
+def set_trainable(model: ReportModel, prefixes: Sequence[str], freeze: Sequence[str] = ()) -> list[nn.Parameter]:
+    """requires_grad on parameters whose name starts with one of ``prefixes`` ("all" = every one)
+    and with none of ``freeze``."""
     train_all = "all" in prefixes
     names = [n for n, _ in model.named_parameters()]
     unknown = [p for p in prefixes if p != "all" and not any(n.startswith(p) for n in names)]
@@ -470,7 +474,8 @@ def set_trainable(model: ReportModel, prefixes: Sequence[str]) -> list[nn.Parame
         raise ConfigError(f"stage trains {unknown}, which match no parameter; top-level modules: {', '.join(tops)}")
     out = []
     for n, p in model.named_parameters():
-        p.requires_grad_(train_all or any(n.startswith(q) for q in prefixes))
+        p.requires_grad_((train_all or any(n.startswith(q) for q in prefixes))
+                         and not any(n.startswith(q) for q in freeze))
         if p.requires_grad:
             out.append(p)
     return out
@@ -850,6 +855,13 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     mcfg = model_config(cfg, tok.vocab_size)
+    if mcfg.heads.finding_context and not (mcfg.heads.call_sides or mcfg.heads.call_locations):
+        train_entries = [e for e in entries if e.split == "train"]
+        mcfg.heads.call_sides, mcfg.heads.call_locations = call_feature_masks(
+            train_entries, mcfg.heads.finding_names, mcfg.heads.locations)
+        log.info("finding-context features from the training labels: no side for %s; no location for %s",
+                 ", ".join(n for n, m in zip(mcfg.heads.finding_names, mcfg.heads.call_sides) if not m) or "none",
+                 ", ".join(n for n, m in zip(mcfg.heads.finding_names, mcfg.heads.call_locations) if not m) or "none")
     if ckpt is not None:
         model = ReportModel.from_pretrained(ckpt)
         model.cfg.decoder.grad_checkpoint = mcfg.decoder.grad_checkpoint
@@ -914,7 +926,7 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
         stage = cfg.stages[i]
         if i != stage_idx:  # enter a stage: trainable set, optimizer, scheduler, DDP wrapper
             stage_idx = i
-            params = set_trainable(model, stage.train)
+            params = set_trainable(model, stage.train, stage.freeze)
             lr = stage.lr if stage.lr is not None else cfg.optim.lr
             opt = make_optimizer(params, model, cfg.optim, lr, stage.lr_scale)
             warm, n = cfg.optim.warmup_steps, stage.steps

@@ -308,6 +308,25 @@ def finding_targets(labels, finding_names: Sequence[str], locations: Sequence[st
     return present, side, loc
 
 
+def call_feature_masks(entries, finding_names: Sequence[str], locations: Sequence[str],
+                       min_share: float = 0.5) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
+    """(call_sides, call_locations) for ``HeadsConfig``: per finding, whether at least ``min_share``
+    of its present labels in ``entries`` carry a side / a location the heads know, i.e. whether the
+    training context (built from labels) has that one-hot for it. A finding never present counts
+    as carrying both (the heads' calls decide)."""
+    K = len(finding_names)
+    n, with_side, with_loc = np.zeros(K), np.zeros(K), np.zeros(K)
+    for e in entries:
+        present, side, loc = finding_targets(e.labels, finding_names, locations)
+        on = present == 1
+        n += on
+        with_side += on & (side >= 0)
+        with_loc += on & (loc >= 0)
+    sides = tuple(bool(c == 0 or s >= min_share * c) for s, c in zip(with_side, n))
+    locs = tuple(bool(c == 0 or s >= min_share * c) for s, c in zip(with_loc, n))
+    return sides, locs
+
+
 def fact_spans(tok, report_ids: Sequence[int], phrases: Sequence[str]) -> list[tuple[int, int]]:
     """``[start, end)`` positions in ``report_ids`` of each phrase (every occurrence), matched as
     token sequences: the phrase after a space (mid-sentence) and capitalised (at a section or

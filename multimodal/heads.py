@@ -60,6 +60,15 @@ class HeadsConfig:
     # learns from a clean signal how the calls map to the text; at inference the context always
     # comes from the heads, so the report says what the findings table says.
     context_teacher: float = 0.0
+    # Which findings' context tokens carry a side / a location (per finding, finding_names order;
+    # empty = all). Training builds the context from labels, and a finding whose labels carry no
+    # side (cardiomegaly, hiatal hernia) or no location (pleural effusion) has zeros there; the
+    # heads' calls always have an argmax side and location, so without these masks the decoder
+    # read, at inference, a token it never saw in training for every such finding called present
+    # (session 15: the heart line then ignored a called cardiomegaly). ``medreport train`` fills
+    # them from the training labels (app.train_data.call_feature_masks).
+    call_sides: tuple[bool, ...] = ()
+    call_locations: tuple[bool, ...] = ()
     # Weight of a per-image-token localisation loss (0 = off): with data that knows where each
     # lesion is (the synthetic manifest's lesion centres and radii), every image token gets a
     # finding target, a much denser signal for the image encoder than one label per study.
@@ -89,6 +98,17 @@ class HeadsConfig:
     # negative cells, so a finding that covers 0.1 % of the cells pulls as hard as one covering
     # 10 % (rare, small lesions otherwise hardly move the encoder).
     localisation_loss: str = "weighted"
+    # Side and location from where the finding is in the image ("where" heads; needs
+    # token_presence): each finding's own token logits weight the image tokens (a softmax over the
+    # study's tokens, sharpness ``where_sharpness``), and the weighted mean of the tokens' positions
+    # (in-plane cell column and row one-hot, slab height as ``where_z_bins`` soft bins from the
+    # first to the last slab) feeds a per-finding linear map to side and location logits, added to
+    # the trunk's. Session 15: the trunk's side and location, read from the pooled fused tokens,
+    # had collapsed to one answer per finding (val: nodule lobe 23 of 107, pleural effusion side 8
+    # of 37), so the calls, the prompt and the text named the wrong lobe and side.
+    where_from_tokens: bool = False
+    where_sharpness: float = 1.0
+    where_z_bins: int = 5
     # Operating points: a finding is called present when its calibrated probability reaches its
     # threshold (same order as finding_names; empty = 0.5 for all). Chosen on the validation split
     # after training (fit_decision_thresholds); the probabilities themselves are not changed.
@@ -175,7 +195,7 @@ class FindingHeads(nn.Module):
     """
 
     def __init__(self, cfg: HeadsConfig, dim: int, image_dim: int | None = None,
-                 dense_channels: tuple[int, ...] = ()):
+                 dense_channels: tuple[int, ...] = (), grid: int | None = None):
         super().__init__()
         if cfg.num_findings == 0:
             raise ValueError("HeadsConfig.finding_names is empty: give the finding vocabulary")
@@ -192,6 +212,15 @@ class FindingHeads(nn.Module):
             self.token_logits = nn.Linear(image_dim, K)  # image token [D_img] -> K finding logits
         if cfg.token_presence:
             self.token_scale = nn.Parameter(torch.ones(K))
+        self.grid = grid
+        if cfg.where_from_tokens:
+            if not cfg.token_presence or grid is None:
+                raise ValueError("heads.where_from_tokens reads the per-token finding logits: it needs "
+                                 "heads.token_presence and the image grid (ReportModel passes it)")
+            P = 2 * grid + cfg.where_z_bins
+            # per finding: position descriptor [P] -> side / location logits; zero = the trunk's alone
+            self.where_side = nn.Parameter(torch.zeros(K, P, len(SIDES)))
+            self.where_location = nn.Parameter(torch.zeros(K, P, L))
         if cfg.dense_loss_weight > 0:
             if len(dense_channels) != len(cfg.dense_stages):
                 raise ValueError(f"dense_loss_weight needs the channels of the {len(cfg.dense_stages)} dense_stages: "
@@ -255,10 +284,22 @@ class FindingHeads(nn.Module):
         loc_BK = labels.location_BK if labels.location_BK is not None else unknown
         return self._one_hot_features(present_BK, side_BK.to(present_BK.device), loc_BK.to(present_BK.device))
 
+    def _feature_mask(self, mask: tuple[bool, ...], what: str, ref: torch.Tensor) -> torch.Tensor:
+        """[K, 1] 1 where a finding's context carries its ``what`` (HeadsConfig.call_sides / call_locations)."""
+        K = self.cfg.num_findings
+        if not mask:
+            return torch.ones(K, 1, dtype=torch.float32, device=ref.device)
+        if len(mask) != K:
+            raise ValueError(f"heads.call_{what} has {len(mask)} entries for {K} findings; "
+                             "leave it empty or give one per finding (finding_names order)")
+        return torch.tensor(mask, dtype=torch.float32, device=ref.device)[:, None]
+
     def _one_hot_features(self, present_BK: torch.Tensor, side_BK: torch.Tensor, loc_BK: torch.Tensor) -> torch.Tensor:
         L = len(self.cfg.locations)
         side_BK4 = F.one_hot(side_BK.clamp_min(0), len(SIDES)).float() * (side_BK >= 0)[..., None]  # [B, K, 4]
         loc_BKL = F.one_hot(loc_BK.clamp_min(0), L).float() * (loc_BK >= 0)[..., None]  # [B, K, L]
+        side_BK4 = side_BK4 * self._feature_mask(self.cfg.call_sides, "sides", side_BK4)  # findings without a side: 0
+        loc_BKL = loc_BKL * self._feature_mask(self.cfg.call_locations, "locations", loc_BKL)
         p_BK1 = present_BK[..., None]  # [B, K, 1]
         return torch.cat([p_BK1, side_BK4 * p_BK1, loc_BKL * p_BK1], -1)  # [B, K, 1+4+L]
 
@@ -272,6 +313,34 @@ class FindingHeads(nn.Module):
         n_B1 = m_BN1.sum(1).clamp_min(1).float()  # [B, 1]
         pooled_BK = (lse_BK - n_B1.log()) / r
         return torch.where(m_BN1.any(1), pooled_BK, torch.zeros_like(pooled_BK))
+
+    def token_positions(self, mask_BN: torch.Tensor) -> torch.Tensor:
+        """[B, N, P] where each image token is: its cell's column and row one-hot (G each) and its
+        slab's height among the study's valid slabs as soft bins (``where_z_bins``). Tokens are laid
+        out slab by slab, G*G cells per slab in row-major order (``ImageEncoder.tokens_from_features``)."""
+        G, nb = self.grid, self.cfg.where_z_bins
+        B, N = mask_BN.shape
+        S = N // (G * G)
+        cell = torch.arange(G * G, device=mask_BN.device)
+        xy_CP = torch.cat([F.one_hot(cell % G, G), F.one_hot(cell // G, G)], -1).float()  # [G*G, 2G]
+        valid_BS = mask_BN.view(B, S, G * G)[..., 0].float()  # [B, S]
+        rank_BS = valid_BS.cumsum(1) - 1  # the slab's index among the valid ones
+        z_BS = rank_BS / (valid_BS.sum(1, keepdim=True) - 1).clamp_min(1)  # 0 first slab .. 1 last
+        centres = torch.linspace(0, 1, nb, device=mask_BN.device)
+        zb_BSZ = torch.exp(-(((z_BS[..., None] - centres) * max(nb - 1, 1)) ** 2))  # [B, S, nb]
+        zb_BSZ = zb_BSZ / zb_BSZ.sum(-1, keepdim=True)
+        pos = torch.cat([xy_CP.expand(B, S, -1, -1), zb_BSZ[:, :, None, :].expand(-1, -1, G * G, -1)], -1)
+        return pos.reshape(B, N, -1)  # [B, S*G*G, 2G+nb]
+
+    def where_logits(self, tokens_BND: torch.Tensor, mask_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Side [B, K, 4] and location [B, K, L] logits from where each finding's token logits point."""
+        m_BN1 = mask_BN.bool()[..., None]  # [B, N, 1]
+        lg_BNK = self.token_logits(tokens_BND).float().masked_fill(~m_BN1, float("-inf"))  # [B, N, K]
+        w_BNK = torch.softmax(self.cfg.where_sharpness * lg_BNK, 1).nan_to_num(0.0)  # per finding over tokens
+        desc_BKP = torch.einsum("bnk,bnp->bkp", w_BNK, self.token_positions(mask_BN))  # [B, K, P]
+        side_BK4 = torch.einsum("bkp,kps->bks", desc_BKP, self.where_side)
+        loc_BKL = torch.einsum("bkp,kpl->bkl", desc_BKP, self.where_location)
+        return side_BK4, loc_BKL
 
     def forward(self, fused_BFD: torch.Tensor, mask_BF: torch.Tensor,
                 image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> HeadsOutput:
@@ -288,12 +357,12 @@ class FindingHeads(nn.Module):
         if self.cfg.token_presence and image_tokens is not None:
             pooled_BK = self.pooled_token_logits(*image_tokens).to(presence_BK.dtype)
             presence_BK = presence_BK + self.token_scale * pooled_BK
-        return HeadsOutput(
-            presence_BK,
-            self.side(h).view(B, K, len(SIDES)),
-            self.location(h).view(B, K, -1),
-            self.temperature,
-        )
+        side_BK4 = self.side(h).view(B, K, len(SIDES))
+        loc_BKL = self.location(h).view(B, K, -1)
+        if self.cfg.where_from_tokens and image_tokens is not None:
+            w_side, w_loc = self.where_logits(*image_tokens)
+            side_BK4, loc_BKL = side_BK4 + w_side.to(side_BK4.dtype), loc_BKL + w_loc.to(loc_BKL.dtype)
+        return HeadsOutput(presence_BK, side_BK4, loc_BKL, self.temperature)
 
 
 def heads_loss(out: HeadsOutput, labels: FindingLabels, cfg: HeadsConfig) -> dict[str, torch.Tensor]:

@@ -321,7 +321,7 @@ class ReportModel(nn.Module):
         self.fusion = Fusion(cfg.fusion, cfg.image.dim, cfg.audio.dim, d_dec, d_dec)
         dense_ch = tuple(self.image_encoder.stage_channels(i) for i in cfg.heads.dense_stages) \
             if cfg.heads.dense_loss_weight > 0 else ()
-        self.heads = FindingHeads(cfg.heads, d_dec, cfg.image.dim, dense_ch)
+        self.heads = FindingHeads(cfg.heads, d_dec, cfg.image.dim, dense_ch, grid=cfg.image.grid)
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
 
@@ -389,6 +389,12 @@ class ReportModel(nn.Module):
             return fused_BFD, mask_BF
         extra = extra.to(fused_BFD.dtype)
         ones = torch.ones(extra.shape[:2], dtype=mask_BF.dtype, device=mask_BF.device)  # [B, K]
+        p = self.cfg.context_dropout
+        if self.training and p > 0 and labels is not None:
+            # Training only: these studies' decoder sees the finding tokens alone (and the prompt),
+            # so the text must be written from the calls (ModelConfig.context_dropout).
+            keep_B1 = torch.rand(mask_BF.shape[0], 1, device=mask_BF.device) >= p  # [B, 1]
+            mask_BF = mask_BF & keep_B1
         return torch.cat([fused_BFD, extra], 1), torch.cat([mask_BF, ones], 1)
 
     # -- training
@@ -632,6 +638,11 @@ class ReportModel(nn.Module):
         _check_safetensors(weights)
         model = cls(cfg)
         model.load_weights(d, device)
+        h = cfg.heads
+        if h.finding_context and h.context_mode == "calls" and not (h.call_sides or h.call_locations):
+            log.warning("%s: its finding context gives every called finding a side and a location, which "
+                        "training gave only some (heads.call_sides / call_locations are not set); run "
+                        "`medreport calibrate --model %s --manifest <labelled studies>` to set them", d.name, d)
         if (d / TOKENIZER_DIR).is_dir():
             from data.tokenizer import ReportTokenizer  # data helper's JSON tokenizer
 

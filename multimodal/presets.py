@@ -78,6 +78,12 @@ class ModelConfig:
     # decoder does not learn to lean on the calls alone: session 10's model carried a known cancer
     # into 23 % of its reports, an image-blind decoder trained the same way into 71 %. 0 = off.
     finding_prompt_dropout: float = 0.0
+    # Training only: the share of studies whose decoder cross-attends to the finding-context tokens
+    # alone, its fused image / audio / history tokens masked out (needs heads.finding_context).
+    # Session 15 found the decoder's organ-system lines blind to the calls (changing a study's
+    # calls left them unchanged) and read from the fused tokens instead; here they are the only
+    # way to the findings for this share of studies. 0 = off.
+    context_dropout: float = 0.0
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = DEFAULT_VOCAB_SIZE, **overrides) -> "ModelConfig":
@@ -112,7 +118,7 @@ class ModelConfig:
             decoder=_decoder_from_dict(d.get("decoder", {})),
             heads=build(HeadsConfig, d.get("heads", {})),
             **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "copy_weight", "copy_ngram", "fact_weight", "finding_weight", "name", "use_image", "use_audio",
-                                      "history_digest_words", "finding_prompt", "acquisition_prompt", "finding_prompt_dropout") if k in d},
+                                      "history_digest_words", "finding_prompt", "acquisition_prompt", "finding_prompt_dropout", "context_dropout") if k in d},
         )
 
 

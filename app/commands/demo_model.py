@@ -249,7 +249,8 @@ Synthetic demo-size studies in `{args.dataset}`: {splits.get("train", 0)} train,
 
 ## Training
 Command: `{cmd}` (recipe `{args.config}`, seed {cfg.seed}, preset `{cfg.preset}`, model overrides
-`{json.dumps(cfg.model)}`). Stages: {", ".join(f"{s.name} ({s.steps} steps, trains {'+'.join(s.train)}, "
+`{json.dumps(cfg.model)}`). Stages: {", ".join(f"{s.name} ({s.steps} steps, trains {'+'.join(s.train)}"
+f"{' except ' + '+'.join(s.freeze) if s.freeze else ''}, "
 f"{'LM + finding loss' if s.lm else 'finding loss'}, lr {s.lr if s.lr is not None else cfg.optim.lr:g}"
 f"{''.join(f', {f:g}x for {p}' for p, f in s.lr_scale)})" for s in cfg.stages)}. History length curriculum
 {[list(x) for x in cfg.data.history_curriculum]} (share of a stage's steps, max tokens; crop `{cfg.data.history_crop}`).

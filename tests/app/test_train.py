@@ -740,6 +740,25 @@ def test_stage_lr_scale_gives_module_groups_their_own_lr():
         load_config(preset="tiny", overrides=['stages=[{"steps": 2, "lr_scale": [["image_encoder", -1]]}]'])
 
 
+def test_stage_freeze_keeps_matched_parameters_frozen():
+    """stages[].freeze: prefixes left frozen although ``train`` matches them (the demo recipe keeps
+    the where heads out of its first two stages and trains them alone in the third)."""
+    from app.train import set_trainable
+    from multimodal.presets import ModelConfig
+
+    cfg = load_config(preset="tiny", overrides=['stages=[{"steps": 2, "train": ["heads"], "freeze": ["heads.where_"]}]'])
+    assert cfg.stages[0].freeze == ("heads.where_",)
+    mc = ModelConfig.preset("tiny", vocab_size=64)
+    mc.heads.token_presence = mc.heads.where_from_tokens = True
+    m = ReportModel(mc)
+    params = {id(p) for p in set_trainable(m, cfg.stages[0].train, cfg.stages[0].freeze)}
+    names = {n for n, p in m.named_parameters() if id(p) in params}
+    assert names and all(n.startswith("heads.") and not n.startswith("heads.where_") for n in names)
+    assert "heads.side.weight" in names and not m.heads.where_side.requires_grad
+    only = {n for n, p in m.named_parameters() if id(p) in {id(q) for q in set_trainable(m, ["heads.where_"])}}
+    assert only == {"heads.where_side", "heads.where_location"}
+
+
 def test_dataset_builds_dense_targets_on_the_finest_stage_grid():
     from app.train_data import dense_grid
     from data.datasets import read_manifest
@@ -760,3 +779,54 @@ def test_dataset_builds_dense_targets_on_the_finest_stage_grid():
     assert batch.dense_targets.shape == (2, batch.slab_mask.shape[1], G, G, K)
     assert batch.dense_targets.sum() > 0 and batch.dense_targets[~batch.slab_mask].sum() == 0
     assert batch.token_targets is None  # the token loss is its own switch
+
+
+def test_call_feature_masks_follow_what_the_training_labels_carry(shared, repo_root, tmp_path, caplog):
+    """app.train_data.call_feature_masks: a finding's context carries a side / location when most
+    of its present training labels do; ``medreport train`` writes them into the model's config
+    when the finding context is on, so inference builds the context the decoder was trained on."""
+    from types import SimpleNamespace
+
+    from app.train_data import call_feature_masks
+    from multimodal.heads import HeadsConfig
+
+    h = HeadsConfig()
+    names = h.finding_names
+
+    def lab(finding, side=None, location=None, present=True):
+        return SimpleNamespace(finding=finding, present=present, side=side, location=location, attributes={})
+
+    entries = [SimpleNamespace(labels=[lab("cardiomegaly"), lab("nodule", "right", "right lower lobe"),
+                                       lab("pleural_effusion", "left")]),
+               SimpleNamespace(labels=[lab("cardiomegaly"), lab("lymphadenopathy", None, "subcarinal"),
+                                       lab("pleural_effusion", "right"), lab("nodule", present=False)]),
+               SimpleNamespace(labels=[lab("lymphadenopathy", "right", "right hilar")])]
+    sides, locs = call_feature_masks(entries, names, h.locations)
+    by = lambda m: {n for n, v in zip(names, m) if not v}  # noqa: E731
+    assert by(sides) == {"cardiomegaly"}  # lymph nodes: 1 of 2 with a side reaches the 0.5 share
+    assert by(locs) == {"cardiomegaly", "pleural_effusion"}  # never-present findings keep both
+    assert by(call_feature_masks(entries, names, h.locations, min_share=0.75)[0]) == {"cardiomegaly", "lymphadenopathy"}
+    # training fills them (finding context on), from the train split's labels
+    cfg = _cfg(shared, repo_root, "stages.0.steps=1", "model.heads.finding_context=true", "model.heads.context_mode=calls")
+    final = train(shared["manifest"], tmp_path / "run", cfg, progress=False)
+    m = ReportModel.from_pretrained(final)
+    train_entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "train"]
+    assert (m.cfg.heads.call_sides, m.cfg.heads.call_locations) == call_feature_masks(train_entries, names, h.locations)
+    assert len(m.cfg.heads.call_sides) == len(names)
+    # a model saved before the masks existed gets them from `medreport calibrate`'s labelled studies
+    import shutil
+
+    from app.cli import main
+
+    old = tmp_path / "old"
+    shutil.copytree(final, old)
+    conf = json.loads((old / "config.json").read_text())
+    conf["config"]["heads"].pop("call_sides"), conf["config"]["heads"].pop("call_locations")
+    (old / "config.json").write_text(json.dumps(conf))
+    assert ReportModel.from_pretrained(old).cfg.heads.call_sides == ()
+    assert "medreport calibrate" in caplog.text  # loading it says how to fix it
+    assert main(["calibrate", "--model", str(old), "--manifest", str(shared["manifest"]),
+                 "--cache-dir", str(shared["cache"]), "--max-history-tokens", "64"]) == 0
+    val_entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "val"]
+    c = ReportModel.from_pretrained(old).cfg.heads
+    assert (c.call_sides, c.call_locations) == call_feature_masks(val_entries, names, h.locations)

@@ -286,3 +286,70 @@ def test_operating_beta_weighs_recall():
     assert cfg.heads.operating_beta == 1.0
     cfg.heads.operating_beta = 2.0
     assert ModelConfig.from_dict(cfg.to_dict()).heads.operating_beta == 2.0
+
+
+def test_where_heads_read_side_and_location_from_where_the_finding_tokens_are():
+    """heads.where_from_tokens: token positions follow the encoder's layout (slab by slab, G x G
+    cells row-major; slab height among the valid slabs); at zero init side and location are the
+    trunk's alone; trained on the side / location losses only, the where maps learn a side from
+    the lesion token's column and a location from its slab height, which the pooled fused tokens
+    (all alike here) cannot give."""
+    from multimodal.heads import SIDES
+
+    torch.manual_seed(0)
+    G, S, D = 4, 6, 16
+    cfg = HeadsConfig(token_presence=True, where_from_tokens=True)
+    with pytest.raises(ValueError, match="where_from_tokens"):
+        FindingHeads(cfg, 32, image_dim=D)  # no grid
+    heads = FindingHeads(cfg, 32, image_dim=D, grid=G)
+    K, L = cfg.num_findings, len(cfg.locations)
+    k = cfg.finding_names.index("nodule")
+    # positions: column / row one-hot of the cell, height bins over the valid slabs only
+    mask = torch.zeros(2, S * G * G, dtype=torch.bool)
+    mask[0, : 4 * G * G] = True  # 4 valid slabs, then padding
+    mask[1] = True
+    pos = heads.token_positions(mask)
+    assert pos.shape == (2, S * G * G, 2 * G + cfg.where_z_bins)
+    t = 2 * G * G + 1 * G + 3  # slab 2, row 1, column 3
+    assert pos[0, t, :G].argmax() == 3 and pos[0, t, G:2 * G].argmax() == 1
+    assert pos[0, 0, 2 * G:].argmax() == 0 and pos[0, 3 * G * G, 2 * G:].argmax() == cfg.where_z_bins - 1  # last valid slab
+    torch.testing.assert_close(pos[..., 2 * G:].sum(-1), torch.ones(2, S * G * G))
+    # a study: one lesion token (feature 0 high), fused tokens identical for every study
+    with torch.no_grad():
+        heads.token_logits.weight.zero_()
+        heads.token_logits.weight[k, 0] = 1.0
+    fused, fmask = torch.zeros(1, 3, 32), torch.ones(1, 3, dtype=torch.bool)
+    right, left = SIDES.index("right"), SIDES.index("left")
+    lobes = [cfg.locations.index(x) for x in ("right upper lobe", "right lower lobe")]
+
+    def batch(n):
+        col = torch.randint(0, G, (n,))
+        slab = torch.randint(0, S, (n,))
+        tok = torch.randn(n, S * G * G, D) * 0.1
+        tok[torch.arange(n), slab * G * G + 2 * G + col, 0] = 8.0  # row 2
+        side = torch.where(col < G // 2, right, left)  # image columns 0-1 are the patient's right
+        loc = torch.tensor(lobes)[(slab >= S // 2).long()]  # upper slabs first
+        lab = FindingLabels(torch.zeros(n, K), torch.full((n, K), -100), torch.full((n, K), -100))
+        lab.present_BK[:, k], lab.side_BK[:, k], lab.location_BK[:, k] = 1.0, side, loc
+        return tok, torch.ones(n, S * G * G, dtype=torch.bool), lab
+
+    tok, tmask, lab = batch(64)
+    trunk_only = heads(fused.expand(64, -1, -1), fmask.expand(64, -1), (tok, tmask))
+    side0 = heads.side(heads.trunk(torch.zeros(1, 64)))  # the same for every study
+    torch.testing.assert_close(trunk_only.side_logits_BK4[:, k], side0.view(K, -1)[k].expand(64, -1), atol=1e-5, rtol=0)
+    opt = torch.optim.Adam([heads.where_side, heads.where_location], lr=0.05)
+    for _ in range(150):
+        tok, tmask, lab = batch(32)
+        out = heads(fused.expand(32, -1, -1), fmask.expand(32, -1), (tok, tmask))
+        loss = heads_loss(out, lab, cfg)
+        opt.zero_grad()
+        (loss["side"] + loss["location"]).backward()
+        opt.step()
+    tok, tmask, lab = batch(200)
+    with torch.no_grad():
+        out = heads(fused.expand(200, -1, -1), fmask.expand(200, -1), (tok, tmask))
+    assert (out.side_logits_BK4[:, k].argmax(-1) == lab.side_BK[:, k]).float().mean() > 0.95
+    assert (out.location_logits_BKL[:, k].argmax(-1) == lab.location_BK[:, k]).float().mean() > 0.9
+    # no image tokens at all: nothing added
+    none = heads(fused, fmask, (tok[:1], torch.zeros(1, S * G * G, dtype=torch.bool)))
+    torch.testing.assert_close(none.side_logits_BK4, heads(fused, fmask).side_logits_BK4)

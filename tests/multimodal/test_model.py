@@ -395,6 +395,88 @@ def test_finding_context_calls_mode_reads_calls_and_teacher_labels():
         m.decoder_context(fused, mask, heads_with(0.9), labels)
 
 
+def test_call_features_match_the_label_features_of_findings_without_a_side_or_location():
+    """heads.call_sides / call_locations: a finding whose training labels carry no side
+    (cardiomegaly) or no location (pleural effusion) is trained on a context with zeros there, so
+    its call at inference must read the same, whatever the side and location heads argmax to.
+    Without the masks the called context differs from every context seen in training (session 15:
+    the decoder then ignored a called cardiomegaly)."""
+    from multimodal.heads import SIDES, FindingLabels, HeadsOutput
+
+    cfg = ModelConfig.preset("tiny", vocab_size=64)
+    cfg.heads.finding_context, cfg.heads.context_mode = True, "calls"
+    names = cfg.heads.finding_names
+    K, L = len(names), len(cfg.heads.locations)
+    m = ReportModel(cfg).eval()
+    card, eff, nod = (names.index(n) for n in ("cardiomegaly", "pleural_effusion", "nodule"))
+    logits = torch.full((1, K), -6.0)
+    logits[0, [card, eff, nod]] = 6.0  # all three called present
+    side = torch.zeros(1, K, len(SIDES))
+    side[..., 1] = 5.0
+    loc = torch.zeros(1, K, L)
+    loc[..., 2] = 5.0
+    heads = HeadsOutput(logits, side, loc)
+    labels = FindingLabels(torch.zeros(1, K), torch.full((1, K), -100), torch.full((1, K), -100))
+    labels.present_BK[0, [card, eff, nod]] = 1.0
+    labels.side_BK[0, [eff, nod]] = 1  # the effusion has a side, no location; the nodule both
+    labels.location_BK[0, nod] = 2
+    # without the masks (older models): the calls carry a side and a location for every finding
+    unmasked = m.heads.call_features(heads)
+    assert unmasked[0, card, 1:].sum() == 2 and m.heads.label_features(labels)[0, card, 1:].sum() == 0
+    sides, locs = [True] * K, [True] * K
+    sides[card] = locs[card] = locs[eff] = False
+    cfg.heads.call_sides, cfg.heads.call_locations = tuple(sides), tuple(locs)
+    torch.testing.assert_close(m.heads.call_features(heads), m.heads.label_features(labels))
+    assert m.heads.call_features(heads)[0, nod].sum() == 3  # presence, side and location kept
+    cfg.heads.call_sides = (True,) * (K - 1)
+    with pytest.raises(ValueError, match="call_sides"):
+        m.heads.call_features(heads)
+
+
+def test_context_dropout_leaves_the_decoder_only_the_finding_tokens_in_training():
+    """model.context_dropout: in training that share of studies has its fused tokens masked out of
+    the decoder's cross-attention (the finding-context tokens stay), so its text must come from
+    the calls; at inference, and at share 0, the context is untouched."""
+    from multimodal.heads import SIDES, FindingLabels, HeadsOutput
+
+    V = 64
+    cfg = ModelConfig.preset("tiny", vocab_size=V)
+    cfg.heads.finding_context, cfg.heads.context_mode, cfg.heads.context_teacher = True, "calls", 1.0
+    K = cfg.heads.num_findings
+    m = ReportModel(cfg)
+    B, F = 64, 5
+    fused, mask = torch.randn(B, F, cfg.decoder.d_model), torch.ones(B, F, dtype=torch.bool)
+    heads = HeadsOutput(torch.zeros(B, K), torch.zeros(B, K, len(SIDES)), torch.zeros(B, K, len(cfg.heads.locations)))
+    labels = FindingLabels(torch.zeros(B, K), torch.full((B, K), -100), torch.full((B, K), -100))
+
+    def ctx_mask(p, train):
+        cfg.context_dropout = p
+        m.train(train)
+        torch.manual_seed(0)
+        return m.decoder_context(fused, mask, heads, labels)[1]
+
+    assert ctx_mask(0.0, True).all() and ctx_mask(1.0, False).all()  # off, or at inference
+    full = ctx_mask(1.0, True)
+    assert not full[:, :F].any() and full[:, F:].all()  # only the K finding tokens remain
+    half = ctx_mask(0.5, True)
+    dropped = ~half[:, :F].any(1)
+    assert (half[:, :F].all(1) | dropped).all()  # a study keeps all its fused tokens or none
+    assert 16 < int(dropped.sum()) < 48 and half[:, F:].all()
+    # what the decoder reads: with every study dropped, the fused tokens no longer matter
+    cfg.context_dropout = 1.0
+    m.train()
+    ids = torch.randint(4, V, (2, 12))
+    h2 = HeadsOutput(heads.presence_logits_BK[:2], heads.side_logits_BK4[:2], heads.location_logits_BKL[:2])
+    l2 = FindingLabels(labels.present_BK[:2], labels.side_BK[:2], labels.location_BK[:2])
+    out = [m.decoder(ids, *m.decoder_context(f, mask[:2], h2, l2)).logits
+           for f in (fused[:2], torch.randn(2, F, cfg.decoder.d_model))]
+    torch.testing.assert_close(out[0], out[1])
+    cfg.context_dropout = 0.0
+    out0 = [m.decoder(ids, *m.decoder_context(f, mask[:2], h2, l2)).logits
+            for f in (fused[:2], torch.randn(2, F, cfg.decoder.d_model))]
+    assert (out0[0] - out0[1]).abs().max() > 1e-4  # the test can fail: without it they matter
+
+
 def test_finding_prompt_from_the_heads_calls_goes_before_report(monkeypatch):
     """cfg.finding_prompt: generate_report writes the heads' calls as text between the history
     and [REPORT] (a copy source with the digest); what a finding's call is follows its operating
