@@ -320,7 +320,8 @@ class FindingHeads(nn.Module):
         out slab by slab, G*G cells per slab in row-major order (``ImageEncoder.tokens_from_features``)."""
         G, nb = self.grid, self.cfg.where_z_bins
         B, N = mask_BN.shape
-        S = N // (G * G)
+        S = -(-N // (G * G))  # a padded batch of studies without image may hold one dummy token
+        mask_BN = F.pad(mask_BN, (0, S * G * G - N))  # [B, S*G*G]
         cell = torch.arange(G * G, device=mask_BN.device)
         xy_CP = torch.cat([F.one_hot(cell % G, G), F.one_hot(cell // G, G)], -1).float()  # [G*G, 2G]
         valid_BS = mask_BN.view(B, S, G * G)[..., 0].float()  # [B, S]
@@ -330,7 +331,7 @@ class FindingHeads(nn.Module):
         zb_BSZ = torch.exp(-(((z_BS[..., None] - centres) * max(nb - 1, 1)) ** 2))  # [B, S, nb]
         zb_BSZ = zb_BSZ / zb_BSZ.sum(-1, keepdim=True)
         pos = torch.cat([xy_CP.expand(B, S, -1, -1), zb_BSZ[:, :, None, :].expand(-1, -1, G * G, -1)], -1)
-        return pos.reshape(B, N, -1)  # [B, S*G*G, 2G+nb]
+        return pos.reshape(B, S * G * G, -1)[:, :N]  # [B, N, 2G+nb]
 
     def where_logits(self, tokens_BND: torch.Tensor, mask_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Side [B, K, 4] and location [B, K, L] logits from where each finding's token logits point."""

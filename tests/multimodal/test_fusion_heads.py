@@ -350,6 +350,9 @@ def test_where_heads_read_side_and_location_from_where_the_finding_tokens_are():
         out = heads(fused.expand(200, -1, -1), fmask.expand(200, -1), (tok, tmask))
     assert (out.side_logits_BK4[:, k].argmax(-1) == lab.side_BK[:, k]).float().mean() > 0.95
     assert (out.location_logits_BKL[:, k].argmax(-1) == lab.location_BK[:, k]).float().mean() > 0.9
+    # a cached batch of studies without image holds one masked dummy token: nothing added
+    one = heads(fused, fmask, (tok[:1, :1], torch.zeros(1, 1, dtype=torch.bool)))
+    torch.testing.assert_close(one.side_logits_BK4, heads(fused, fmask).side_logits_BK4)
     # no image tokens at all: nothing added
     none = heads(fused, fmask, (tok[:1], torch.zeros(1, S * G * G, dtype=torch.bool)))
     torch.testing.assert_close(none.side_logits_BK4, heads(fused, fmask).side_logits_BK4)
