@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from app.train_data import (
-    PreprocessConfig, ReportDataset, StudyCache, TrainDataError, call_feature_masks, collate_examples,
+    PreprocessConfig, ReportDataset, StudyCache, TrainDataError, collate_examples, fill_call_feature_masks,
     history_text, load_manifest_for_training,
 )
 from data.errors import MedreportError
@@ -855,13 +855,9 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     mcfg = model_config(cfg, tok.vocab_size)
-    if mcfg.heads.finding_context and not (mcfg.heads.call_sides or mcfg.heads.call_locations):
-        train_entries = [e for e in entries if e.split == "train"]
-        mcfg.heads.call_sides, mcfg.heads.call_locations = call_feature_masks(
-            train_entries, mcfg.heads.finding_names, mcfg.heads.locations)
-        log.info("finding-context features from the training labels: no side for %s; no location for %s",
-                 ", ".join(n for n, m in zip(mcfg.heads.finding_names, mcfg.heads.call_sides) if not m) or "none",
-                 ", ".join(n for n, m in zip(mcfg.heads.finding_names, mcfg.heads.call_locations) if not m) or "none")
+    filled = fill_call_feature_masks(mcfg.heads, [e for e in entries if e.split == "train"])
+    if filled:
+        log.info("finding-context features from the training labels: %s", filled)
     if ckpt is not None:
         model = ReportModel.from_pretrained(ckpt)
         model.cfg.decoder.grad_checkpoint = mcfg.decoder.grad_checkpoint

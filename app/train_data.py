@@ -327,6 +327,17 @@ def call_feature_masks(entries, finding_names: Sequence[str], locations: Sequenc
     return sides, locs
 
 
+def fill_call_feature_masks(heads, entries) -> str | None:
+    """Set ``heads.call_sides`` / ``call_locations`` (a ``HeadsConfig``) from ``entries``' labels
+    when the finding context is on and they are not set yet (a new run, or a model saved before
+    they existed); returns what was set, in words, or None when nothing changed."""
+    if not heads.finding_context or heads.call_sides or heads.call_locations:
+        return None
+    heads.call_sides, heads.call_locations = call_feature_masks(entries, heads.finding_names, heads.locations)
+    without = lambda mask: ", ".join(n for n, m in zip(heads.finding_names, mask) if not m) or "none"  # noqa: E731
+    return f"no side for {without(heads.call_sides)}; no location for {without(heads.call_locations)}"
+
+
 def fact_spans(tok, report_ids: Sequence[int], phrases: Sequence[str]) -> list[tuple[int, int]]:
     """``[start, end)`` positions in ``report_ids`` of each phrase (every occurrence), matched as
     token sequences: the phrase after a space (mid-sentence) and capitalised (at a section or

@@ -306,8 +306,10 @@ class FindingHeads(nn.Module):
     def pooled_token_logits(self, tokens_BND: torch.Tensor, mask_BN: torch.Tensor) -> torch.Tensor:
         """Smooth max (log-mean-exp, sharpness r) over a study's valid image tokens of their
         finding logits -> [B, K]; 0 for a study without image."""
+        return self._pool_token_logits(self.token_logits(tokens_BND).float(), mask_BN)
+
+    def _pool_token_logits(self, lg_BNK: torch.Tensor, mask_BN: torch.Tensor) -> torch.Tensor:
         r = self.cfg.token_pool_sharpness
-        lg_BNK = self.token_logits(tokens_BND).float()  # [B, N, K]
         m_BN1 = mask_BN.bool()[..., None]  # [B, N, 1]
         lse_BK = torch.logsumexp((r * lg_BNK).masked_fill(~m_BN1, float("-inf")), 1)  # [B, K]
         n_B1 = m_BN1.sum(1).clamp_min(1).float()  # [B, 1]
@@ -333,10 +335,11 @@ class FindingHeads(nn.Module):
         pos = torch.cat([xy_CP.expand(B, S, -1, -1), zb_BSZ[:, :, None, :].expand(-1, -1, G * G, -1)], -1)
         return pos.reshape(B, S * G * G, -1)[:, :N]  # [B, N, 2G+nb]
 
-    def where_logits(self, tokens_BND: torch.Tensor, mask_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Side [B, K, 4] and location [B, K, L] logits from where each finding's token logits point."""
+    def where_logits(self, lg_BNK: torch.Tensor, mask_BN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Side [B, K, 4] and location [B, K, L] logits from where each finding's token logits
+        (``token_logits`` of the image tokens, [B, N, K]) point."""
         m_BN1 = mask_BN.bool()[..., None]  # [B, N, 1]
-        lg_BNK = self.token_logits(tokens_BND).float().masked_fill(~m_BN1, float("-inf"))  # [B, N, K]
+        lg_BNK = lg_BNK.masked_fill(~m_BN1, float("-inf"))  # [B, N, K]
         w_BNK = torch.softmax(self.cfg.where_sharpness * lg_BNK, 1).nan_to_num(0.0)  # per finding over tokens
         desc_BKP = torch.einsum("bnk,bnp->bkp", w_BNK, self.token_positions(mask_BN))  # [B, K, P]
         side_BK4 = torch.einsum("bkp,kps->bks", desc_BKP, self.where_side)
@@ -355,14 +358,16 @@ class FindingHeads(nn.Module):
         mx = torch.where(m.any(1), mx, torch.zeros_like(mx))
         h = self.trunk(torch.cat([mean, mx], -1))  # [B, D]
         presence_BK = self.presence(h)  # [B, K]
-        if self.cfg.token_presence and image_tokens is not None:
-            pooled_BK = self.pooled_token_logits(*image_tokens).to(presence_BK.dtype)
-            presence_BK = presence_BK + self.token_scale * pooled_BK
         side_BK4 = self.side(h).view(B, K, len(SIDES))
         loc_BKL = self.location(h).view(B, K, -1)
-        if self.cfg.where_from_tokens and image_tokens is not None:
-            w_side, w_loc = self.where_logits(*image_tokens)
-            side_BK4, loc_BKL = side_BK4 + w_side.to(side_BK4.dtype), loc_BKL + w_loc.to(loc_BKL.dtype)
+        if self.cfg.token_presence and image_tokens is not None:
+            tokens_BND, mask_BN = image_tokens
+            lg_BNK = self.token_logits(tokens_BND).float()  # [B, N, K], read by presence and the where heads
+            pooled_BK = self._pool_token_logits(lg_BNK, mask_BN).to(presence_BK.dtype)
+            presence_BK = presence_BK + self.token_scale * pooled_BK
+            if self.cfg.where_from_tokens:  # needs token_presence (checked in __init__)
+                w_side, w_loc = self.where_logits(lg_BNK, mask_BN)
+                side_BK4, loc_BKL = side_BK4 + w_side.to(side_BK4.dtype), loc_BKL + w_loc.to(loc_BKL.dtype)
         return HeadsOutput(presence_BK, side_BK4, loc_BKL, self.temperature)
 
 

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from app.commands.demo_model import write_shipped_model
     from app.train import TrainConfig, calibrate_heads
     from app.train_data import (
-        PreprocessConfig, ReportDataset, StudyCache, call_feature_masks, load_manifest_for_training,
+        PreprocessConfig, ReportDataset, StudyCache, fill_call_feature_masks, load_manifest_for_training,
     )
     from data.errors import MedreportError
     from multimodal.model import WEIGHTS_FILE, ReportModel
@@ -59,15 +59,12 @@ def run(args: argparse.Namespace) -> int:
         model.cfg.heads.operating_beta = float(args.beta)
     before = dict(zip(model.finding_names, model.cfg.heads.thresholds().tolist()))
     out = calibrate_heads(model, ds, cfg, torch.device("cpu"))
-    h = model.cfg.heads
-    if h.finding_context and not (h.call_sides or h.call_locations):
-        # a model trained before these were recorded: the finding context at inference gets the
-        # format training gave it, read from the same labelled studies (HeadsConfig.call_sides)
-        h.call_sides, h.call_locations = call_feature_masks(entries, h.finding_names, h.locations)
-        out["call_sides"], out["call_locations"] = list(h.call_sides), list(h.call_locations)
-        print("finding context now as trained: no side for "
-              + (", ".join(n for n, m in zip(h.finding_names, h.call_sides) if not m) or "none")
-              + "; no location for " + (", ".join(n for n, m in zip(h.finding_names, h.call_locations) if not m) or "none"))
+    # a model trained before these were recorded: the finding context at inference gets the
+    # format training gave it, read from the same labelled studies (HeadsConfig.call_sides)
+    filled = fill_call_feature_masks(model.cfg.heads, entries)
+    if filled:
+        out["call_sides"], out["call_locations"] = list(model.cfg.heads.call_sides), list(model.cfg.heads.call_locations)
+        print(f"finding context now as trained: {filled}")
     dest = args.out or args.model
     write_shipped_model(model.eval(), dest, fp16=fp16)
     moved = {n: (before[n], t) for n, t in out["decision_thresholds"].items() if t != before[n]}
