@@ -10,9 +10,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     OMP_NUM_THREADS=4 \
     GRADIO_ANALYTICS_ENABLED=False
 
-# libsndfile for soundfile; no compilers needed (all dependencies ship wheels).
+# libsndfile for soundfile; g++ builds the fused MoE CPU kernel (core/csrc) once, below.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libsndfile1 \
+    && apt-get install -y --no-install-recommends libsndfile1 g++ \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 1000 medreport
@@ -31,6 +31,8 @@ COPY models ./models
 RUN pip install '.[ui,export]'
 
 USER 1000
+# Build the compiled MoE kernel into the user's cache now, not at the first request.
+RUN python -c "import sys, core.ext; sys.exit(core.ext.main())"
 EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:7860/', timeout=4)"]

@@ -16,6 +16,12 @@ softmax and the auxiliary loss (they only matter with gradients).  Training uses
 auxiliary-loss-free bias (``balance="bias"``: a non-learned per-expert bias added to the scores
 for selection only, nudged by ``update_bias`` after each optimiser step).
 
+On CPU, inference ("auto" or "fused") runs the compiled kernel of ``core/csrc/moe_cpu.cpp``
+wherever it builds (``core.ext``): the router's top-k, a counting sort, each expert's GEMMs on one
+core (experts spread over the cores), the SwiGLU and the weighted combine in one call, with the
+BLAS called directly and a reused workspace. It is exact against the same reference; the paths
+above remain for GPUs, autocast, LoRA and machines without a compiler.
+
 Legend: B batch, T tokens, N flattened tokens, D width, E experts, K top-k, F expert hidden.
 """
 from __future__ import annotations
@@ -26,8 +32,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import ext
 
-DISPATCH = ("auto", "loop", "grouped", "padded", "all", "gather")
+
+DISPATCH = ("auto", "loop", "grouped", "padded", "all", "gather", "fused")
+
+# Tokens per pass of the fused CPU kernel: bounds its per-thread workspace (2 x 4096 x K rows of
+# width D and 2F: 16 MB at the demo sizes) and keeps a pass's rows in cache; measured best of
+# 1K-16K at 16K tokens (runs/s16/moe_cmp.py).
+FUSED_CHUNK = 4096
+
+
+def fused_available() -> bool:
+    """Whether the compiled CPU kernel (core/csrc/moe_cpu.cpp) is built and loaded."""
+    return ext.moe_ops() is not None
 
 
 @dataclass
@@ -43,8 +61,10 @@ class MoEConfig:
     # "auto" | "loop" (per-expert slices) | "grouped" (per-expert matmuls into shared buffers,
     # elementwise work once; inference) | "padded" (one bmm over experts) | "all" (every expert on
     # every token, mixed by the sparse routing weights; inference) | "gather" (the chosen experts'
-    # weights gathered; inference at 1-2 tokens)
+    # weights gathered; inference at 1-2 tokens) | "fused" (the compiled CPU kernel of core/csrc,
+    # inference; "auto" picks it on CPU wherever it is built, see core.ext)
     dispatch: str = "auto"
+    fused_kernel: bool = True  # False: "auto" keeps to the PyTorch paths (bench.moe compares both)
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.n_experts:
@@ -230,14 +250,26 @@ class MoE(nn.Module):
         y = torch.bmm(w_NK[:, None, :].to(yp.dtype), y_NKD)[:, 0]  # [N,1,K] @ [N,K,D] -> [N,D]
         return y.to(x.dtype), counts  # (autocast: bmm in bf16)
 
-    def _mode(self, N: int, grad: bool) -> str:
-        """The dispatch for N tokens from the config: "all", "grouped", "padded_small" (inference
-        only; the latter is "padded" at inference), "loop", "padded", or "sorted" = loop or
-        padded, decided once the experts' counts are known."""
+    @staticmethod
+    def _fused_ok(x: torch.Tensor) -> bool:
+        """The compiled kernel takes CPU fp32/fp64 inputs outside autocast, where it is built."""
+        return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled("cpu") and fused_available())
+
+    def _mode(self, N: int, grad: bool, x: torch.Tensor | None = None) -> str:
+        """The dispatch for N tokens from the config: "fused" (the compiled CPU kernel, inference
+        on x where it applies), "all", "grouped", "padded_small" (inference only; the latter is
+        "padded" at inference), "loop", "padded", or "sorted" = loop or padded, decided once the
+        experts' counts are known."""
         cfg = self.cfg
         inference = not grad and self.lora is None
-        if cfg.dispatch != "auto":
-            mode = cfg.dispatch if inference or cfg.dispatch in ("loop", "padded") else "loop"
+        if inference and (cfg.dispatch == "fused" or (cfg.dispatch == "auto" and cfg.fused_kernel)) \
+                and x is not None and self._fused_ok(x):
+            return "fused"
+        # "fused" where the kernel does not apply (not built, GPU, autocast, gradients): "auto"
+        dispatch = "auto" if cfg.dispatch == "fused" else cfg.dispatch
+        if dispatch != "auto":
+            mode = dispatch if inference or dispatch in ("loop", "padded") else "loop"
             return "padded_small" if inference and mode == "padded" else mode
         if inference and N * cfg.top_k <= max(cfg.top_k, cfg.n_experts // 4):  # measured: 1-2 tokens at 16 x top-2
             return "gather"
@@ -295,10 +327,17 @@ class MoE(nn.Module):
         x = x_BTD.reshape(-1, shape[-1])  # [N,D]
         N, K, E = x.shape[0], cfg.top_k, cfg.n_experts
         grad = torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad or self.lora is not None)
-        w_NK, idx_NK, probs_NE = self.route(x, need_probs=grad)
-        flat = idx_NK.reshape(-1)  # [N*K]
-        mode = self._mode(N, grad)
-        if mode == "padded_small":
+        mode = self._mode(N, grad, x)
+        probs_NE = None
+        if mode == "fused" and cfg.balance == "aux":  # router, top-k and experts in one call
+            y, counts = ext.moe_ops().moe_forward(x, self.router.weight, self.w13, self.w2, K, FUSED_CHUNK)
+        else:
+            w_NK, idx_NK, probs_NE = self.route(x, need_probs=grad)
+            flat = idx_NK.reshape(-1)  # [N*K]
+        if mode == "fused":
+            if cfg.balance != "aux":  # the bias router's selection in PyTorch, the experts compiled
+                y, counts = ext.moe_ops().moe_experts(x, w_NK, idx_NK, self.w13, self.w2, FUSED_CHUNK)
+        elif mode == "padded_small":
             y, counts = self._experts_padded_small(x, w_NK, idx_NK)
         elif mode == "gather":
             y, counts = self._experts_gather(x, w_NK, idx_NK)

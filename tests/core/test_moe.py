@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import core.moe
+from core import ext
 from core.moe import MoE, MoEConfig, moe_reference
 
 
@@ -102,8 +104,10 @@ def test_moe_runs_under_bf16_autocast(dispatch, grad):
 @pytest.mark.parametrize("n_tokens,expected", [(1, "gather"), (2, "gather"), (3, "all"), (8, "all"), (9, "padded_small"), (512, "padded_small"),
                                                (513, "grouped"), (4096, "grouped"), (4097, "loop")])
 def test_auto_dispatch_by_size_at_inference(n_tokens, expected, monkeypatch):
-    """"auto" picks the measured inference path by size (16 experts, top-2); with grad it never
-    picks an inference-only path."""
+    """Where the compiled kernel is not available (no compiler, a GPU), "auto" picks the measured
+    PyTorch inference path by size (16 experts, top-2); with grad it never picks an
+    inference-only path."""
+    monkeypatch.setattr(core.moe, "fused_available", lambda: False)
     m = MoE(MoEConfig(d_model=8, n_experts=16, top_k=2, d_expert=4))
     used = []
     for name in ("_experts_all", "_experts_grouped", "_experts_padded", "_experts_padded_small", "_experts_gather"):
@@ -136,3 +140,142 @@ def test_inference_router_matches_the_training_router(top_k, n_tokens):
     assert torch.equal(idx_fast, idx_ref)
     torch.testing.assert_close(w_fast, w_ref, rtol=1e-12, atol=1e-14)
     assert torch.allclose(w_fast.sum(-1), torch.ones(n_tokens, dtype=torch.float64))
+
+
+# --- the compiled CPU kernel (core/csrc/moe_cpu.cpp, built through core.ext) ---------------------
+
+def test_fused_kernel_builds_here():
+    """The product's CPU inference uses the compiled kernel; a machine with the documented
+    toolchain (g++, ninja) must build it (set MEDREPORT_NO_EXT=1 to run without it)."""
+    if ext.disabled():
+        pytest.skip("MEDREPORT_NO_EXT is set: the PyTorch paths are used")
+    assert core.moe.fused_available(), "core/csrc/moe_cpu.cpp did not build: see the warning logged by core.ext"
+
+
+fused = pytest.mark.skipif(ext.disabled(), reason="MEDREPORT_NO_EXT is set")
+
+
+@fused
+@pytest.mark.parametrize("balance", ["aux", "bias"])
+@pytest.mark.parametrize("n_tokens", [1, 2, 3, 16, 37, 600])
+@pytest.mark.parametrize("chunk", [4096, 7])
+def test_fused_kernel_equals_reference_and_autograd_path(balance, n_tokens, chunk, monkeypatch):
+    """fp64: the kernel (router top-k, counting sort, per-expert BLAS, SwiGLU, combine), in one
+    pass or in chunks of 7 tokens, gives the naive reference's output, the autograd path's, and
+    the same expert load."""
+    monkeypatch.setattr(core.moe, "FUSED_CHUNK", chunk)
+    torch.manual_seed(n_tokens)
+    m = MoE(MoEConfig(d_model=24, n_experts=8, top_k=2, d_expert=12, balance=balance)).double()
+    if balance == "bias":
+        m.route_bias.copy_(torch.randn(8, dtype=torch.float64) * 0.3)
+    x = torch.randn(n_tokens, 24, dtype=torch.float64)
+    assert m._mode(n_tokens, False, x) == "fused"
+    with torch.no_grad():
+        y, aux = m(x)
+        ref = moe_reference(m, x)
+    y_grad, aux_grad = m(x.clone().requires_grad_())
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(y, y_grad.detach(), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(aux["expert_load"], aux_grad["expert_load"])
+    torch.testing.assert_close(aux["expert_load"].sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+@fused
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_fused_kernel_fp32_top_k_and_shared_expert(top_k):
+    torch.manual_seed(top_k)
+    m = MoE(MoEConfig(d_model=32, n_experts=6, top_k=top_k, d_expert=16, n_shared=1))
+    x = torch.randn(3, 50, 32)
+    with torch.no_grad():
+        assert m._mode(150, False, x.reshape(-1, 32)) == "fused"
+        torch.testing.assert_close(m(x)[0], moe_reference(m, x), rtol=1e-5, atol=1e-5)
+
+
+@fused
+def test_fused_kernel_all_tokens_to_one_expert_and_empty_experts():
+    m = MoE(MoEConfig(d_model=8, n_experts=4, top_k=2, d_expert=8))
+    with torch.no_grad():
+        m.router.weight.zero_()
+        m.router.weight[:, 0] = torch.tensor([5.0, 4.0, -5.0, -5.0])
+        x = torch.ones(5, 8)
+        y, aux = m(x)
+    torch.testing.assert_close(y, moe_reference(m, x))
+    assert aux["expert_load"].tolist() == [0.5, 0.5, 0.0, 0.0]
+
+
+@fused
+def test_fused_kernel_ties_pick_the_lower_expert_and_nan_propagates():
+    m = MoE(MoEConfig(d_model=8, n_experts=4, top_k=2, d_expert=8))
+    with torch.no_grad():
+        m.router.weight.zero_()  # every logit equal: experts 0 and 1, weights 1/2 each
+        x = torch.randn(3, 8)
+        y, aux = m(x)
+        assert aux["expert_load"].tolist() == [0.5, 0.5, 0.0, 0.0]
+        expect = 0.5 * (m._expert(0, x) + m._expert(1, x))
+        torch.testing.assert_close(y, expect)
+        x[1, 0] = float("nan")
+        y = m(x)[0]
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+@fused
+def test_fused_kernel_not_used_with_gradients_lora_or_autocast():
+    m = MoE(MoEConfig(d_model=8, n_experts=4, top_k=2, d_expert=8))
+    x = torch.randn(4, 8)
+    assert m._mode(4, True, x) != "fused"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m._mode(4, False, x) != "fused"
+    assert m._mode(4, False, x.half()) != "fused"
+    m.cfg.dispatch = "loop"
+    assert m._mode(4, False, x) == "loop"
+    m.cfg.dispatch = "fused"
+    assert m._mode(4, False, x) == "fused"
+    m.cfg.dispatch, m.cfg.fused_kernel = "auto", False
+    assert m._mode(4, False, x) == "padded_small"
+
+
+@fused
+def test_fused_kernel_is_safe_from_several_threads():
+    """The web UI serves requests from several threads; each has its own workspace."""
+    from concurrent.futures import ThreadPoolExecutor
+    torch.manual_seed(0)
+    m = MoE(MoEConfig(d_model=32, n_experts=8, top_k=2, d_expert=16)).double()
+    xs = [torch.randn(n, 32, dtype=torch.float64) for n in (5, 300, 40, 1000, 17, 600)]
+    with torch.no_grad():
+        refs = [moe_reference(m, x) for x in xs]
+
+        def run(i):
+            return m(xs[i])[0]
+
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(run, list(range(len(xs))) * 3))
+    for i, y in enumerate(outs):
+        torch.testing.assert_close(y, refs[i % len(xs)], rtol=1e-12, atol=1e-13)
+
+
+@fused
+@pytest.mark.parametrize("first", ["inference_mode", "no_grad"])
+def test_fused_kernel_under_inference_mode_then_no_grad(first):
+    """The pipeline runs under torch.inference_mode(), the trainer's validation under no_grad, in
+    one process and one thread: the reused workspace must serve both, in either order (found
+    with `medreport generate`: an inference-mode workspace could not be written under no_grad)."""
+    import threading
+    torch.manual_seed(0)
+    m = MoE(MoEConfig(d_model=16, n_experts=4, top_k=2, d_expert=8))
+    x = torch.randn(40, 16)
+    ref = moe_reference(m, x).detach()
+    modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+    order = [first, "no_grad" if first == "inference_mode" else "inference_mode"]
+    outs = []
+
+    def run():  # a fresh thread: a fresh thread-local workspace, first made under `first`
+        for mode in order + order:
+            with modes[mode]():
+                outs.append(m(x)[0].clone())
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert len(outs) == 4
+    for y in outs:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
