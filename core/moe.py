@@ -329,13 +329,16 @@ class MoE(nn.Module):
         grad = torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad or self.lora is not None)
         mode = self._mode(N, grad, x)
         probs_NE = None
-        if mode == "fused" and cfg.balance == "aux":  # router, top-k and experts in one call
+        # router, top-k and experts in one call; not with a replaced router (int8 dynamic
+        # quantization makes it a quantized Linear, whose weight is a method)
+        one_call = mode == "fused" and cfg.balance == "aux" and isinstance(self.router.weight, torch.Tensor)
+        if one_call:
             y, counts = ext.moe_ops().moe_forward(x, self.router.weight, self.w13, self.w2, K, FUSED_CHUNK)
         else:
             w_NK, idx_NK, probs_NE = self.route(x, need_probs=grad)
             flat = idx_NK.reshape(-1)  # [N*K]
         if mode == "fused":
-            if cfg.balance != "aux":  # the bias router's selection in PyTorch, the experts compiled
+            if not one_call:  # the router (bias balancing, quantized) in PyTorch, the experts compiled
                 y, counts = ext.moe_ops().moe_experts(x, w_NK, idx_NK, self.w13, self.w2, FUSED_CHUNK)
         elif mode == "padded_small":
             y, counts = self._experts_padded_small(x, w_NK, idx_NK)

@@ -279,3 +279,19 @@ def test_fused_kernel_under_inference_mode_then_no_grad(first):
     assert len(outs) == 4
     for y in outs:
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+@fused
+def test_fused_kernel_with_an_int8_quantized_router():
+    """bench.e2e and `--int8` quantize the decoder's nn.Linear layers dynamically, the MoE router
+    among them (its weight becomes a method): the experts still run compiled, routed in PyTorch."""
+    torch.manual_seed(0)
+    m = MoE(MoEConfig(d_model=32, n_experts=4, top_k=2, d_expert=16)).eval()
+    q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(m), {torch.nn.Linear}, dtype=torch.qint8)[0]
+    x = torch.randn(10, 32)
+    with torch.no_grad():
+        assert q._mode(10, False, x) == "fused"
+        w, idx, _ = q.route(x, need_probs=False)
+        y = q(x)[0]
+        expect = torch.stack([sum(w[n, j] * m._expert(int(idx[n, j]), x[n:n + 1])[0] for j in range(2)) for n in range(10)])
+    torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-6)
