@@ -82,6 +82,18 @@ def acquisition_phrase(contrast: bool | None, slice_mm: float | None) -> str:
     return f"{ACQ_LEAD} {', '.join(parts) if parts else UNKNOWN}."
 
 
+def without_thickness(line: str) -> str:
+    """An acquisition line without its slice thickness ("Acquisition: IV contrast, 5 mm slices." ->
+    "Acquisition: IV contrast."; "unknown" when nothing else is left). For a model whose training
+    data had one thickness only (``ModelConfig.acquisition_thickness`` False): an unseen thickness
+    in its prompt broke the demo decoder's report structure (docs/training.md, session 16)."""
+    body = line.strip()
+    if not (body.startswith(ACQ_LEAD) and body.endswith(".")):
+        return line
+    parts = [p for p in body[len(ACQ_LEAD):-1].strip().split(", ") if p and not p.endswith("mm slices") and p != UNKNOWN]
+    return f"{ACQ_LEAD} {', '.join(parts) if parts else UNKNOWN}."
+
+
 def study_acquisition(study) -> str:
     """The acquisition line of a loaded study (a ``data.study.Study``: its metadata, kind and
     spacing): the header's slice thickness, else the volume's slice spacing; none for radiographs."""

@@ -30,7 +30,7 @@ from torch import nn
 from core.decoder import Decoder, copy_loss, spans_to_mask
 from core.generate import GenerationConfig, generate
 from data.errors import MedreportError
-from data.finding_prompt import acquisition_phrase, finding_prompt
+from data.finding_prompt import acquisition_phrase, finding_prompt, without_thickness
 from multimodal.audio_encoder import AudioEncoder
 from multimodal.evidence import Evidence, evidence_from_maps, gradcam_maps
 from multimodal.fusion import MODALITIES, Fusion, HistorySummary
@@ -203,7 +203,8 @@ def config_prompt_ids(tokenizer, cfg: ModelConfig, calls: Sequence[tuple[str, st
     study) both build it here, so the two cannot drift apart."""
     parts = []
     if cfg.acquisition_prompt:
-        parts.append(acquisition or acquisition_phrase(None, None))
+        line = acquisition or acquisition_phrase(None, None)
+        parts.append(line if cfg.acquisition_thickness else without_thickness(line))
     if cfg.finding_prompt and with_calls:  # with_calls=False: training's finding_prompt_dropout
         parts.append(finding_prompt(calls))
     if not parts:

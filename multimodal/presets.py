@@ -73,6 +73,9 @@ class ModelConfig:
     # not and the slice thickness, from the study's header in training and at inference
     # ("Acquisition: no IV contrast, 5 mm slices."), for the technique section. False = off.
     acquisition_prompt: bool = False
+    # Whether that line states the slice thickness; False keeps the contrast only
+    # (data.finding_prompt.without_thickness), for data with a single thickness.
+    acquisition_thickness: bool = True
     # Training only: the share of examples whose prompt leaves the calls line out (the report is
     # then written from the record, the image context and the acquisition line alone), so that the
     # decoder does not learn to lean on the calls alone: session 10's model carried a known cancer
@@ -118,7 +121,7 @@ class ModelConfig:
             decoder=_decoder_from_dict(d.get("decoder", {})),
             heads=build(HeadsConfig, d.get("heads", {})),
             **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "copy_weight", "copy_ngram", "fact_weight", "finding_weight", "name", "use_image", "use_audio",
-                                      "history_digest_words", "finding_prompt", "acquisition_prompt", "finding_prompt_dropout", "context_dropout") if k in d},
+                                      "history_digest_words", "finding_prompt", "acquisition_prompt", "acquisition_thickness", "finding_prompt_dropout", "context_dropout") if k in d},
         )
 
 

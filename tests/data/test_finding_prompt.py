@@ -52,6 +52,34 @@ def test_acquisition_line():
     assert study_acquisition(NS(metadata={}, kind="radiograph", spacing_mm=(1.0, 1.0, 1.0))) == "Acquisition: unknown."
 
 
+def test_acquisition_line_without_thickness():
+    """ModelConfig.acquisition_thickness False: the contrast stays, the thickness goes; a line with
+    nothing else left (or an unknown one) says unknown; training and inference prompts agree."""
+    from data.finding_prompt import acquisition_phrase, without_thickness
+    from multimodal.model import config_prompt_ids
+    from multimodal.presets import ModelConfig
+
+    assert without_thickness(acquisition_phrase(True, 10.0)) == "Acquisition: IV contrast."
+    assert without_thickness(acquisition_phrase(False, 2.5)) == "Acquisition: no IV contrast."
+    assert without_thickness(acquisition_phrase(None, 1.25)) == "Acquisition: unknown."
+    assert without_thickness(acquisition_phrase(None, None)) == "Acquisition: unknown."
+    assert without_thickness("not an acquisition line") == "not an acquisition line"
+
+    class Tok:  # the prompt's text, one "id" per character
+        class tk:
+            @staticmethod
+            def encode(text, add_special_tokens=False):
+                return type("E", (), {"ids": [ord(c) for c in text]})
+
+    def text(**kw):
+        cfg = ModelConfig(acquisition_prompt=True, **kw)
+        return "".join(map(chr, config_prompt_ids(Tok, cfg, [], acquisition_phrase(True, 10.0))))
+
+    assert text() == "Acquisition: IV contrast, 10 mm slices."
+    assert text(acquisition_thickness=False) == "Acquisition: IV contrast."
+    assert ModelConfig.from_dict({**ModelConfig(acquisition_thickness=False).to_dict()}).acquisition_thickness is False
+
+
 def test_synthetic_dicom_header_gives_the_truth(tmp_path):
     """The synthetic writer states the agent for contrast studies and only the description for
     the others (like many scanners): both must read back as the case's truth."""
