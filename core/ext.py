@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 SRC = Path(__file__).parent / "csrc"
 NAME = "medreport_moe_cpu"
+_LOCK = threading.Lock()  # the web UI's request threads may reach the first MoE call together
 
 
 def disabled() -> bool:
@@ -41,6 +43,7 @@ def _load():
         from torch.utils.cpp_extension import load
         load(name=NAME, sources=[str(SRC / "moe_cpu.cpp")], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
+        log.info("compiled MoE CPU kernel loaded (core/csrc/moe_cpu.cpp)")
         return torch.ops.medreport
     except Exception as e:  # no compiler, no ninja, a build error: the PyTorch paths still work
         log.warning("the fused MoE CPU kernel could not be built (%s: %s); MoE inference uses the "
@@ -59,7 +62,8 @@ def moe_ops():
       counts [E]): the experts for given routing;
     - ``moe_forward(x [N,D], router_w [E,D], w13, w2, top_k, chunk)`` -> (y, counts): the softmax
       router's top-k and the experts in one call."""
-    return _load()
+    with _LOCK:
+        return _load()
 
 
 def main() -> int:
