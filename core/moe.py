@@ -321,6 +321,21 @@ class MoE(nn.Module):
                                                                w13=w13_e[e], w2=w2_e[e]).to(x.dtype))
         return y
 
+    def _experts(self, x: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor, mode: str, grad: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts for given routing by the dispatch ``mode`` (``_mode``) -> (y [N,D], counts [E])."""
+        if mode == "fused":
+            return ext.moe_ops().moe_experts(x, w_NK, idx_NK, self.w13, self.w2, FUSED_CHUNK)
+        if mode == "padded_small":
+            return self._experts_padded_small(x, w_NK, idx_NK)
+        if mode == "gather":
+            return self._experts_gather(x, w_NK, idx_NK)
+        flat = idx_NK.reshape(-1)  # [N*K]
+        counts = torch.bincount(flat, minlength=self.cfg.n_experts)  # [E]
+        if mode == "all":
+            return self._experts_all(x, w_NK, idx_NK), counts
+        return self._experts_sorted(x, w_NK, flat, counts, mode, grad), counts
+
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         shape = x_BTD.shape
@@ -329,24 +344,14 @@ class MoE(nn.Module):
         grad = torch.is_grad_enabled() and (x.requires_grad or self.w2.requires_grad or self.lora is not None)
         mode = self._mode(N, grad, x)
         probs_NE = None
-        # router, top-k and experts in one call; not with a replaced router (int8 dynamic
-        # quantization makes it a quantized Linear, whose weight is a method)
-        one_call = mode == "fused" and cfg.balance == "aux" and isinstance(self.router.weight, torch.Tensor)
-        if one_call:
+        # router, top-k and experts in one compiled call; not with a replaced router (int8 dynamic
+        # quantization makes it a quantized Linear, whose weight is a method) or the bias router:
+        # those route in PyTorch, and the experts still run compiled (_experts, "fused")
+        if mode == "fused" and cfg.balance == "aux" and isinstance(self.router.weight, torch.Tensor):
             y, counts = ext.moe_ops().moe_forward(x, self.router.weight, self.w13, self.w2, K, FUSED_CHUNK)
         else:
             w_NK, idx_NK, probs_NE = self.route(x, need_probs=grad)
-            flat = idx_NK.reshape(-1)  # [N*K]
-        if mode == "fused":
-            if not one_call:  # the router (bias balancing, quantized) in PyTorch, the experts compiled
-                y, counts = ext.moe_ops().moe_experts(x, w_NK, idx_NK, self.w13, self.w2, FUSED_CHUNK)
-        elif mode == "padded_small":
-            y, counts = self._experts_padded_small(x, w_NK, idx_NK)
-        elif mode == "gather":
-            y, counts = self._experts_gather(x, w_NK, idx_NK)
-        else:
-            counts = torch.bincount(flat, minlength=E)  # [E]
-            y = self._experts_all(x, w_NK, idx_NK) if mode == "all" else self._experts_sorted(x, w_NK, flat, counts, mode, grad)
+            y, counts = self._experts(x, w_NK, idx_NK, mode, grad)
         if self.shared is not None:
             y = y + self.shared(x)
         load_E = counts.to(x.dtype) / max(N * K, 1)

@@ -4,8 +4,10 @@
 // whose fixed cost (~5-10 us each from Python) is most of the time at decode sizes, and runs the
 // ~128-row expert GEMMs of a 1K-token batch one per core instead of splitting each over both cores.
 //
-// Inference only (no autograd), CPU, float32 / float64. The GEMMs are ATen's (MKL/OpenBLAS); inside
-// at::parallel_for nested ATen parallelism runs serially, so each expert's GEMM runs on its core.
+// Inference only (no autograd), CPU, float32 / float64. Each expert's GEMMs call the BLAS that
+// libtorch ships directly, on the core at::parallel_for gave it (compiled with -fopenmp: without it
+// at::parallel_for runs on one thread); the SwiGLU between them is ATen's (vectorised), once over
+// all rows, outside the parallel regions.
 //
 // Legend: N tokens, K top-k, D width, E experts, F expert hidden.
 #include <ATen/ATen.h>
@@ -42,8 +44,6 @@ struct Workspace {
   }
 };
 thread_local Workspace tls_ws;
-
-int64_t SWIGLU_PER_EXPERT_ROWS = 64;
 
 // The BLAS that libtorch_cpu carries (MKL on x86 wheels; OpenBLAS elsewhere): called directly,
 // because at::mm's fixed cost (~3-5 us of tensor bookkeeping per call) is most of a 2-row GEMM.
@@ -116,7 +116,6 @@ void run_chunk(const at::Tensor& x, const scalar_t* wp, const int64_t* ip, const
   const scalar_t* w13p = W13.data_ptr<scalar_t>();
   const scalar_t* w2p = W2.data_ptr<scalar_t>();
   const int iD = static_cast<int>(D), iF = static_cast<int>(Fh), iF2 = static_cast<int>(2 * Fh);
-  const bool swiglu_per_expert = NK >= SWIGLU_PER_EXPERT_ROWS * E;
 
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {  // pass 1: gather + up-projection
     for (int64_t t = t0; t < t1; ++t)
@@ -126,19 +125,11 @@ void run_chunk(const at::Tensor& x, const scalar_t* wp, const int64_t* ip, const
           std::memcpy(xsp + r * D, xp + tok[r] * D, sizeof(scalar_t) * D);
         gemm_rm<scalar_t>(static_cast<int>(c), iF2, iD, xsp + s * D, iD, w13p + e * D * 2 * Fh, iF2,
                           hp + s * 2 * Fh, iF2);  // [c,D] @ [D,2F]
-        if (swiglu_per_expert) {  // while the rows are in this core's cache
-          auto h13_e = h13.narrow(0, s, c);
-          auto h_e = h13_e.narrow(1, 0, Fh);
-          at::silu_(h_e);
-          h_e.mul_(h13_e.narrow(1, Fh, Fh));
-        }
       }
   });
-  if (!swiglu_per_expert) {  // once over all rows: at decode sizes a few calls beat 2 per expert
-    auto h = h13.narrow(1, 0, Fh);  // [N*K,F]: silu(gate) * up
-    at::silu_(h);
-    h.mul_(h13.narrow(1, Fh, Fh));
-  }
+  auto h = h13.narrow(1, 0, Fh);  // [N*K,F]: silu(gate) * up, two ATen calls over all rows
+  at::silu_(h);
+  h.mul_(h13.narrow(1, Fh, Fh));
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {  // pass 2: down-projection
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t e : plan[t]) {
@@ -165,32 +156,42 @@ void run_chunk(const at::Tensor& x, const scalar_t* wp, const int64_t* ip, const
   });
 }
 
+// The expert weights in x's dtype, contiguous, checked against x [N,D] and E experts.
+struct ExpertWeights {
+  at::Tensor W13, W2;  // [E,D,2F], [E,F,D]
+  int64_t E, D, Fh;
+  ExpertWeights(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2, const char* op) {
+    TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), op, ": x must be a CPU tensor [N,D]");
+    TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3, op, ": w13 [E,D,2F], w2 [E,F,D]");
+    W13 = w13.to(x.scalar_type()).contiguous();
+    W2 = w2.to(x.scalar_type()).contiguous();
+    E = W13.size(0), D = x.size(1), Fh = W2.size(1);
+    TORCH_CHECK(W13.size(1) == D && W13.size(2) == 2 * Fh && W2.size(0) == E && W2.size(2) == D, op,
+                ": shapes do not match: x [N,D], w13 [E,D,2F], w2 [E,F,D]");
+  }
+};
+
 // x [N,D], w_NK [N,K] routing weights, idx_NK [N,K] int64 expert ids, w13 [E,D,2F] (gate | up),
 // w2 [E,F,D], chunk: tokens per pass (bounds the workspace)  ->  (y [N,D], counts [E] int64)
 std::tuple<at::Tensor, at::Tensor> moe_experts(const at::Tensor& x_in, const at::Tensor& w_in,
                                                const at::Tensor& idx_in, const at::Tensor& w13,
                                                const at::Tensor& w2, int64_t chunk) {
-  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && idx_in.dim() == 2, "moe_experts: x [N,D], w [N,K], idx [N,K]");
-  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3, "moe_experts: w13 [E,D,2F], w2 [E,F,D]");
-  TORCH_CHECK(x_in.device().is_cpu(), "moe_experts runs on CPU");
+  TORCH_CHECK(w_in.dim() == 2 && idx_in.dim() == 2, "moe_experts: w [N,K], idx [N,K]");
   TORCH_CHECK(idx_in.scalar_type() == at::kLong, "moe_experts: idx must be int64");
   TORCH_CHECK(chunk > 0, "moe_experts: chunk must be positive");
   const auto x = x_in.contiguous();
+  const ExpertWeights ew(x, w13, w2, "moe_experts");
   const auto wts = w_in.to(x.scalar_type()).contiguous();
   const auto idx = idx_in.contiguous();
-  const auto W13 = w13.to(x.scalar_type()).contiguous();
-  const auto W2 = w2.to(x.scalar_type()).contiguous();
-  const int64_t N = x.size(0), D = x.size(1), K = idx.size(1), E = W13.size(0), Fh = W2.size(1);
-  TORCH_CHECK(W13.size(1) == D && W13.size(2) == 2 * Fh && W2.size(2) == D && W2.size(0) == E &&
-              idx.size(0) == N && wts.size(0) == N && wts.size(1) == K,
-              "moe_experts: shapes do not match: x [N,D], w/idx [N,K], w13 [E,D,2F], w2 [E,F,D]");
-  auto counts = at::zeros({E}, idx.options());
-  auto y = at::empty({N, D}, x.options());
+  const int64_t N = x.size(0), K = idx.size(1);
+  TORCH_CHECK(idx.size(0) == N && wts.size(0) == N && wts.size(1) == K, "moe_experts: w and idx must be [N,K]");
+  auto counts = at::zeros({ew.E}, idx.options());
+  auto y = at::empty({N, ew.D}, x.options());
   if (N == 0) return std::make_tuple(y, counts);
-  tls_ws.ensure(std::min(N, chunk) * K, D, 2 * Fh, x.options());
+  tls_ws.ensure(std::min(N, chunk) * K, ew.D, 2 * ew.Fh, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "moe_experts", [&] {
     for (int64_t n0 = 0; n0 < N; n0 += chunk)
-      run_chunk<scalar_t>(x, wts.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), W13, W2, n0,
+      run_chunk<scalar_t>(x, wts.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), ew.W13, ew.W2, n0,
                           std::min(N, n0 + chunk), K, counts.data_ptr<int64_t>(), y);
   });
   return std::make_tuple(y, counts);
@@ -198,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor> moe_experts(const at::Tensor& x_in, const at:
 
 // Rows [n0, n1) of the router logits [n, E] -> the k largest per row (ties: the lower expert id)
 // and a softmax over those k, which equals renormalising the top-k of the full softmax
-// (core.moe.MoE.route). One pass over the experts per row.
+// (core.moe.MoE.route). One pass over the experts per row, inserting into a sorted top-k.
 template <typename scalar_t>
 void route_rows(const scalar_t* lp, int64_t n, int64_t E, int64_t K, int64_t* ip, scalar_t* wp) {
   at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
@@ -206,25 +207,6 @@ void route_rows(const scalar_t* lp, int64_t n, int64_t E, int64_t K, int64_t* ip
     std::vector<int64_t> bi(K);
     for (int64_t r = b; r < e; ++r) {
       const scalar_t* row = lp + r * E;
-      if (K == 2) {  // the pinned configuration: two running maxima in registers
-        scalar_t v0 = -std::numeric_limits<scalar_t>::infinity(), v1 = v0;
-        int64_t i0 = 0, i1 = 1;
-        for (int64_t j = 0; j < E; ++j) {
-          const scalar_t v = row[j];
-          if (v > v0) {
-            v1 = v0; i1 = i0; v0 = v; i0 = j;
-          } else if (v > v1) {
-            v1 = v; i1 = j;
-          }
-        }
-        if (i0 == i1) i1 = (i0 + 1) % E;  // a row of NaN: two distinct experts, NaN out
-        const scalar_t e1 = std::exp(v1 - v0), inv = scalar_t(1) / (scalar_t(1) + e1);
-        wp[r * 2] = inv;
-        wp[r * 2 + 1] = e1 * inv;
-        ip[r * 2] = i0;
-        ip[r * 2 + 1] = i1;
-        continue;
-      }
       for (int64_t k = 0; k < K; ++k) {  // (a row of NaN keeps experts 0..K-1: NaN out, as in PyTorch)
         bv[k] = -std::numeric_limits<scalar_t>::infinity();
         bi[k] = k;
@@ -261,33 +243,27 @@ void route_rows(const scalar_t* lp, int64_t n, int64_t E, int64_t K, int64_t* ip
 std::tuple<at::Tensor, at::Tensor> moe_forward(const at::Tensor& x_in, const at::Tensor& router_w,
                                                const at::Tensor& w13, const at::Tensor& w2,
                                                int64_t top_k, int64_t chunk) {
-  TORCH_CHECK(x_in.dim() == 2 && router_w.dim() == 2 && router_w.size(1) == x_in.size(1),
-              "moe_forward: x [N,D], router weight [E,D]");
-  TORCH_CHECK(x_in.device().is_cpu(), "moe_forward runs on CPU");
   TORCH_CHECK(chunk > 0, "moe_forward: chunk must be positive");
   const auto x = x_in.contiguous();
-  const auto RwT = router_w.to(x.scalar_type()).t();  // [D,E]
-  const int64_t N = x.size(0), D = x.size(1), E = router_w.size(0), K = top_k;
+  const ExpertWeights ew(x, w13, w2, "moe_forward");
+  const int64_t N = x.size(0), E = ew.E, K = top_k;
+  TORCH_CHECK(router_w.dim() == 2 && router_w.size(0) == E && router_w.size(1) == ew.D,
+              "moe_forward: the router weight must be [E,D]");
   TORCH_CHECK(K >= 1 && K <= E, "moe_forward: need 1 <= top_k <= n_experts");
-  const auto W13 = w13.to(x.scalar_type()).contiguous();
-  const auto W2 = w2.to(x.scalar_type()).contiguous();
-  const int64_t Fh = W2.size(1);
-  TORCH_CHECK(W13.dim() == 3 && W2.dim() == 3 && W13.size(0) == E && W2.size(0) == E && W13.size(1) == D &&
-              W13.size(2) == 2 * Fh && W2.size(2) == D,
-              "moe_forward: shapes do not match: x [N,D], router [E,D], w13 [E,D,2F], w2 [E,F,D]");
+  const auto RwT = router_w.to(x.scalar_type()).t();  // [D,E]
   auto counts = at::zeros({E}, x.options().dtype(at::kLong));
-  auto y = at::empty({N, D}, x.options());
+  auto y = at::empty({N, ew.D}, x.options());
   if (N == 0) return std::make_tuple(y, counts);
   auto idx = at::empty({N, K}, x.options().dtype(at::kLong));
   auto wts = at::empty({N, K}, x.options());
-  tls_ws.ensure(std::min(N, chunk) * K, D, 2 * Fh, x.options());
+  tls_ws.ensure(std::min(N, chunk) * K, ew.D, 2 * ew.Fh, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "moe_forward", [&] {
     for (int64_t n0 = 0; n0 < N; n0 += chunk) {
       const int64_t n1 = std::min(N, n0 + chunk);
       const auto logits = at::mm(x.narrow(0, n0, n1 - n0), RwT).contiguous();  // [n,E]
       route_rows<scalar_t>(logits.data_ptr<scalar_t>(), n1 - n0, E, K, idx.data_ptr<int64_t>() + n0 * K,
                            wts.data_ptr<scalar_t>() + n0 * K);
-      run_chunk<scalar_t>(x, wts.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), W13, W2, n0, n1, K,
+      run_chunk<scalar_t>(x, wts.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), ew.W13, ew.W2, n0, n1, K,
                           counts.data_ptr<int64_t>(), y);
     }
   });
