@@ -6,6 +6,8 @@ path) against dense causal SDPA and flex_attention with the same static block ma
 One layer's attention core (post-projection q, k, v [1, H, T, d], fp32) at the pinned `demo`
 attention configuration.  FLOPs are the ones the sparse pattern needs (valid query-key pairs x 4d
 per head, forward); GFLOP/s is compared with the fp32 matmul peak measured in the same run.
+"Ours" forward is what inference runs: the compiled CPU kernel (core/csrc/attention_cpu.cpp) where
+it is built, timed beside the PyTorch path (``*_fwd_torch_s``); forward+backward is the autograd path.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import machine, matmul_peak_gflops, peak_memory_bytes, print_table, time_call, write_json, load_note
+from core import attention
 from core.attention import AttentionConfig, block_sparse_attention
 from core.decoder import DecoderConfig
 
@@ -87,6 +90,12 @@ def bench_ours(cfg: AttentionConfig, T: int, repeats: int, backward: bool) -> di
 
     out_bytes = q.numel() * 4
     r = {"fwd_s": time_call(fwd, repeats=repeats)}
+    if attention.compiled_available(q):  # the PyTorch path's forward too, side by side
+        attention.COMPILED_CPU = False
+        try:
+            r["fwd_torch_s"] = time_call(fwd, repeats=repeats)
+        finally:
+            attention.COMPILED_CPU = True
     m = fresh_process_peak(cfg, T, backward=False)
     r["fwd_extra_mem_gb"] = None if m is None else max(0, m - out_bytes) / 1e9
     if backward:
@@ -167,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {"T": T, "full_fwd_s": full["fwd_s"], "full_fwd_bwd_s": full["fwd_bwd_s"],
                "local_fwd_s": loc["fwd_s"], "local_fwd_bwd_s": loc["fwd_bwd_s"],
                "full_fwd_mem_gb": full["fwd_extra_mem_gb"], "full_fwd_bwd_mem_gb": full["fwd_bwd_extra_mem_gb"],
-               "local_fwd_mem_gb": loc["fwd_extra_mem_gb"]}
+               "local_fwd_mem_gb": loc["fwd_extra_mem_gb"],
+               "full_fwd_torch_s": full.get("fwd_torch_s"), "local_fwd_torch_s": loc.get("fwd_torch_s")}
         fl = needed_flops(cfg, T)
         row["full_gflops"] = fl / full["fwd_s"] / 1e9
         row["full_frac_peak"] = row["full_gflops"] / peak
@@ -187,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table([row], list(row))
     by_t = {r["T"]: r for r in rows}
     print()
-    print_table(rows, ["T", "full_fwd_s", "full_fwd_bwd_s", "local_fwd_s", "sdpa_fwd_s", "sdpa_fwd_bwd_s",
+    print_table(rows, ["T", "full_fwd_s", "full_fwd_torch_s", "full_fwd_bwd_s", "local_fwd_s", "local_fwd_torch_s", "sdpa_fwd_s", "sdpa_fwd_bwd_s",
                        "flex_eager_fwd_s", "flex_compiled_fwd_s", "full_fwd_mem_gb", "full_fwd_bwd_mem_gb", "full_frac_peak"])
 
     def get(T, key):
@@ -202,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         "local_config": dataclasses.asdict(local_cfg),
         "machine": machine(),
         "matmul_peak_gflops": peak,
+        "forward_path": ("compiled CPU kernel (core/csrc/attention_cpu.cpp); *_torch_s: the PyTorch path"
+                         if attention.compiled_available() else "PyTorch path (compiled kernel not built)"),
         "note": load_note("timings are best-of-N"),
         "speedup_vs_sdpa_16k": ratio(get(mid, "sdpa_fwd_s"), get(mid, "full_fwd_s")),
         "speedup_vs_sdpa_16k_fwd_bwd": ratio(get(mid, "sdpa_fwd_bwd_s"), get(mid, "full_fwd_bwd_s")),

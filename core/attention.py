@@ -25,6 +25,11 @@ Function covers all chunks; backward replays each call through the kernel's back
 kept or recomputed output and log-sum-exp, adding chunk-sized gradients into slices of dq, dk,
 dv, so memory and backward work stay linear in T and nothing is padded.
 
+Inference on the CPU (no gradient, fp32/fp64) takes a compiled forward instead
+(``core/csrc/attention_cpu.cpp``, built by ``core.ext``; same maths, exact against the dense
+reference): one task per (head, query block) runs every branch with direct BLAS calls on the keys
+in place and folds the gates into the softmax probabilities.  Training keeps the path above.
+
 Legend: B batch, H heads, T tokens, N key blocks, Q query blocks in a chunk, b block size,
 d head dim, C compressed blocks, K top-k, L local keys per query block, R ring-buffer slots.
 """
@@ -36,6 +41,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from core import ext
 from core.rope import apply_rope, rope_angles
 
 BRANCHES = ("local", "compressed", "selected")
@@ -576,6 +582,38 @@ KEEP_GRAPH_MAX_TOKENS = 16384
 KEEP_WHEN_RECOMPUTING: tuple[str, ...] = ("selected", "local")
 
 
+# Inference on the CPU (fp32/fp64, no gradient) runs every branch in one compiled pass
+# (core/csrc/attention_cpu.cpp, built by core.ext; the same maths as _BlockSparseFn.forward, one
+# task per query block and head, keys read in place, the gates folded into the probabilities).
+# Tests turn it off to compare the two paths; MEDREPORT_NO_EXT=1 turns it off for a process.
+COMPILED_CPU = True
+
+
+def compiled_available(q: torch.Tensor | None = None) -> bool:
+    """Whether inference on ``q`` (or on fp32 CPU tensors) takes the compiled forward."""
+    if not COMPILED_CPU or (q is not None and (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64))):
+        return False
+    return ext.ops() is not None
+
+
+def _compiled_forward(q, k, v, cfg: AttentionConfig, gates, wk, wv, kmin, kmax) -> torch.Tensor:
+    """block_sparse_attention's inference through the compiled op; arguments as prepared there."""
+    B, H, T, d = q.shape
+    b, c = cfg.block_size, cfg.compress_block
+    cmp_k = None if wk is None else _pool(k, wk, c).reshape(B * H, -1, d)  # [BH,C,d]
+    cmp_v = None if wv is None else _pool(v, wv, c).reshape(B * H, -1, d)
+    sel_idx = sel_ok = None
+    if kmin is not None and T // c and c // b < -(-T // b):  # query blocks with a compressed block behind them
+        plan = _Plan(q, k, v, None, None, kmin, kmax, cfg)
+        sel_idx, sel_ok = plan._selection(c // b, plan.N)  # [B,Q,K] each
+        sel_idx, sel_ok = sel_idx.contiguous(), sel_ok.contiguous()
+    gf = None if gates is None else gates.to(q.dtype).reshape(B * H, T, -1).contiguous()  # [BH,T,G]
+    o = ext.ops().bsa_forward(q.reshape(B * H, T, d), k.reshape(B * H, T, d), v.reshape(B * H, T, d), cmp_k, cmp_v,
+                              sel_idx, sel_ok, gf, H, b, cfg.window_blocks, cfg.global_blocks, c,
+                              [BRANCHES.index(n) for n in cfg.branches], 1.0 / math.sqrt(d))  # [BH,T,d]
+    return o.view(B, H, T, d)
+
+
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig,
                            gates: torch.Tensor | None = None, cmp_weight_k: torch.Tensor | None = None,
                            cmp_weight_v: torch.Tensor | None = None, checkpoint_chunks: bool | None = None) -> torch.Tensor:
@@ -599,6 +637,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cf
                 kmin, kmax = key_bounds(k.detach(), c)  # [B,H,C,d] each
     recompute = B * T > KEEP_GRAPH_MAX_TOKENS if checkpoint_chunks is None else checkpoint_chunks
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, wk, wv, gates))
+    if not grad and compiled_available(q):
+        return _compiled_forward(q, k, v, cfg, gates, wk, wv, kmin, kmax)
     return _BlockSparseFn.apply(q, k, v, wk, wv, gates, kmin, kmax, cfg, recompute, grad)  # [B,H,T,d]
 
 

@@ -1,8 +1,9 @@
 """Optional compiled CPU kernels (``core/csrc``), built once with the machine's C++ compiler.
 
-``moe_ops()`` returns the fused MoE inference op (``core/csrc/moe_cpu.cpp``) or ``None`` where it
-cannot be built (no compiler, a build error, ``MEDREPORT_NO_EXT=1``); ``core.moe.MoE`` then uses its
-pure-PyTorch paths, which give the same result. The build goes through PyTorch's own
+``ops()`` returns the compiled inference ops (``torch.ops.medreport``: the fused MoE of
+``core/csrc/moe_cpu.cpp``, the block-sparse attention forward of ``core/csrc/attention_cpu.cpp``) or
+``None`` where they cannot be built (no compiler, a build error, ``MEDREPORT_NO_EXT=1``);
+``core.moe.MoE`` and ``core.attention`` then use their pure-PyTorch paths, which give the same result. The build goes through PyTorch's own
 ``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``; rebuilt only when the source, the flags or torch change), takes
 ~20-40 s on 2 cores; ``make install`` and the Dockerfile run it ahead of time
@@ -22,8 +23,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SRC = Path(__file__).parent / "csrc"
-NAME = "medreport_moe_cpu"
-_LOCK = threading.Lock()  # the web UI's request threads may reach the first MoE call together
+NAME = "medreport_cpu"
+SOURCES = ("moe_cpu.cpp", "attention_cpu.cpp")
+_LOCK = threading.Lock()  # the web UI's request threads may reach the first model call together
 
 
 def disabled() -> bool:
@@ -41,13 +43,13 @@ def _load():
     quiet.setLevel(logging.ERROR)  # CUDA wheels warn that no CUDA runtime is found: not needed here
     try:
         from torch.utils.cpp_extension import load
-        load(name=NAME, sources=[str(SRC / "moe_cpu.cpp")], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        load(name=NAME, sources=[str(SRC / f) for f in SOURCES], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
-        log.info("compiled MoE CPU kernel loaded (core/csrc/moe_cpu.cpp)")
+        log.info("compiled CPU kernels loaded (core/csrc: MoE, block-sparse attention)")
         return torch.ops.medreport
     except Exception as e:  # no compiler, no ninja, a build error: the PyTorch paths still work
-        log.warning("the fused MoE CPU kernel could not be built (%s: %s); MoE inference uses the "
-                    "PyTorch paths (same results, slower at small batches). Install a C++ compiler "
+        log.warning("the compiled CPU kernels could not be built (%s: %s); MoE and attention inference "
+                    "use the PyTorch paths (same results, slower). Install a C++ compiler "
                     "(Debian: apt-get install g++) and ninja (pip install ninja) to enable it.",
                     type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
         return None
@@ -55,24 +57,27 @@ def _load():
         quiet.setLevel(level)
 
 
-def moe_ops():
+def ops():
     """The compiled ops (``torch.ops.medreport``) or None:
 
     - ``moe_experts(x [N,D], w [N,K], idx [N,K] int64, w13 [E,D,2F], w2 [E,F,D], chunk)`` -> (y [N,D],
       counts [E]): the experts for given routing;
     - ``moe_forward(x [N,D], router_w [E,D], w13, w2, top_k, chunk)`` -> (y, counts): the softmax
-      router's top-k and the experts in one call."""
+      router's top-k and the experts in one call;
+    - ``bsa_forward(q, k, v [BH,T,d], cmp_k, cmp_v [BH,C,d]?, sel_idx [B,Q,K] int64?, sel_ok [B,Q,K]?,
+      gates [BH,T,G]?, n_heads, block, window, global_blocks, compress, branches, scale)`` -> o
+      [BH,T,d]: every branch of ``core.attention.block_sparse_attention`` (inference)."""
     with _LOCK:
         return _load()
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    op = moe_ops()
+    op = ops()
     if op is None:
-        print("core.ext: the fused MoE CPU kernel is not available; the PyTorch paths will be used")
+        print("core.ext: the compiled CPU kernels are not available; the PyTorch paths will be used")
         return 0 if disabled() else 1
-    print("core.ext: fused MoE CPU kernel ready")
+    print("core.ext: compiled CPU kernels ready (MoE, block-sparse attention)")
     return 0
 
 

@@ -45,7 +45,7 @@ FUSED_CHUNK = 4096
 
 def fused_available() -> bool:
     """Whether the compiled CPU kernel (core/csrc/moe_cpu.cpp) is built and loaded."""
-    return ext.moe_ops() is not None
+    return ext.ops() is not None
 
 
 @dataclass
@@ -325,7 +325,7 @@ class MoE(nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts for given routing by the dispatch ``mode`` (``_mode``) -> (y [N,D], counts [E])."""
         if mode == "fused":
-            return ext.moe_ops().moe_experts(x, w_NK, idx_NK, self.w13, self.w2, FUSED_CHUNK)
+            return ext.ops().moe_experts(x, w_NK, idx_NK, self.w13, self.w2, FUSED_CHUNK)
         if mode == "padded_small":
             return self._experts_padded_small(x, w_NK, idx_NK)
         if mode == "gather":
@@ -348,7 +348,7 @@ class MoE(nn.Module):
         # quantization makes it a quantized Linear, whose weight is a method) or the bias router:
         # those route in PyTorch, and the experts still run compiled (_experts, "fused")
         if mode == "fused" and cfg.balance == "aux" and isinstance(self.router.weight, torch.Tensor):
-            y, counts = ext.moe_ops().moe_forward(x, self.router.weight, self.w13, self.w2, K, FUSED_CHUNK)
+            y, counts = ext.ops().moe_forward(x, self.router.weight, self.w13, self.w2, K, FUSED_CHUNK)
         else:
             w_NK, idx_NK, probs_NE = self.route(x, need_probs=grad)
             y, counts = self._experts(x, w_NK, idx_NK, mode, grad)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from core import attention
+from core import attention, ext
 from core.attention import BRANCHES, AttentionConfig, BlockSparseAttention, block_sparse_attention, dense_reference
 
 SMALL = dict(d_model=16, n_heads=2, head_dim=8, block_size=8, window_blocks=1, global_blocks=1,
@@ -51,6 +51,7 @@ def test_inference_selected_by_chosen_block_matches_dense_reference(branches, T,
     batch rows that choose differently, partial last blocks included, and equal to the path with
     gradients."""
     monkeypatch.setattr(attention, "FUSED_CPU", fused)
+    monkeypatch.setattr(attention, "COMPILED_CPU", False)  # the PyTorch path (the compiled one is tested below)
     cfg = AttentionConfig(**{**SMALL, "select_topk": 1}, branches=branches)
     q, k, v, gates, wk = _inputs(cfg, 2, T, seed=3)
     calls = []
@@ -63,6 +64,90 @@ def test_inference_selected_by_chosen_block_matches_dense_reference(branches, T,
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     with_grad = block_sparse_attention(q, k, v, cfg, gates, wk, None)
     torch.testing.assert_close(out, with_grad.detach(), rtol=1e-10, atol=1e-12)
+
+
+# --- the compiled inference forward (core/csrc/attention_cpu.cpp, built through core.ext) ---------
+
+compiled = pytest.mark.skipif(ext.disabled(), reason="MEDREPORT_NO_EXT is set: the PyTorch paths are used")
+
+
+@compiled
+def test_compiled_forward_builds_and_is_what_inference_runs(monkeypatch):
+    """On a machine with the documented toolchain the compiled forward is built, and inference on
+    CPU (no gradient) goes through it; with gradients the autograd path runs."""
+    assert attention.compiled_available(), "core/csrc/attention_cpu.cpp did not build: see the warning logged by core.ext"
+    calls = []
+    real = attention._compiled_forward
+    monkeypatch.setattr(attention, "_compiled_forward", lambda *a: (calls.append(1), real(*a))[1])
+    cfg = AttentionConfig(**SMALL)
+    q, k, v, gates, wk = _inputs(cfg, 1, 40)
+    with torch.no_grad():
+        block_sparse_attention(q, k, v, cfg, gates, wk)
+    assert len(calls) == 1
+    block_sparse_attention(q, k, v, cfg, gates, wk).sum().backward()
+    assert len(calls) == 1 and q.grad is not None
+
+
+GEOMETRIES = [dict(),  # SMALL: b 8, window 1, global 1, c 16, top-2
+              dict(window_blocks=2, global_blocks=0, select_topk=3),
+              dict(block_size=4, window_blocks=0, global_blocks=2, compress_block=8, select_topk=1),
+              dict(compress_block=32, window_blocks=3, global_blocks=2)]
+
+
+@compiled
+@pytest.mark.parametrize("geometry", range(len(GEOMETRIES)))
+@pytest.mark.parametrize("branches", CASES + [("selected", "local"), ("compressed", "selected")])
+@pytest.mark.parametrize("T", [1, 7, 45, 160, 203])
+def test_compiled_forward_matches_dense_reference_fp64(branches, T, geometry, monkeypatch):
+    """fp64, two batch rows that select differently: every branch and branch order, gated, with
+    and without global blocks, several windows and top-k, lengths that are and are not multiples
+    of the block and the compressed block; equal to the dense masks and to the PyTorch path."""
+    monkeypatch.setattr(attention, "COMPILED_CPU", True)
+    cfg = AttentionConfig(**{**SMALL, **GEOMETRIES[geometry]}, branches=branches)
+    q, k, v, gates, wk = _inputs(cfg, 2, T, seed=geometry)
+    wv = torch.randn(cfg.compress_block, dtype=torch.float64)
+    with torch.no_grad():
+        out = block_sparse_attention(q, k, v, cfg, gates, wk, wv)
+        ref = dense_reference(q, k, v, cfg, gates, wk, wv)
+        monkeypatch.setattr(attention, "COMPILED_CPU", False)
+        torch_path = block_sparse_attention(q, k, v, cfg, gates, wk, wv)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, torch_path, rtol=1e-10, atol=1e-12)
+
+
+@compiled
+def test_compiled_forward_fp32_at_demo_geometry(monkeypatch):
+    """fp32 at the pinned 64-token blocks, 256-token compressed blocks and d 64 (the AVX2 softmax
+    path), a length with a partial last block: within fp32 rounding of the PyTorch path."""
+    cfg = AttentionConfig(d_model=128, n_heads=2, head_dim=64)
+    T = 2 * 1024 + 37
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, T, 64, generator=g) for _ in range(3))
+    gates = torch.rand(1, 2, T, 3, generator=g)
+    with torch.no_grad():
+        monkeypatch.setattr(attention, "COMPILED_CPU", True)
+        out = block_sparse_attention(q, k, v, cfg, gates)
+        monkeypatch.setattr(attention, "COMPILED_CPU", False)
+        ref = block_sparse_attention(q, k, v, cfg, gates)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+
+
+@compiled
+def test_compiled_op_rejects_bad_inputs_with_a_reason():
+    ops = ext.ops()
+    x = torch.randn(2, 16, 8)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops.bsa_forward(x.half(), x.half(), x.half(), None, None, None, None, None, 2, 8, 1, 1, 16, [0], 0.3)
+    with pytest.raises(RuntimeError, match="gates must be"):
+        ops.bsa_forward(x, x, x, None, None, None, None, None, 2, 8, 1, 1, 16, [0, 0], 0.3)
+    with pytest.raises(RuntimeError, match="needs cmp_k"):
+        ops.bsa_forward(x, x, x, None, None, None, None, None, 2, 8, 1, 1, 16, [1], 0.3)
+    y = torch.randn(1, 24, 8)
+    bad = torch.tensor([[[1]]])  # compressed block 1 (rows 16..31) chosen by query block 2 (rows 16..23)
+    with pytest.raises(RuntimeError, match="is not before"):
+        ops.bsa_forward(y, y, y, None, None, bad, torch.ones(1, 1, 1, dtype=torch.bool), None, 1, 8, 1, 1, 16, [2], 0.3)
+    ok = ops.bsa_forward(y, y, y, None, None, bad - 1, torch.ones(1, 1, 1, dtype=torch.bool), None, 1, 8, 1, 1, 16, [2], 0.3)
+    assert torch.isfinite(ok).all() and ok[0, :16].abs().max() == 0  # blocks 0-1 have nothing to select
 
 
 def test_reference_pattern_is_sparse_and_global_path_reaches_far_tokens():
