@@ -1,11 +1,11 @@
 // Block-sparse attention forward on CPU (inference): all branches of core/attention.py in one pass.
 //
-// One task per (batch*head row, query block of b tokens). For each branch the task forms the
-// block's scores against the branch's key ranges with direct BLAS calls (the keys are read in
+// One task per (batch*head row, group of c/b query blocks). For each branch the task forms the
+// blocks' scores against the branch's key ranges with direct BLAS calls (the keys are read in
 // place: the local window and the global blocks, the visible compressed summaries, the selected raw
 // blocks), takes one softmax per row, folds the branch's gate into the probabilities and adds
 // P @ V straight into the output rows (beta = 1 after the first branch). Nothing is gathered or
-// copied, and no score matrix outlives its block (64 x at most a few hundred floats).
+// copied, and no score matrix outlives its call (at most c query rows x a few hundred keys).
 //
 // Against the PyTorch path (one flash-kernel call per chunk and branch, then merging and gating as
 // separate passes) it removes the per-call framework cost, the log-sum-exp merge of the global
@@ -14,8 +14,9 @@
 // The selection itself (top-k compressed blocks per query block, softmaxed over candidates and
 // summed over heads) is computed by the caller (core/attention.py) and passed in as indices.
 //
-// Inference only (no autograd), float32 / float64. The float32 softmax has an AVX2+FMA path
-// chosen at run time (a function-level target, so the binary still runs on CPUs without AVX2).
+// Inference only (no autograd), float32 / float64. The float32 softmax has AVX-512 and AVX2+FMA
+// paths chosen at run time (function-level targets, so the binary still runs on CPUs without them;
+// MEDREPORT_NO_AVX512=1 forces the AVX2 path, which is how the tests check both on one machine).
 //
 // Legend: BH batch*heads, T tokens, d head dim, b block size, C compressed blocks of c tokens,
 // Q selecting query blocks, K top-k, G gate columns (branches).
@@ -27,6 +28,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -132,8 +134,57 @@ __attribute__((target("avx2,fma"))) void softmax_row_avx2(float* row, int valid,
   for (j = valid; j < L; ++j) row[j] = 0.f;
 }
 
+// The same with 16 lanes where the CPU has AVX-512 (the exp polynomial and the passes over the row
+// are most of the softmax's cost, and the softmax ~a fifth of a block's time).
+__attribute__((target("avx512f"))) inline __m512 exp_nonpos_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 t = _mm512_mul_ps(_mm512_sub_ps(y, n), _mm512_set1_ps(0.693147180559945309f));
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+__attribute__((target("avx512f"))) void softmax_row_avx512(float* row, int valid, int L, float gate) {
+  const int v16 = valid & ~15;
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int j = 0;
+  for (; j < v16; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(row + j));
+  float m = _mm512_reduce_max_ps(mv);
+  for (; j < valid; ++j) m = row[j] > m ? row[j] : m;
+  const __m512 mb = _mm512_set1_ps(m);
+  __m512 sv = _mm512_setzero_ps();
+  for (j = 0; j < v16; j += 16) {
+    const __m512 e = exp_nonpos_avx512(_mm512_sub_ps(_mm512_loadu_ps(row + j), mb));
+    _mm512_storeu_ps(row + j, e);
+    sv = _mm512_add_ps(sv, e);
+  }
+  float sum = _mm512_reduce_add_ps(sv);
+  for (; j < valid; ++j) {
+    row[j] = std::exp(row[j] - m);
+    sum += row[j];
+  }
+  const float f = gate / sum;
+  const __m512 fb = _mm512_set1_ps(f);
+  for (j = 0; j < v16; j += 16) _mm512_storeu_ps(row + j, _mm512_mul_ps(_mm512_loadu_ps(row + j), fb));
+  for (; j < valid; ++j) row[j] *= f;
+  for (j = valid; j < L; ++j) row[j] = 0.f;
+}
+
 bool has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+bool has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && std::getenv("MEDREPORT_NO_AVX512") == nullptr;
   return ok;
 }
 #endif
@@ -142,6 +193,7 @@ template <typename scalar_t>
 inline void softmax_row(scalar_t* row, int valid, int L, scalar_t gate) {
 #ifdef MEDREPORT_X86
   if constexpr (std::is_same_v<scalar_t, float>) {
+    if (has_avx512()) return softmax_row_avx512(row, valid, L, gate);
     if (has_avx2()) return softmax_row_avx2(row, valid, L, gate);
   }
 #endif
@@ -157,7 +209,7 @@ struct KeyRange {
   int n;
 };
 
-// One branch of one query block: S = scale * Q K^T over the ranges (the last lq keys causal when
+// One branch of lq consecutive query rows: S = scale * Q K^T over the ranges (the last lq keys causal when
 // `causal`), row softmax times the rows' gate, O (+)= P V. Q [lq, d] and O [lq, d] row-major with
 // row stride d; S is a [lq, L] row-major scratch (= column-major S^T [L, lq]).
 template <typename scalar_t>
@@ -203,58 +255,102 @@ void bsa_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const bool* sop = sel_ok ? sel_ok->data_ptr<bool>() : nullptr;
   const scalar_t* gp = gates ? gates->data_ptr<scalar_t>() : nullptr;
   scalar_t* op = o.data_ptr<scalar_t>();
-  const int64_t tasks = BH * N;
-  // dynamic schedule: a block's cost grows with its position (compressed summaries visible), so a
+  // One task per (row, group of c/b query blocks): the blocks of a group see the same compressed
+  // summaries (their count changes only at multiples of c), so the group's compressed branch is one
+  // call on all its rows (c rows against the summaries: bigger GEMMs than one per 64-row block);
+  // consecutive blocks of a group that selected the same raw blocks share one call the same way.
+  const int64_t gb = c / b, NG = (N + gb - 1) / gb;
+  const int64_t tasks = BH * NG;
+  // dynamic schedule: a group's cost grows with its position (compressed summaries visible), so a
   // static split of the task range would leave one core idle at the end
   std::atomic<int64_t> next{0};
-  const int64_t grab = 4;
+  const int64_t grab = std::max<int64_t>(1, 8 / gb);
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (tasks + grab - 1) / grab));
   at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
     std::vector<scalar_t> S;
     std::vector<KeyRange<scalar_t>> ranges(static_cast<size_t>(std::max<int64_t>(2, K)));
+    std::vector<char> written(static_cast<size_t>(gb));
     for (int64_t t0 = next.fetch_add(grab); t0 < tasks; t0 = next.fetch_add(grab)) {
       for (int64_t t = t0; t < std::min(tasks, t0 + grab); ++t) {
-        const int64_t bh = t / N, i = t % N, bn = bh / H;
-        const int64_t r0 = i * b, lq = std::min(b, T - r0);
-        const scalar_t* Q = qp + (bh * T + r0) * d;
-        scalar_t* O = op + (bh * T + r0) * d;
+        const int64_t bh = t / NG, bn = bh / H, i0 = (t % NG) * gb, i1 = std::min(N, i0 + gb);
         const scalar_t* krow = kp + bh * T * d;
         const scalar_t* vrow = vp + bh * T * d;
-        bool written = false;
-        for (size_t n = 0; n < branches.size(); ++n) {
+        std::fill(written.begin(), written.end(), 0);
+        auto rows = [&](int64_t ia, int64_t ib) { return std::min(T, ib * b) - ia * b; };
+        // blocks ia..ib-1 are about to get one call: whether it adds to their rows (beta 1) or
+        // writes them (beta 0); unwritten blocks among written ones are zeroed first
+        auto accumulate = [&](int64_t ia, int64_t ib) {
+          bool any = false, all = true;
+          for (int64_t i = ia; i < ib; ++i) {
+            if (written[i - i0]) any = true;
+            else all = false;
+          }
+          if (any && !all)
+            for (int64_t i = ia; i < ib; ++i)
+              if (!written[i - i0]) std::memset(op + (bh * T + i * b) * d, 0, sizeof(scalar_t) * rows(i, i + 1) * d);
+          for (int64_t i = ia; i < ib; ++i) written[i - i0] = 1;
+          return any;
+        };
+        auto call = [&](int64_t ia, int64_t ib, int nr, bool causal, size_t n) {
+          const int64_t r0 = ia * b;
           const scalar_t* gate = gp ? gp + (bh * T + r0) * G + static_cast<int64_t>(n) : nullptr;
+          const bool acc = accumulate(ia, ib);
+          attend<scalar_t>(qp + (bh * T + r0) * d, op + (bh * T + r0) * d, static_cast<int>(rows(ia, ib)), static_cast<int>(d),
+                           ranges.data(), nr, causal, scale, gate, G, acc, S);
+        };
+        // the selected raw blocks of query block i as key ranges -> their count
+        auto selection = [&](int64_t i) {
           int nr = 0;
-          bool causal = false;
+          const int64_t a = i - i_first;
+          if (C == 0 || a < 0 || a >= Qs) return nr;
+          for (int64_t kk = 0; kk < K; ++kk) {
+            const int64_t off = (bn * Qs + a) * K + kk;
+            if (!sop[off]) continue;
+            const int64_t j = sip[off];
+            TORCH_CHECK(j >= 0 && (j + 1) * c <= i * b, "bsa_forward: selected block ", j, " is not before query block ", i);
+            ranges[nr++] = {krow + j * c * d, vrow + j * c * d, static_cast<int>(c)};
+          }
+          return nr;
+        };
+        auto same_selection = [&](int64_t i, int64_t i2) {
+          const int64_t a = i - i_first, a2 = i2 - i_first;
+          if (a < 0 || a2 >= Qs) return false;
+          for (int64_t kk = 0; kk < K; ++kk) {
+            const int64_t o1 = (bn * Qs + a) * K + kk, o2 = (bn * Qs + a2) * K + kk;
+            if (sop[o1] != sop[o2] || (sop[o1] && sip[o1] != sip[o2])) return false;
+          }
+          return true;
+        };
+        for (size_t n = 0; n < branches.size(); ++n) {
           if (branches[n] == LOCAL) {
-            const int64_t ws = std::max<int64_t>(0, i - w) * b;  // window start
-            causal = true;
-            if (ws <= g * b) {  // global and window keys together are the prefix up to the own rows
-              ranges[nr++] = {krow, vrow, static_cast<int>(r0 + lq)};
-            } else {
-              if (g > 0) ranges[nr++] = {krow, vrow, static_cast<int>(g * b)};
-              ranges[nr++] = {krow + ws * d, vrow + ws * d, static_cast<int>(r0 + lq - ws)};
+            for (int64_t i = i0; i < i1; ++i) {
+              const int64_t r0 = i * b, lq = rows(i, i + 1), ws = std::max<int64_t>(0, i - w) * b;  // window start
+              int nr = 0;
+              if (ws <= g * b) {  // global and window keys together are the prefix up to the own rows
+                ranges[nr++] = {krow, vrow, static_cast<int>(r0 + lq)};
+              } else {
+                if (g > 0) ranges[nr++] = {krow, vrow, static_cast<int>(g * b)};
+                ranges[nr++] = {krow + ws * d, vrow + ws * d, static_cast<int>(r0 + lq - ws)};
+              }
+              call(i, i + 1, nr, true, n);
             }
           } else if (branches[n] == COMPRESSED) {
-            const int64_t nvis = std::min<int64_t>(C, r0 / c);  // summaries ending at or before the block start
-            if (nvis > 0) ranges[nr++] = {ckp + bh * C * d, cvp + bh * C * d, static_cast<int>(nvis)};
-          } else {  // SELECTED
-            const int64_t a = i - i_first;
-            if (C > 0 && a >= 0 && a < Qs) {
-              for (int64_t kk = 0; kk < K; ++kk) {
-                const int64_t off = (bn * Qs + a) * K + kk;
-                if (!sop[off]) continue;
-                const int64_t j = sip[off];
-                TORCH_CHECK(j >= 0 && (j + 1) * c <= r0, "bsa_forward: selected block ", j, " is not before query block ", i);
-                ranges[nr++] = {krow + j * c * d, vrow + j * c * d, static_cast<int>(c)};
-              }
+            const int64_t nvis = std::min<int64_t>(C, i0 * b / c);  // summaries ending at or before the group start
+            if (nvis == 0) continue;  // rows without keys in a branch get nothing from it (as in the PyTorch path)
+            ranges[0] = {ckp + bh * C * d, cvp + bh * C * d, static_cast<int>(nvis)};
+            call(i0, i1, 1, false, n);
+          } else {  // SELECTED: runs of consecutive blocks with the same selection
+            for (int64_t i = i0; i < i1;) {
+              int64_t e = i + 1;
+              while (e < i1 && same_selection(i, e)) ++e;
+              const int nr = selection(i);
+              if (nr > 0) call(i, e, nr, false, n);
+              i = e;
             }
           }
-          if (nr == 0) continue;  // rows without keys in this branch add nothing (as in the PyTorch path)
-          attend<scalar_t>(Q, O, static_cast<int>(lq), static_cast<int>(d), ranges.data(), nr, causal, scale, gate, G,
-                           written, S);
-          written = true;
         }
-        if (!written) std::memset(O, 0, sizeof(scalar_t) * lq * d);
+        for (int64_t i = i0; i < i1; ++i)
+          if (!written[i - i0]) std::memset(op + (bh * T + i * b) * d, 0, sizeof(scalar_t) * rows(i, i + 1) * d);
       }
     }
   });

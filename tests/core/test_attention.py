@@ -1,4 +1,8 @@
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,6 +134,21 @@ def test_compiled_forward_fp32_at_demo_geometry(monkeypatch):
         monkeypatch.setattr(attention, "COMPILED_CPU", False)
         ref = block_sparse_attention(q, k, v, cfg, gates)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6)
+
+
+@compiled
+def test_compiled_forward_fp32_avx2_softmax_where_avx512_is_taken():
+    """The AVX2 softmax (the CI machine's) checked even on a machine whose CPU takes the AVX-512
+    one: the same comparison in a process with MEDREPORT_NO_AVX512=1."""
+    code = ("import torch, core.attention as A; from core.attention import *; torch.manual_seed(1);"
+            "cfg = AttentionConfig(d_model=128, n_heads=2, head_dim=64); T = 1100;"
+            "q, k, v = (torch.randn(1, 2, T, 64) for _ in range(3)); gates = torch.rand(1, 2, T, 3);"
+            "torch.set_grad_enabled(False); out = block_sparse_attention(q, k, v, cfg, gates);"
+            "A.COMPILED_CPU = False; ref = block_sparse_attention(q, k, v, cfg, gates);"
+            "torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6); print('ok')")
+    env = {**os.environ, "MEDREPORT_NO_AVX512": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
 @compiled
