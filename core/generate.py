@@ -39,7 +39,9 @@ class GenerationConfig:
     line_end_ids: tuple[int, ...] = ()
     # Complete report: EOS is banned until the last of ``section_ids`` (the impression) has been
     # emitted and followed by a token other than ``line_end_ids`` (an empty impression, or a report
-    # that stops inside the findings, is never the right report). ``max_new_tokens`` still ends it.
+    # that stops inside the findings, is never the right report); no section marker may be skipped
+    # (only the next one is allowed) and the next one only once the current section has content
+    # (a token other than ``line_end_ids``). ``max_new_tokens`` still ends it.
     complete_sections: bool = False
     # Section grammar: inside section ``line_start_section`` (an index into ``section_ids``; the
     # findings) a line may not start with one of ``line_start_banned`` (the impression's list
@@ -99,9 +101,13 @@ class _RowState:
         if (self.cfg.line_start_banned and self.last_section == self.cfg.line_start_section and self.tokens
                 and (self.tokens[-1] in self.cfg.line_end_ids or self.tokens[-1] in (self.cfg.section_ids or ()))):
             out.extend(self.cfg.line_start_banned)
-        if self.cfg.complete_sections and self.cfg.eos_id is not None and self.cfg.section_ids and not (
-                self.last_section == len(self.cfg.section_ids) - 1 and self.since_section > 0):
-            out.append(self.cfg.eos_id)
+        if self.cfg.complete_sections and self.cfg.section_ids:
+            ids, nxt = self.cfg.section_ids, self.last_section + 1
+            out.extend(ids[nxt + 1:])  # no section skipped
+            if self.last_section >= 0 and self.since_section == 0 and nxt < len(ids):
+                out.append(ids[nxt])  # nor left empty
+            if self.cfg.eos_id is not None and not (self.last_section == len(ids) - 1 and self.since_section > 0):
+                out.append(self.cfg.eos_id)
         return out
 
     def _after_item_start(self) -> bool:

@@ -183,12 +183,29 @@ def test_complete_report_grammar():
     loose = generate(dec, [[1]], None, None, GenerationConfig(**base, complete_sections=True, line_end_ids=(9,)))[0]
     assert loose[:4] == [10, 15, 9, 7] and 2 not in loose and len(loose) == 12
     # an impression marker followed by EOS: the EOS waits for content
-    dec.PREFS = {**_Prefs.PREFS, 1: [11]}
+    dec.PREFS = {**_Prefs.PREFS, 1: [11], 11: [2, 9, 15]}
+    whole_one = GenerationConfig(**{**base, "section_ids": [11]}, complete_sections=True, line_end_ids=(9,))
     assert generate(dec, [[1]], None, None, GenerationConfig(**base))[0] == [11, 2]
-    assert generate(dec, [[1]], None, None, whole)[0] == [11, 9, 7, 15, 2]
+    assert generate(dec, [[1]], None, None, whole_one)[0] == [11, 9, 7, 15, 2]
     for strategy in ("beam", "sample"):  # every strategy goes through the same row constraints
         out = generate(_Prefs(), [[1]], None, None, GenerationConfig(**{**whole.__dict__, "strategy": strategy, "num_beams": 2, "seed": 0}))[0]
         assert 11 in out and out[-1] == 2 and 7 not in out[:out.index(11)] and out.index(11) < len(out) - 2, out
+
+
+def test_complete_report_has_every_section_in_order_none_empty():
+    """``complete_sections`` also keeps every section: a marker that would skip one is refused (the
+    decoder's next choice, the skipped section's marker, is taken), and the next marker waits until
+    the current section has content. Seen on an unseen geometry (session 17): a report whose
+    comparison ran on into findings lines and jumped to the impression, leaving Findings empty."""
+    dec = _Prefs()
+    base = dict(max_new_tokens=12, eos_id=2, section_ids=[10, 11])
+    whole = GenerationConfig(**base, complete_sections=True, line_end_ids=(9,), line_start_banned=(7,), line_start_section=0)
+    dec.PREFS = {**_Prefs.PREFS, 1: [11, 10]}  # the model would skip the findings
+    assert generate(dec, [[1]], None, None, GenerationConfig(**base))[0] == [11, 2]
+    assert generate(dec, [[1]], None, None, whole)[0] == [10, 15, 9, 11, 9, 7, 15, 2]
+    dec.PREFS = {**_Prefs.PREFS, 10: [11, 15]}  # ... or leave them empty
+    assert generate(dec, [[1]], None, None, GenerationConfig(**base))[0][:2] == [10, 11]
+    assert generate(dec, [[1]], None, None, whole)[0] == [10, 15, 9, 11, 9, 7, 15, 2]
 
 
 def test_veto_refuses_continuations_under_every_strategy(dec):
