@@ -10,7 +10,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     OMP_NUM_THREADS=4 \
     GRADIO_ANALYTICS_ENABLED=False
 
-# libsndfile for soundfile; g++ builds the fused MoE CPU kernel (core/csrc) once, below.
+# libsndfile for soundfile; g++ builds the compiled CPU kernels (MoE, attention; core/csrc) once, below.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libsndfile1 g++ \
     && rm -rf /var/lib/apt/lists/*

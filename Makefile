@@ -16,7 +16,7 @@ install: $(STAMP)
 # wheels this machine installs from local disk; pyproject pins a range that admits them.
 # Then build the fused MoE CPU kernel once (core/csrc, ~30 s with g++); where it cannot be built the
 # product runs on the PyTorch paths (same results, slower) and says so.
-$(STAMP): pyproject.toml $(wildcard core/csrc/*.cpp)
+$(STAMP): pyproject.toml $(wildcard core/csrc/*.cpp core/csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q -e '.[ui,export,test]'

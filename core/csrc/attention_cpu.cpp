@@ -24,6 +24,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "blas.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -40,22 +42,7 @@
 
 namespace {
 
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-            const int*, const float*, const int*, const float*, float*, const int*);
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-            const int*, const double*, const int*, const double*, double*, const int*);
-}
-
-// Column-major C[m,n] = alpha * op(A) op(B) + beta * C (the Fortran BLAS interface).
-template <typename scalar_t>
-inline void gemm(char ta, char tb, int m, int n, int k, scalar_t alpha, const scalar_t* A, int lda,
-                 const scalar_t* B, int ldb, scalar_t beta, scalar_t* C, int ldc) {
-  if constexpr (std::is_same_v<scalar_t, float>)
-    sgemm_(&ta, &tb, &m, &n, &k, &alpha, A, &lda, B, &ldb, &beta, C, &ldc);
-  else
-    dgemm_(&ta, &tb, &m, &n, &k, &alpha, A, &lda, B, &ldb, &beta, C, &ldc);
-}
+using medreport_blas::gemm;
 
 // ---------------------------------------------------------------------------------- row softmax
 // row[0:valid) <- gate * softmax(row[0:valid)), row[valid:L) <- 0. valid >= 1.

@@ -15,6 +15,8 @@
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
+#include "blas.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -45,25 +47,10 @@ struct Workspace {
 };
 thread_local Workspace tls_ws;
 
-// The BLAS that libtorch_cpu carries (MKL on x86 wheels; OpenBLAS elsewhere): called directly,
-// because at::mm's fixed cost (~3-5 us of tensor bookkeeping per call) is most of a 2-row GEMM.
-// Fortran interface, column-major, LP64.
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-            const int*, const float*, const int*, const float*, float*, const int*);
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-            const int*, const double*, const int*, const double*, double*, const int*);
-}
-
 // Row-major C[m,n] = A[m,k] @ B[k,n] (row strides lda, ldb, ldc) = column-major C^T = B^T A^T.
 template <typename scalar_t>
 void gemm_rm(int m, int n, int k, const scalar_t* A, int lda, const scalar_t* B, int ldb, scalar_t* C, int ldc) {
-  const char no = 'N';
-  const scalar_t one = 1, zero = 0;
-  if constexpr (std::is_same_v<scalar_t, float>)
-    sgemm_(&no, &no, &n, &m, &k, &one, B, &ldb, A, &lda, &zero, C, &ldc);
-  else
-    dgemm_(&no, &no, &n, &m, &k, &one, B, &ldb, A, &lda, &zero, C, &ldc);
+  medreport_blas::gemm<scalar_t>('N', 'N', n, m, k, scalar_t(1), B, ldb, A, lda, scalar_t(0), C, ldc);
 }
 
 // Tokens [n0, n1) of x through their experts into y: counting sort of the assignments by expert;
