@@ -27,8 +27,9 @@ dv, so memory and backward work stay linear in T and nothing is padded.
 
 Inference on the CPU (no gradient, fp32/fp64) takes a compiled forward instead
 (``core/csrc/attention_cpu.cpp``, built by ``core.ext``; same maths, exact against the dense
-reference): one task per (head, query block) runs every branch with direct BLAS calls on the keys
-in place and folds the gates into the softmax probabilities.  Training keeps the path above.
+reference): one task per (head, group of compress_block/block_size query blocks) runs every branch
+with direct BLAS calls on the keys in place and folds the gates into the softmax probabilities.
+Training keeps the path above.
 
 Legend: B batch, H heads, T tokens, N key blocks, Q query blocks in a chunk, b block size,
 d head dim, C compressed blocks, K top-k, L local keys per query block, R ring-buffer slots.
@@ -584,7 +585,7 @@ KEEP_WHEN_RECOMPUTING: tuple[str, ...] = ("selected", "local")
 
 # Inference on the CPU (fp32/fp64, no gradient) runs every branch in one compiled pass
 # (core/csrc/attention_cpu.cpp, built by core.ext; the same maths as _BlockSparseFn.forward, one
-# task per query block and head, keys read in place, the gates folded into the probabilities).
+# task per head and group of query blocks, keys read in place, the gates folded into the probabilities).
 # Tests turn it off to compare the two paths; MEDREPORT_NO_EXT=1 turns it off for a process.
 COMPILED_CPU = True
 

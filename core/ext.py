@@ -3,10 +3,10 @@
 ``ops()`` returns the compiled inference ops (``torch.ops.medreport``: the fused MoE of
 ``core/csrc/moe_cpu.cpp``, the block-sparse attention forward of ``core/csrc/attention_cpu.cpp``) or
 ``None`` where they cannot be built (no compiler, a build error, ``MEDREPORT_NO_EXT=1``);
-``core.moe.MoE`` and ``core.attention`` then use their pure-PyTorch paths, which give the same result. The build goes through PyTorch's own
-``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``; rebuilt only when the source, the flags or torch change), takes
-~20-40 s on 2 cores; ``make install`` and the Dockerfile run it ahead of time
+``core.moe.MoE`` and ``core.attention`` then use their pure-PyTorch paths, which give the same
+result. The build goes through PyTorch's own ``torch.utils.cpp_extension.load`` (cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``; rebuilt only when the sources,
+the flags or torch change), takes ~40-60 s on 2 cores; ``make install`` and the Dockerfile run it ahead of time
 (``python -c "import sys, core.ext; sys.exit(core.ext.main())"``).
 """
 from __future__ import annotations
