@@ -68,8 +68,10 @@ def configure_allocator() -> bool:
     system, so each call on a long record maps its ~100 MB tensors afresh and pays a page fault per
     4 KB it touches. Kept in the heap they are reused: ``bench.e2e`` with a 100,000-token record
     8.7 -> 6.3 s p50, one layer's local attention at 100K 0.137 -> 0.110 s (session 17). The cost:
-    the process keeps its peak memory instead of returning it. ``MEDREPORT_DEFAULT_MALLOC=1`` keeps
-    glibc's defaults; other C libraries are left alone."""
+    the process keeps its peak memory instead of returning it. Measured on the main thread (the
+    batch CLI); the web UI's request threads allocate from glibc's per-thread arenas, which map
+    blocks over 64 MB afresh regardless. ``MEDREPORT_DEFAULT_MALLOC=1`` keeps glibc's defaults;
+    other C libraries are left alone."""
     if os.environ.get("MEDREPORT_DEFAULT_MALLOC", "") not in ("", "0") or not sys.platform.startswith("linux"):
         return False
     try:
