@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include "blas.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <atomic>
@@ -35,14 +36,13 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define MEDREPORT_X86 1
-#endif
 
 namespace {
 
 using medreport_blas::gemm;
+#ifdef MEDREPORT_X86
+using namespace medreport_simd;
+#endif
 
 // ---------------------------------------------------------------------------------- row softmax
 // row[0:valid) <- gate * softmax(row[0:valid)), row[valid:L) <- 0. valid >= 1.
@@ -62,25 +62,6 @@ void softmax_row_scalar(scalar_t* row, int valid, int L, scalar_t gate) {
 }
 
 #ifdef MEDREPORT_X86
-// exp(x) for x <= 0 (scores minus the row max): 2^n * 2^f with n = round(x log2 e), |f| <= 1/2,
-// 2^f by its degree-6 Taylor polynomial in f ln 2 (relative error ~2e-7, about float eps); inputs
-// below -87 (whose exp underflows to 0 or a denormal) give 0 or a tiny normal, as in a softmax.
-__attribute__((target("avx2,fma"))) inline __m256 exp_nonpos_avx2(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 y = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-  const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 t = _mm256_mul_ps(_mm256_sub_ps(y, n), _mm256_set1_ps(0.693147180559945309f));  // f ln 2
-  __m256 p = _mm256_set1_ps(1.0f / 720);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0f / 120));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0f / 24));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0f / 6));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
 __attribute__((target("avx2,fma"))) inline float hmax(__m256 v) {
   __m128 a = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   a = _mm_max_ps(a, _mm_movehl_ps(a, a));
@@ -123,22 +104,6 @@ __attribute__((target("avx2,fma"))) void softmax_row_avx2(float* row, int valid,
 
 // The same with 16 lanes where the CPU has AVX-512 (the exp polynomial and the passes over the row
 // are most of the softmax's cost, and the softmax ~a fifth of a block's time).
-__attribute__((target("avx512f"))) inline __m512 exp_nonpos_avx512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 t = _mm512_mul_ps(_mm512_sub_ps(y, n), _mm512_set1_ps(0.693147180559945309f));
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
 __attribute__((target("avx512f"))) void softmax_row_avx512(float* row, int valid, int L, float gate) {
   const int v16 = valid & ~15;
   __m512 mv = _mm512_set1_ps(-INFINITY);
@@ -165,15 +130,6 @@ __attribute__((target("avx512f"))) void softmax_row_avx512(float* row, int valid
   for (j = valid; j < L; ++j) row[j] = 0.f;
 }
 
-bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
-bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && std::getenv("MEDREPORT_NO_AVX512") == nullptr;
-  return ok;
-}
 #endif
 
 template <typename scalar_t>

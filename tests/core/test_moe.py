@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -293,3 +298,61 @@ def test_fused_kernel_with_an_int8_quantized_router():
         y = q(x)[0]
         expect = torch.stack([sum(w[n, j] * m._expert(int(idx[n, j]), x[n:n + 1])[0] for j in range(2)) for n in range(10)])
     torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-6)
+
+
+def _swiglu_extremes_case():
+    """An fp32 MoE whose gate pre-activations span -300..300 (exp(-|g|) from 1 down to underflow),
+    with an expert width that is not a multiple of the vector length (vector body and scalar tail),
+    and 700 tokens on 4 experts (several 128-row tiles per expert)."""
+    torch.manual_seed(3)
+    m = MoE(MoEConfig(d_model=16, n_experts=4, top_k=2, d_expert=20))
+    with torch.no_grad():
+        m.w13[:, :, :20].mul_(60.0)  # gate columns: large positive and negative pre-activations
+    x = torch.randn(700, 16)
+    x[0] = 0.0  # g = 0 exactly
+    return m, x
+
+
+@fused
+def test_fused_kernel_swiglu_is_exact_at_extreme_gates():
+    """The kernel's vector SwiGLU (exp of -|g|, AVX-512 here) against the fp64 reference."""
+    m, x = _swiglu_extremes_case()
+    with torch.no_grad():
+        g = torch.einsum("nd,edf->nef", x, m.w13[:, :, :20])
+        assert g.max() > 80 and g.min() < -80  # the range the test is about
+        y = m(x)[0]
+        ref = moe_reference(m.double(), x.double()).float()
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, ref, rtol=2e-5, atol=2e-4)
+
+
+@fused
+def test_fused_kernel_avx2_swiglu_in_a_process_without_avx512():
+    """The AVX2 SwiGLU, forced with MEDREPORT_NO_AVX512=1 in a fresh process, gives the same."""
+    code = ("import torch, tests.core.test_moe as T; from core.moe import moe_reference;"
+            "m, x = T._swiglu_extremes_case(); torch.set_grad_enabled(False);"
+            "assert m._mode(700, False, x) == 'fused'; y = m(x)[0];"
+            "ref = moe_reference(m.double(), x.double()).float();"
+            "torch.testing.assert_close(y, ref, rtol=2e-5, atol=2e-4); print('ok')")
+    env = {**os.environ, "MEDREPORT_NO_AVX512": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+@fused
+@pytest.mark.parametrize("n_experts,top_k", [(16, 2), (16, 5), (11, 3), (16, 16)])
+def test_fused_kernel_fp32_router_picks_what_pytorch_picks(n_experts, top_k):
+    """fp32 with at most 16 experts: the kernel computes the router's logits and top-k itself
+    (AVX-512 where the CPU has it): the same experts, weights and output as PyTorch's router, with
+    a short last group of rows (ties are test_fused_kernel_ties_pick_the_lower_expert...: torch.topk
+    breaks them its own way)."""
+    torch.manual_seed(n_experts + top_k)
+    m = MoE(MoEConfig(d_model=64, n_experts=n_experts, top_k=top_k, d_expert=16)).eval()
+    x = torch.randn(4 * 37 + 3, 64)
+    with torch.no_grad():
+        w_ref, idx_ref, _ = m.route(x, need_probs=False)
+        y, aux = m(x)
+        ref = moe_reference(m, x)
+    counts_ref = torch.bincount(idx_ref.flatten(), minlength=n_experts).float() / idx_ref.numel()
+    torch.testing.assert_close(aux["expert_load"], counts_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
