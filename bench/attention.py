@@ -8,6 +8,12 @@ attention configuration.  FLOPs are the ones the sparse pattern needs (valid que
 per head, forward); GFLOP/s is compared with the fp32 matmul peak measured in the same run.
 "Ours" forward is what inference runs: the compiled CPU kernel (core/csrc/attention_cpu.cpp) where
 it is built, timed beside the PyTorch path (``*_fwd_torch_s``); forward+backward is the autograd path.
+
+The process keeps freed memory in its heap, as the ``medreport`` command runs (``app.cli.
+configure_allocator``); with glibc's defaults every 100K-token call maps its ~100 MB output afresh and
+pays a page fault per 4 KB, which alone moves the local path's 100K/10K ratio by ~2. That ratio is
+also measured under glibc's defaults, in a fresh process (``scaling_*_default_malloc``).
+``--default-malloc`` runs the whole benchmark under glibc's defaults.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from app.cli import configure_allocator
 from bench.common import machine, matmul_peak_gflops, peak_memory_bytes, print_table, time_call, write_json, load_note
 from core import attention
 from core.attention import AttentionConfig, block_sparse_attention
@@ -105,6 +112,23 @@ def bench_ours(cfg: AttentionConfig, T: int, repeats: int, backward: bool) -> di
     return r
 
 
+def _scaling_in_this_process(cfg_dict: dict, sizes: tuple[int, int]) -> float:
+    """time(sizes[1]) / time(sizes[0]) of the forward, best of 3 each."""
+    cfg = AttentionConfig.from_dict(cfg_dict)
+    t = []
+    for T in sizes:
+        (q, k, v), gates = _qkv(cfg, T, grad=False)
+        with torch.no_grad():
+            t.append(time_call(lambda: block_sparse_attention(q, k, v, cfg, gates), repeats=3))
+    return t[1] / t[0]
+
+
+def scaling_with_default_malloc(cfg: AttentionConfig, sizes: tuple[int, int]) -> float:
+    """The forward's scaling in a fresh process that keeps glibc's default allocator."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_scaling_in_this_process, (dataclasses.asdict(cfg), sizes))
+
+
 def bench_sdpa(cfg: AttentionConfig, T: int, repeats: int) -> dict:
     (q, k, v), _ = _qkv(cfg, T, grad=True)
 
@@ -160,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--sdpa-max", type=int, default=32768, help="largest T for dense SDPA (38 s fwd at 100K)")
     ap.add_argument("--flex-eager-max", type=int, default=8192, help="largest T for uncompiled flex (materialises T x T)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's default allocator (default: freed memory kept in the heap, as `medreport` runs)")
     args = ap.parse_args(argv)
+    heap = False if args.default_malloc else configure_allocator()
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = args.sizes or ([512, 1024, 2048] if args.quick else FULL_SIZES)
@@ -207,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         return None if a is None or b is None else a / b
 
     big, ten, mid = 100_000, 10240, 16384
+    dm = {}
+    if heap and ten in by_t and big in by_t:  # the scaling again, under glibc's defaults
+        dm = {name: scaling_with_default_malloc(c, (ten, big)) for name, c in (("local", local_cfg), ("full", cfg))}
+        print(f"100K/10K under glibc's default allocator (fresh process): local {dm['local']:.2f}, full {dm['full']:.2f}")
     payload = {
         "config": dataclasses.asdict(cfg),
         "local_config": dataclasses.asdict(local_cfg),
@@ -215,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         "forward_path": ("compiled CPU kernel (core/csrc/attention_cpu.cpp); *_torch_s: the PyTorch path"
                          if attention.compiled_available() else "PyTorch path (compiled kernel not built)"),
         "note": load_note("timings are best-of-N"),
+        "allocator": ("as the medreport command runs: freed memory kept in the heap (app.cli.configure_allocator)"
+                      if heap else "glibc defaults"),
         "speedup_vs_sdpa_16k": ratio(get(mid, "sdpa_fwd_s"), get(mid, "full_fwd_s")),
         "speedup_vs_sdpa_16k_fwd_bwd": ratio(get(mid, "sdpa_fwd_bwd_s"), get(mid, "full_fwd_bwd_s")),
         "speedup_vs_flex_100k": ratio(get(big, "flex_compiled_fwd_s"), get(big, "local_fwd_s")),
@@ -223,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         "gflops_fraction_of_peak_100k": get(big, "full_frac_peak"),
         "scaling_local_100k_over_10k": ratio(get(big, "local_fwd_s"), get(ten, "local_fwd_s")),
         "scaling_full_100k_over_10k": ratio(get(big, "full_fwd_s"), get(ten, "full_fwd_s")),
+        "scaling_local_100k_over_10k_default_malloc": dm.get("local"),
+        "scaling_full_100k_over_10k_default_malloc": dm.get("full"),
         "peak_mem_100k_gb": get(big, "full_fwd_mem_gb"),
         "peak_mem_fwd_bwd_100k_gb": get(big, "full_fwd_bwd_mem_gb"),
         "rows": rows,
