@@ -67,19 +67,22 @@ def configure_allocator() -> bool:
     By default glibc gives every freed block above its mmap threshold (32 MB at most) back to the
     system, so each call on a long record maps its ~100 MB tensors afresh and pays a page fault per
     4 KB it touches. Kept in the heap they are reused: ``bench.e2e`` with a 100,000-token record
-    8.7 -> 6.3 s p50, one layer's local attention at 100K 0.137 -> 0.110 s (session 17). The cost:
-    the process keeps its peak memory instead of returning it. Measured on the main thread (the
-    batch CLI); the web UI's request threads allocate from glibc's per-thread arenas, which map
-    blocks over 64 MB afresh regardless. ``MEDREPORT_DEFAULT_MALLOC=1`` keeps glibc's defaults;
-    other C libraries are left alone."""
+    8.7 -> 6.3 s p50, one layer's local attention at 100K 0.137 -> 0.110 s (session 17). All threads
+    share the one heap (``M_ARENA_MAX`` 1): glibc's per-thread arenas, where the web UI's request
+    threads would otherwise allocate, map every block over 64 MB afresh whatever the threshold. The
+    cost: the process keeps its peak memory instead of returning it, and threads take turns at the
+    allocator's lock (large tensors are few; small Python objects have their own allocator).
+    ``MEDREPORT_DEFAULT_MALLOC=1`` keeps glibc's defaults; other C libraries are left alone. Call it
+    before other threads start allocating (the CLI: first thing)."""
     if os.environ.get("MEDREPORT_DEFAULT_MALLOC", "") not in ("", "0") or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
-    ok = bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc's <malloc.h>
+    ok = bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1)) \
+        and bool(mallopt(M_ARENA_MAX, 1))
     log.debug("allocator: freed memory kept in the heap: %s", ok)
     return ok
 
