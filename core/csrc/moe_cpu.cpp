@@ -1,6 +1,6 @@
-// Fused MoE inference on CPU: counting-sort dispatch, each expert's SwiGLU on its contiguous slice,
-// experts spread over the cores (one core per expert, not both cores per small GEMM), weighted
-// combine. One call replaces the ~20 framework ops of the Python dispatch paths (core/moe.py),
+// Fused MoE inference on CPU: the router's top-k (its logits too, for fp32 with <= 16 experts on
+// AVX-512), counting-sort dispatch, each expert's SwiGLU on its contiguous slice, experts dealt to
+// the cores as they free up (one core per expert, not both cores per small GEMM), weighted combine. One call replaces the ~20 framework ops of the Python dispatch paths (core/moe.py),
 // whose fixed cost (~5-10 us each from Python) is most of the time at decode sizes, and runs the
 // ~128-row expert GEMMs of a 1K-token batch one per core instead of splitting each over both cores.
 //
