@@ -1,8 +1,4 @@
 import dataclasses
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -137,7 +133,7 @@ def test_compiled_forward_fp32_at_demo_geometry(monkeypatch):
 
 
 @compiled
-def test_compiled_forward_fp32_avx2_softmax_where_avx512_is_taken():
+def test_compiled_forward_fp32_avx2_softmax_where_avx512_is_taken(run_without_avx512):
     """The AVX2 softmax (the CI machine's) checked even on a machine whose CPU takes the AVX-512
     one: the same comparison in a process with MEDREPORT_NO_AVX512=1."""
     code = ("import torch, core.attention as A; from core.attention import *; torch.manual_seed(1);"
@@ -146,9 +142,7 @@ def test_compiled_forward_fp32_avx2_softmax_where_avx512_is_taken():
             "torch.set_grad_enabled(False); out = block_sparse_attention(q, k, v, cfg, gates);"
             "A.COMPILED_CPU = False; ref = block_sparse_attention(q, k, v, cfg, gates);"
             "torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6); print('ok')")
-    env = {**os.environ, "MEDREPORT_NO_AVX512": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    run_without_avx512(code)
 
 
 @compiled

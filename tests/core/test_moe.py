@@ -1,8 +1,3 @@
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -327,16 +322,14 @@ def test_fused_kernel_swiglu_is_exact_at_extreme_gates():
 
 
 @fused
-def test_fused_kernel_avx2_swiglu_in_a_process_without_avx512():
+def test_fused_kernel_avx2_swiglu_in_a_process_without_avx512(run_without_avx512):
     """The AVX2 SwiGLU, forced with MEDREPORT_NO_AVX512=1 in a fresh process, gives the same."""
     code = ("import torch, tests.core.test_moe as T; from core.moe import moe_reference;"
             "m, x = T._swiglu_extremes_case(); torch.set_grad_enabled(False);"
             "assert m._mode(700, False, x) == 'fused'; y = m(x)[0];"
             "ref = moe_reference(m.double(), x.double()).float();"
             "torch.testing.assert_close(y, ref, rtol=2e-5, atol=2e-4); print('ok')")
-    env = {**os.environ, "MEDREPORT_NO_AVX512": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    run_without_avx512(code)
 
 
 @fused
