@@ -16,8 +16,12 @@ from _model import EXAMPLES, tiny_model_dir  # noqa: E402
 def test_e2e_bench_quick_writes_latency_and_quality(tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
     model = tiny_model_dir(tmp_path_factory)
-    assert bench.e2e.main(["--model", str(model), "--quick", "--manifest", str(EXAMPLES / "manifest.jsonl")]) == 0
+    # --default-malloc: this test process keeps glibc's defaults (the bench's own setting,
+    # as `medreport` runs, is checked in tests/bench/test_moe_attention.py and tests/app/test_cli.py)
+    assert bench.e2e.main(["--model", str(model), "--quick", "--manifest", str(EXAMPLES / "manifest.jsonl"),
+                           "--default-malloc"]) == 0
     out = json.loads((tmp_path / "e2e_quick.json").read_text())
+    assert out["allocator"] == "glibc defaults"
     assert {r["decoder"] for r in out["rows"]} == {"fp32", "int8"}
     for r in out["rows"]:
         assert r["p95_s"] >= r["p50_s"] > 0 and r["history_tokens_read"] > 0
@@ -31,7 +35,7 @@ def test_e2e_bench_on_a_given_study_fp32_only(tmp_path, tmp_path_factory, monkey
     model = tiny_model_dir(tmp_path_factory)
     study = EXAMPLES / "studies" / "syn00002"
     assert bench.e2e.main(["--model", str(model), "--quick", "--study", str(study), "--no-int8",
-                           "--name", "e2e_example"]) == 0
+                           "--name", "e2e_example", "--default-malloc"]) == 0
     out = json.loads((tmp_path / "e2e_example_quick.json").read_text())
     assert out["study"] == str(study) and {r["decoder"] for r in out["rows"]} == {"fp32"}
     assert "int8_speedup_2000" not in out and out["rows"][0]["heatmaps"] >= 0
