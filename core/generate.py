@@ -43,6 +43,12 @@ class GenerationConfig:
     # (only the next one is allowed) and the next one only once the current section has content
     # (a token other than ``line_end_ids``). ``max_new_tokens`` still ends it.
     complete_sections: bool = False
+    # With ``complete_sections``: tokens kept for each section not yet opened. Once the tokens left
+    # are no more than that for the sections still to come, and the current section has content,
+    # the next marker is forced: a report that runs long (a decoder repeating itself) still gets
+    # its later sections, each with room to be written, instead of stopping at max_new_tokens
+    # inside the findings. 0: off.
+    section_budget: int = 0
     # Section grammar: inside section ``line_start_section`` (an index into ``section_ids``; the
     # findings) a line may not start with one of ``line_start_banned`` (the impression's list
     # enumerators "1." ... : a numbered item belongs to the impression, after its marker).
@@ -110,20 +116,40 @@ class _RowState:
                 out.append(self.cfg.eos_id)
         return out
 
+    def forced(self) -> int | None:
+        """The next section marker when the token budget says it is due (``section_budget``)."""
+        cfg = self.cfg
+        if not (cfg.complete_sections and cfg.section_ids and cfg.section_budget > 0):
+            return None
+        nxt = self.last_section + 1
+        if nxt >= len(cfg.section_ids) or (self.last_section >= 0 and self.since_section == 0):
+            return None
+        left = cfg.max_new_tokens - len(self.tokens)
+        return cfg.section_ids[nxt] if left <= cfg.section_budget * (len(cfg.section_ids) - nxt) else None
+
     def _after_item_start(self) -> bool:
         return any(len(self.tokens) >= len(sfx) and tuple(self.tokens[-len(sfx):]) == sfx
                    for sfx in self.cfg.no_end_after)
 
 
 def _mask_banned(logits_BV: torch.Tensor, states: list[_RowState]) -> torch.Tensor:
-    rows, cols = [], []
+    rows, cols, forced = [], [], []
     for r, st in enumerate(states):
+        f = st.forced()
+        if f is not None:
+            forced.append((r, f))
+            continue
         b = st.banned()
         rows.extend([r] * len(b))
         cols.extend(b)
-    if rows:
+    if rows or forced:
         logits_BV = logits_BV.clone()
-        logits_BV[rows, cols] = float("-inf")
+        if rows:
+            logits_BV[rows, cols] = float("-inf")
+        for r, f in forced:  # every other token out; the forced one keeps a finite score
+            keep = logits_BV[r, f].clamp(min=-1e4)
+            logits_BV[r] = float("-inf")
+            logits_BV[r, f] = keep
     return logits_BV
 
 

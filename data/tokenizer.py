@@ -101,9 +101,10 @@ class ReportTokenizer:
         """``GenerationConfig`` fields that keep a report whole: it may not end before its
         impression has content (``complete_sections``; whitespace is not content), and no line of
         the findings starts with a list enumerator (a digit token at a line start: numbered items
-        belong to the impression, after its marker)."""
+        belong to the impression, after its marker). 16 tokens are kept for each section not yet
+        opened (``section_budget``): a report that runs long still gets all of them."""
         space, digits = self._line_token_classes
-        return {"complete_sections": True, "line_end_ids": space,
+        return {"complete_sections": True, "section_budget": 16, "line_end_ids": space,
                 "line_start_banned": digits, "line_start_section": SECTION_KEYS.index("findings")}
 
     def report_constraints(self, nonempty_items: bool = False, complete_sections: bool = False) -> dict:

@@ -236,3 +236,28 @@ def test_veto_refuses_continuations_under_every_strategy(dec):
         generate(dec, PREFIXES, None, None, GenerationConfig(max_new_tokens=2), vetoes=[None])
     with pytest.raises(ValueError, match="veto_topk"):
         generate(dec, PREFIXES, None, None, GenerationConfig(max_new_tokens=2, veto_topk=0))
+
+
+def test_section_budget_opens_the_remaining_sections_of_a_report_that_runs_long():
+    """``section_budget``: a decoder that repeats itself in the findings would run to
+    ``max_new_tokens`` and never write the later sections (4 of 310 test reports in session 17);
+    with the budget the next marker is forced once the tokens left are just enough for the
+    sections to come, each then gets content, under every strategy."""
+    dec = _Prefs()
+    dec.PREFS = {1: [10], 10: [15], 15: [15, 2, 9], 9: [15], 11: [15], 12: [15]}  # loves word 15
+    base = dict(max_new_tokens=16, eos_id=2, section_ids=[10, 11, 12], complete_sections=True, line_end_ids=(9,))
+    plain = generate(dec, [[1]], None, None, GenerationConfig(**base))[0]
+    assert plain == [10] + [15] * 15  # the later sections never come
+    for strategy in ("greedy", "beam", "sample"):
+        out = generate(dec, [[1]], None, None, GenerationConfig(**base, section_budget=3, strategy=strategy,
+                                                                num_beams=2, seed=0))[0]
+        assert len(out) == 16 and [t for t in out if t in (10, 11, 12)] == [10, 11, 12], (strategy, out)
+        i11, i12 = out.index(11), out.index(12)
+        assert i11 >= 2 and out[i11 - 1] == 15 and out[i11 + 1] == 15 and out[i12 + 1] == 15, (strategy, out)
+        assert 16 - i12 - 1 >= 1  # the last section has content
+    # the budget never fires early: a report that ends in time is as without it
+    whole = dict(max_new_tokens=12, eos_id=2, section_ids=[10, 11], complete_sections=True, line_end_ids=(9,),
+                 line_start_banned=(7,), line_start_section=0)
+    for budget in (0, 2):
+        assert generate(_Prefs(), [[1]], None, None, GenerationConfig(**whole, section_budget=budget))[0] == \
+            [10, 15, 9, 11, 9, 7, 15, 2]
