@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -188,6 +189,32 @@ def write_manifest(entries: list[ManifestEntry], path: str | Path) -> Path:
         for e in entries:
             f.write(json.dumps(e.to_dict(), ensure_ascii=False) + "\n")
     return path
+
+
+def add_training_studies(primary: str | Path, extra: str | Path, out: str | Path, id_prefix: str) -> tuple[Path, int]:
+    """Write the manifest ``out``: every entry of ``primary`` as it is, then every entry of
+    ``extra`` as a *training* study (split "train", id ``id_prefix + id``), its paths rewritten
+    relative to ``out``'s folder. The held-out splits stay ``primary``'s alone, so scores on them
+    compare with models trained on ``primary``. Used to train on another geometry besides the
+    demo data (``medreport demo-model --tiny-studies``). -> (out, how many entries were added)."""
+    primary, extra, out = Path(primary), Path(extra), Path(out)
+    ids = {d["id"] for _, d in iter_jsonl(primary, ManifestError)}
+    lines = [json.dumps(d, ensure_ascii=False) for _, d in iter_jsonl(primary, ManifestError)]
+    added = 0
+    for n, d in iter_jsonl(extra, ManifestError):
+        d = dict(d, id=f"{id_prefix}{d['id']}", split="train")
+        if d["id"] in ids:
+            raise ManifestError(f"{extra}:{n}: id {d['id']} is also in {primary}; choose another id prefix")
+        for key in ("study", "history", "audio"):
+            if d.get(key) and not Path(d[key]).is_absolute():
+                d[key] = os.path.relpath(extra.parent / d[key], out.parent)
+        lines.append(json.dumps(d, ensure_ascii=False))
+        added += 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out, added
 
 
 def _labels_of(sections: dict[str, str]) -> list[Label]:

@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantom-version", type=int, choices=(1, 2), default=1,
                         help="phantom anatomy of a dataset built here (make-dataset --phantom-version; default 1, "
                              "the shipped model's data)")
+    parser.add_argument("--tiny-studies", type=int, default=0,
+                        help="extra *training* studies of the tiny geometry (16 x 64 x 64, 10 mm slices, as the bundled "
+                             "examples), built into DATASET_tiny and added to the training manifest; the val and test "
+                             "splits stay the demo dataset's (default 0)")
+    parser.add_argument("--tiny-seed", type=int, default=4242, help="seed of the tiny training studies (default 4242)")
     parser.add_argument("--config", type=Path, default=Path("configs/demo.json"), help="training recipe")
     parser.add_argument("--run", type=Path, default=Path("runs/demo"), help="training run folder (default runs/demo)")
     parser.add_argument("--out", type=Path, default=Path("models/demo"), help="shipped model folder (default models/demo)")
@@ -64,6 +69,25 @@ def _make_dataset(args) -> Path:
     return manifest
 
 
+def _with_tiny_studies(args, manifest: Path) -> Path:
+    """The training manifest: ``manifest`` alone, or with ``--tiny-studies`` tiny training studies
+    (built in DATASET_tiny when missing) added (data.datasets.add_training_studies)."""
+    if not getattr(args, "tiny_studies", 0):
+        return manifest
+    from app.commands import make_dataset
+    from data.datasets import add_training_studies
+
+    tiny = args.dataset.parent / f"{args.dataset.name}_tiny"
+    p = argparse.ArgumentParser()
+    make_dataset.add_arguments(p)
+    make_dataset.run(p.parse_args(["--out", str(tiny), "--n", str(args.tiny_studies), "--seed", str(args.tiny_seed),
+                                   "--size", "tiny", "--history-tokens", args.history_tokens]
+                                  + (["--no-progress"] if args.no_progress else [])))
+    out, added = add_training_studies(manifest, tiny / "manifest.jsonl", args.dataset / "manifest_mixed.jsonl", "tiny-")
+    log.info("training manifest %s: the demo dataset plus %d tiny training studies", out, added)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from app.decoding import DECODING_FILE, GREEDY, tune_decoding, write_decoding
     from app.train import evaluate_split, latest_checkpoint, load_config, read_metrics, train
@@ -82,11 +106,13 @@ def run(args: argparse.Namespace) -> int:
     manifest = _make_dataset(args)
     cfg = load_config(None, args.config, args.overrides)
     final = args.run / "final"
-    prep_s = _prepare(manifest, cfg, args) if not (final / "model.safetensors").is_file() else 0.0
+    trained = (final / "model.safetensors").is_file()
+    train_manifest = manifest if trained else _with_tiny_studies(args, manifest)
+    prep_s = _prepare(train_manifest, cfg, args) if not trained else 0.0
     t0 = time.perf_counter()
-    if not (final / "model.safetensors").is_file():
+    if not trained:
         resume = latest_checkpoint(args.run) is not None
-        final = train(manifest, args.run, None if resume else cfg, resume=resume, progress=not args.no_progress)
+        final = train(train_manifest, args.run, None if resume else cfg, resume=resume, progress=not args.no_progress)
     train_wall = time.perf_counter() - t0
     rows = read_metrics(args.run)
     train_seconds = max((r.get("train_s", 0.0) for r in rows), default=0.0)
@@ -234,6 +260,10 @@ def model_card(args, cfg, metrics: dict) -> str:
                  "the impression has content, and no findings line starts with a list number.\n"
                  if (metrics.get("decoding") or {}).get("complete_report") else "")
     pv = f" --phantom-version {args.phantom_version}" if getattr(args, "phantom_version", 1) != 1 else ""
+    n_tiny = getattr(args, "tiny_studies", 0)
+    tiny = (f"\nPlus {n_tiny} training studies of the tiny geometry (16 x 64 x 64, 10 mm slices, as the bundled examples): "
+            f"`medreport make-dataset --out {args.dataset}_tiny --n {n_tiny} --seed {args.tiny_seed} --size tiny "
+            f"--history-tokens {args.history_tokens}`, added as training studies only.") if n_tiny else ""
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in metrics.items() if not isinstance(v, (dict, list)))
     return f"""# medreport demo model
@@ -245,7 +275,7 @@ must not be used to read real studies.
 ## Data
 Synthetic demo-size studies in `{args.dataset}`: {splits.get("train", 0)} train, {splits.get("val", 0)} val,
 {splits.get("test", 0)} test (test studies use reserved report templates). Built (when missing) with
-`medreport make-dataset --out {args.dataset} --n {args.n} --seed {args.seed} --size demo --history-tokens {args.history_tokens}{pv}`.
+`medreport make-dataset --out {args.dataset} --n {args.n} --seed {args.seed} --size demo --history-tokens {args.history_tokens}{pv}`.{tiny}
 
 ## Training
 Command: `{cmd}` (recipe `{args.config}`, seed {cfg.seed}, preset `{cfg.preset}`, model overrides

@@ -343,7 +343,11 @@ def test_model_card_lists_findings_and_names_the_unlearned_ones(tmp_path):
                               eval_history_tokens=100000, fp32=False)
     card = model_card(args, load_config(None, "configs/demo.json"), {"finding_micro_f1": 0.6, "n": 4, "per_finding": per})
     assert "| cardiomegaly | 2 |" in card and "does not detect: nodule" in card
-    assert "not for clinical use" in card.lower() and "--start-from" not in card
+    assert "not for clinical use" in card.lower() and "--start-from" not in card and "tiny geometry" not in card
+    args.tiny_studies, args.tiny_seed = 600, 4242  # trained with tiny studies besides: the card says how they were made
+    card = model_card(args, load_config(None, "configs/demo.json"), {"finding_micro_f1": 0.6, "n": 4, "per_finding": per})
+    assert "Plus 600 training studies of the tiny geometry" in card and "--seed 4242 --size tiny" in card
+    args.tiny_studies = 0
     # a run that started from another run's stage end says so
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps({"start_from": "runs/a/stages/encoders"}))
@@ -830,3 +834,23 @@ def test_call_feature_masks_follow_what_the_training_labels_carry(shared, repo_r
     val_entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "val"]
     c = ReportModel.from_pretrained(old).cfg.heads
     assert (c.call_sides, c.call_locations) == call_feature_masks(val_entries, names, h.locations)
+
+
+def test_demo_model_adds_tiny_training_studies_when_asked(tmp_path):
+    """``medreport demo-model --tiny-studies N`` builds N tiny studies beside the demo dataset and
+    trains on both; the held-out splits stay the demo dataset's."""
+    import argparse
+
+    from app.commands.demo_model import _with_tiny_studies
+    from data.datasets import ManifestEntry, read_manifest, write_manifest
+
+    demo = tmp_path / "demo"
+    (demo / "studies" / "s0").mkdir(parents=True)
+    manifest = write_manifest([ManifestEntry(id="s0", split="test", study="studies/s0", report="FINDINGS:\nx", root=demo)],
+                              demo / "manifest.jsonl")
+    args = argparse.Namespace(dataset=demo, tiny_studies=0, tiny_seed=5, history_tokens="200:300", no_progress=True)
+    assert _with_tiny_studies(args, manifest) == manifest  # not asked: the demo manifest as it is
+    args.tiny_studies = 2
+    mixed = read_manifest(_with_tiny_studies(args, manifest), check_files=True)
+    assert [(e.id, e.split) for e in mixed] == [("s0", "test"), ("tiny-syn00000", "train"), ("tiny-syn00001", "train")]
+    assert mixed[1].study_path.resolve() == (tmp_path / "demo_tiny" / "studies" / "syn00000").resolve()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data.datasets import (ManifestEntry, ManifestError, ct_rate_volume_path, from_ct_rate, from_r2gen, from_table,
+from data.datasets import (ManifestEntry, ManifestError, add_training_studies, ct_rate_volume_path, from_ct_rate, from_r2gen, from_table,
                            read_manifest, validate_entry, write_manifest)
 from data.vocab import Label
 
@@ -117,3 +117,31 @@ def test_generic_csv_and_jsonl():
     assert js[0].sections["findings"] == "Moderate cardiomegaly." and _present(js[0]) == {"cardiomegaly": True}
     with pytest.raises(ManifestError, match="needs 'id'"):
         from_table(g / "studies.csv")
+
+
+def test_add_training_studies_keeps_the_held_out_splits_and_rewrites_paths(tmp_path):
+    """A second dataset's studies join the first's as training studies: the first's entries are
+    unchanged, the added ones get a prefixed id, split "train" and paths that still find their
+    files from the new manifest's folder; an id clash is an error that names the fix."""
+    def dataset(root: Path, splits: list[str]) -> Path:
+        entries = []
+        for i, split in enumerate(splits):
+            (root / "studies" / f"syn{i:05d}").mkdir(parents=True)
+            (root / "studies" / f"syn{i:05d}" / "history.txt").write_text("h")
+            entries.append(ManifestEntry(id=f"syn{i:05d}", split=split, study=f"studies/syn{i:05d}",
+                                         history=f"studies/syn{i:05d}/history.txt", report="FINDINGS:\nx", root=root))
+        return write_manifest(entries, root / "manifest.jsonl")
+
+    demo = dataset(tmp_path / "demo", ["train", "val", "test"])
+    tiny = dataset(tmp_path / "demo_tiny", ["test", "val"])
+    out, added = add_training_studies(demo, tiny, tmp_path / "demo" / "manifest_mixed.jsonl", "tiny-")
+    assert added == 2
+    mixed = read_manifest(out, check_files=True)
+    assert [e.id for e in mixed] == ["syn00000", "syn00001", "syn00002", "tiny-syn00000", "tiny-syn00001"]
+    assert [e.split for e in mixed] == ["train", "val", "test", "train", "train"]
+    assert mixed[3].study == "../demo_tiny/studies/syn00000"
+    assert mixed[4].path(mixed[4].history).read_text() == "h"
+    assert [json.loads(x) for x in demo.read_text().splitlines()] == \
+        [json.loads(x) for x in out.read_text().splitlines()[:3]]  # the first dataset's lines as they were
+    with pytest.raises(ManifestError, match="another id prefix"):
+        add_training_studies(demo, demo, tmp_path / "clash.jsonl", "")
