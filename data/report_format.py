@@ -116,6 +116,30 @@ def parse_report(text: str) -> dict[str, str]:
     return out
 
 
+_ITEM_RE = re.compile(r"^\s*(\d+)\.\s*(.*\S)\s*$")
+
+
+def drop_repeated_items(text: str) -> str:
+    """A numbered list (every non-empty line "N. item", as an impression) without the items that
+    repeat an earlier one (same words, case and spacing aside), renumbered from 1; any other text
+    as it is. A decoder that loops writes "1. Left lower lobe atelectasis. 2. Left lower lobe
+    atelectasis." (18-34 of 310 test reports in session 18); a radiologist never lists an item twice."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    items = [_ITEM_RE.match(ln) for ln in lines]
+    if not lines or not all(items):
+        return text
+    seen: set[str] = set()
+    kept: list[str] = []
+    for m in items:
+        key = " ".join(m.group(2).lower().split())
+        if key not in seen:
+            seen.add(key)
+            kept.append(m.group(2))
+    if len(kept) == len(items):
+        return text
+    return "\n".join(f"{i}. {item}" for i, item in enumerate(kept, 1))
+
+
 _PUNCT_RE = re.compile(r"([^\w\s])")
 
 

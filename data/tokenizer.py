@@ -19,7 +19,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data.errors import MedreportError
-from data.report_format import SECTION_KEYS, empty_sections
+from data.report_format import SECTION_KEYS, drop_repeated_items, empty_sections
 
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[BOS]", "[EOS]", "[REPORT]")
 SECTION_TOKENS: tuple[str, ...] = tuple(f"[SEC_{k.upper()}]" for k in SECTION_KEYS)
@@ -172,7 +172,8 @@ class ReportTokenizer:
         return ids
 
     def decode_report(self, ids: Iterable[int]) -> dict[str, str]:
-        """Sections from ids (stops at EOS; text before the first section marker is Findings)."""
+        """Sections from ids (stops at EOS; text before the first section marker is Findings); an
+        impression item that repeats an earlier one is dropped (``drop_repeated_items``)."""
         out = empty_sections()
         current, buf = "findings", []
 
@@ -192,6 +193,7 @@ class ReportTokenizer:
             else:
                 buf.append(i)
         flush()
+        out["impression"] = drop_repeated_items(out["impression"])
         return out
 
     def encode_sequence(self, history: str | None, sections: dict[str, str] | None = None) -> list[int]:

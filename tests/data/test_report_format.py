@@ -1,6 +1,6 @@
 from hypothesis import given, settings, strategies as st
 
-from data.report_format import (SECTION_KEYS, clean_for_bleu, findings_impression, format_findings, format_report,
+from data.report_format import (SECTION_KEYS, clean_for_bleu, drop_repeated_items, findings_impression, format_findings, format_report,
                                 parse_report, split_findings)
 
 _text = st.text(alphabet=st.characters(whitelist_categories=("Ll", "Lu", "Nd"), whitelist_characters=" .,-"),
@@ -45,3 +45,13 @@ def test_format_rejects_unknown_sections():
 
     with pytest.raises(ValueError, match="unknown report sections"):
         format_report({"findngs": "x"})
+
+
+def test_drop_repeated_items_keeps_a_list_without_repeats_and_other_text_as_is():
+    looped = "1. Left lower lobe atelectasis.\n2. Left lower lobe  atelectasis.\n3. Small effusion.\n4. left lower lobe atelectasis."
+    assert drop_repeated_items(looped) == "1. Left lower lobe atelectasis.\n2. Small effusion."
+    clean = "1. Nodule.\n2. Effusion."
+    assert drop_repeated_items(clean) == clean
+    prose = "No acute abnormality. No acute abnormality."  # not a numbered list: left alone
+    assert drop_repeated_items(prose) == prose
+    assert drop_repeated_items("") == ""

@@ -50,6 +50,9 @@ def test_report_roundtrip_and_sequence(tok, corpus):
     assert "[SEC_" not in tok.decode(ids)
     # Special-token text inside a report is not turned into a marker by accident.
     assert tok.decode(tok.encode("a [BOS] b")) == "a [BOS] b"
+    # A looping decoder's repeated impression item is dropped, the list renumbered.
+    looped = dict(sections, impression="1. Mild atelectasis.\n2. Mild atelectasis.\n3. No effusion.")
+    assert tok.decode_report(tok.encode_report(looped))["impression"] == "1. Mild atelectasis.\n2. No effusion."
 
 
 def test_save_load(tok, tmp_path):
