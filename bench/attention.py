@@ -26,8 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from app.cli import configure_allocator
-from bench.common import machine, matmul_peak_gflops, peak_memory_bytes, print_table, time_call, write_json, load_note
+from bench.common import machine, matmul_peak_gflops, peak_memory_bytes, print_table, time_call, write_json, load_note, product_allocator
 from core import attention
 from core.attention import AttentionConfig, block_sparse_attention
 from core.decoder import DecoderConfig
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's default allocator (default: freed memory kept in the heap, as `medreport` runs)")
     args = ap.parse_args(argv)
-    heap = False if args.default_malloc else configure_allocator()
+    heap, allocator = product_allocator(args.default_malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = args.sizes or ([512, 1024, 2048] if args.quick else FULL_SIZES)
@@ -246,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         "forward_path": ("compiled CPU kernel (core/csrc/attention_cpu.cpp); *_torch_s: the PyTorch path"
                          if attention.compiled_available() else "PyTorch path (compiled kernel not built)"),
         "note": load_note("timings are best-of-N"),
-        "allocator": ("as the medreport command runs: freed memory kept in the heap (app.cli.configure_allocator)"
-                      if heap else "glibc defaults"),
+        "allocator": allocator,
         "speedup_vs_sdpa_16k": ratio(get(mid, "sdpa_fwd_s"), get(mid, "full_fwd_s")),
         "speedup_vs_sdpa_16k_fwd_bwd": ratio(get(mid, "sdpa_fwd_bwd_s"), get(mid, "full_fwd_bwd_s")),
         "speedup_vs_flex_100k": ratio(get(big, "flex_compiled_fwd_s"), get(big, "local_fwd_s")),

@@ -85,6 +85,17 @@ def load_note(detail: str = "") -> str:
     return f"{state}: load average {load:.2f} with {threads} threads on {os.cpu_count()} cores" + (f"; {detail}" if detail else "")
 
 
+def product_allocator(default_malloc: bool = False) -> tuple[bool, str]:
+    """Set the process's allocator up as the ``medreport`` command does (``app.cli.
+    configure_allocator``: freed memory kept in the heap), unless ``default_malloc``; -> (whether it
+    is set, the setting in words for the JSON's ``allocator``)."""
+    from app.cli import configure_allocator
+
+    heap = not default_malloc and configure_allocator()
+    return heap, ("as the medreport command runs: freed memory kept in the heap (app.cli.configure_allocator)"
+                  if heap else "glibc defaults")
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     def fmt(v):
         if v is None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import machine, print_table, write_json
+from bench.common import machine, print_table, product_allocator, write_json
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's default allocator (default: freed memory kept in the heap, as `medreport` runs)")
     args = ap.parse_args(argv)
-    from app.cli import configure_allocator
-    heap = False if args.default_malloc else configure_allocator()
+    _, allocator = product_allocator(args.default_malloc)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, cols)
     payload = {"model": str(args.model), "study": str(args.study) if args.study else "synthetic (seed 7)",
                "decoding": decoding or {"strategy": "greedy"}, "machine": machine(),
-               "allocator": ("as the medreport command runs: freed memory kept in the heap (app.cli.configure_allocator)"
-                             if heap else "glibc defaults"), "rows": rows}
+               "allocator": allocator, "rows": rows}
     for n in lengths:
         f = next(r for r in rows if r["history_tokens"] == n and r["decoder"] == "fp32")
         payload[f"p50_{n}_s"], payload[f"p95_{n}_s"] = f["p50_s"], f["p95_s"]

@@ -22,8 +22,7 @@ import time
 
 import torch
 
-from app.cli import configure_allocator
-from bench.common import machine, matmul_peak_gflops, print_table, write_json, load_note
+from bench.common import machine, matmul_peak_gflops, print_table, write_json, load_note, product_allocator
 from core.decoder import DecoderConfig
 from core.moe import MoE, SwiGLU, fused_available, moe_reference
 
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(256, cfg.d_model)
         exact = (moe(x)[0] - moe_reference(moe, x)).abs().max().item()
         rows_dm = measure(sizes, moe, moe_pt, dense, cfg, args)
-        heap = configure_allocator()  # as `medreport` runs (MEDREPORT_DEFAULT_MALLOC=1: not)
+        heap, allocator = product_allocator()  # as `medreport` runs (MEDREPORT_DEFAULT_MALLOC=1: not)
         rows = measure(sizes, moe, moe_pt, dense, cfg, args) if heap else rows_dm
     print(f"ours = {path}; glibc's default allocator")
     print_table(rows_dm, list(rows_dm[0]))
@@ -99,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense_hidden": cfg.top_k * cfg.d_expert + cfg.n_shared * cfg.d_expert,
         "max_abs_diff_vs_naive_fp32": exact,
         "note": load_note("best-of-N, interleaved"),
-        "allocator": ("as the medreport command runs: freed memory kept in the heap (app.cli.configure_allocator)"
-                      if heap else "glibc defaults (MEDREPORT_DEFAULT_MALLOC set, or not glibc)"),
+        "allocator": allocator,
         "ratio_vs_dense_16k": by.get(16384, {}).get("moe_over_dense"),
         "ratio_vs_dense_32k": by.get(32768, {}).get("moe_over_dense"),
         "ratio_vs_dense_1k": by.get(1024, {}).get("moe_over_dense"),

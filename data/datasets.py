@@ -198,8 +198,9 @@ def add_training_studies(primary: str | Path, extra: str | Path, out: str | Path
     compare with models trained on ``primary``. Used to train on another geometry besides the
     demo data (``medreport demo-model --tiny-studies``). -> (out, how many entries were added)."""
     primary, extra, out = Path(primary), Path(extra), Path(out)
-    ids = {d["id"] for _, d in iter_jsonl(primary, ManifestError)}
-    lines = [json.dumps(d, ensure_ascii=False) for _, d in iter_jsonl(primary, ManifestError)]
+    first = [d for _, d in iter_jsonl(primary, ManifestError)]
+    ids = {d["id"] for d in first}
+    lines = [json.dumps(d, ensure_ascii=False) for d in first]
     added = 0
     for n, d in iter_jsonl(extra, ManifestError):
         d = dict(d, id=f"{id_prefix}{d['id']}", split="train")

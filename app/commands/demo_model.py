@@ -51,20 +51,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
 
 
-def _make_dataset(args) -> Path:
+def _run_make_dataset(argv: list[str], no_progress: bool) -> None:
+    """``medreport make-dataset ARGV`` in this process."""
     from app.commands import make_dataset
 
+    p = argparse.ArgumentParser()
+    make_dataset.add_arguments(p)
+    make_dataset.run(p.parse_args(argv + (["--no-progress"] if no_progress else [])))
+
+
+def _make_dataset(args) -> Path:
     manifest = args.dataset / "manifest.jsonl"
     if manifest.is_file() and sum(1 for line in manifest.open(encoding="utf-8") if line.strip()) >= args.n:
         log.info("dataset %s exists; not rebuilt", args.dataset)
         return manifest  # (a smaller one is grown: studies already written with the same settings are kept)
-    p = argparse.ArgumentParser()
-    make_dataset.add_arguments(p)
     argv = ["--out", str(args.dataset), "--n", str(args.n), "--seed", str(args.seed), "--size", "demo",
-            "--history-tokens", args.history_tokens, "--phantom-version", str(getattr(args, "phantom_version", 1))
-            ] + (["--no-progress"] if args.no_progress else [])
+            "--history-tokens", args.history_tokens, "--phantom-version", str(getattr(args, "phantom_version", 1))]
     t0 = time.perf_counter()
-    make_dataset.run(p.parse_args(argv))
+    _run_make_dataset(argv, args.no_progress)
     log.info("dataset built in %.0f s (not counted as training time)", time.perf_counter() - t0)
     return manifest
 
@@ -74,15 +78,11 @@ def _with_tiny_studies(args, manifest: Path) -> Path:
     (built in DATASET_tiny when missing) added (data.datasets.add_training_studies)."""
     if not getattr(args, "tiny_studies", 0):
         return manifest
-    from app.commands import make_dataset
     from data.datasets import add_training_studies
 
     tiny = args.dataset.parent / f"{args.dataset.name}_tiny"
-    p = argparse.ArgumentParser()
-    make_dataset.add_arguments(p)
-    make_dataset.run(p.parse_args(["--out", str(tiny), "--n", str(args.tiny_studies), "--seed", str(args.tiny_seed),
-                                   "--size", "tiny", "--history-tokens", args.history_tokens]
-                                  + (["--no-progress"] if args.no_progress else [])))
+    _run_make_dataset(["--out", str(tiny), "--n", str(args.tiny_studies), "--seed", str(args.tiny_seed),
+                       "--size", "tiny", "--history-tokens", args.history_tokens], args.no_progress)
     out, added = add_training_studies(manifest, tiny / "manifest.jsonl", args.dataset / "manifest_mixed.jsonl", "tiny-")
     log.info("training manifest %s: the demo dataset plus %d tiny training studies", out, added)
     return out

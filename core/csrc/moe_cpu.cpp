@@ -66,11 +66,14 @@ void gemm_rm(int m, int n, int k, const scalar_t* A, int lda, const scalar_t* B,
 // overflows and the vector exp for non-positive inputs serves.
 
 template <typename scalar_t>
+inline scalar_t swiglu_value(scalar_t g, scalar_t u) {
+  const scalar_t z = std::exp(-std::abs(g));
+  return g * (g >= 0 ? scalar_t(1) : z) / (scalar_t(1) + z) * u;
+}
+
+template <typename scalar_t>
 void swiglu_row_scalar(scalar_t* h, int F) {
-  for (int j = 0; j < F; ++j) {
-    const scalar_t g = h[j], z = std::exp(-std::abs(g));
-    h[j] = g * (g >= 0 ? scalar_t(1) : z) / (scalar_t(1) + z) * h[F + j];
-  }
+  for (int j = 0; j < F; ++j) h[j] = swiglu_value(h[j], h[F + j]);
 }
 
 #ifdef MEDREPORT_X86
@@ -87,10 +90,7 @@ __attribute__((target("avx2,fma"))) void swiglu_row_avx2(float* h, int F) {
     const __m256 sg = _mm256_div_ps(num, _mm256_add_ps(one, z));
     _mm256_storeu_ps(h + j, _mm256_mul_ps(_mm256_mul_ps(g, sg), _mm256_loadu_ps(h + F + j)));
   }
-  for (; j < F; ++j) {
-    const float g = h[j], z = std::exp(-std::abs(g));
-    h[j] = g * (g >= 0 ? 1.0f : z) / (1.0f + z) * h[F + j];
-  }
+  for (; j < F; ++j) h[j] = swiglu_value(h[j], h[F + j]);  // the tail
 }
 
 __attribute__((target("avx512f"))) void swiglu_row_avx512(float* h, int F) {
@@ -106,10 +106,7 @@ __attribute__((target("avx512f"))) void swiglu_row_avx512(float* h, int F) {
     const __m512 sg = _mm512_div_ps(num, _mm512_add_ps(one, z));
     _mm512_storeu_ps(h + j, _mm512_mul_ps(_mm512_mul_ps(g, sg), _mm512_loadu_ps(h + F + j)));
   }
-  for (; j < F; ++j) {
-    const float g = h[j], z = std::exp(-std::abs(g));
-    h[j] = g * (g >= 0 ? 1.0f : z) / (1.0f + z) * h[F + j];
-  }
+  for (; j < F; ++j) h[j] = swiglu_value(h[j], h[F + j]);  // the tail
 }
 #endif
 
@@ -244,6 +241,15 @@ std::tuple<at::Tensor, at::Tensor> moe_experts(const at::Tensor& x_in, const at:
   return std::make_tuple(y, counts);
 }
 
+// The routing weights of a row's top-k logits bv[0..K), largest first: their softmax (which equals
+// renormalising the top-k of the full softmax).
+template <typename scalar_t>
+inline void topk_softmax(const scalar_t* bv, int64_t K, scalar_t* w) {
+  scalar_t sum = 0;
+  for (int64_t k = 0; k < K; ++k) sum += (w[k] = std::exp(bv[k] - bv[0]));
+  for (int64_t k = 0; k < K; ++k) w[k] /= sum;
+}
+
 // Rows [n0, n1) of the router logits [n, E] -> the k largest per row (ties: the lower expert id)
 // and a softmax over those k, which equals renormalising the top-k of the full softmax
 // (core.moe.MoE.route). One pass over the experts per row, inserting into a sorted top-k.
@@ -270,16 +276,8 @@ void route_rows(const scalar_t* lp, int64_t n, int64_t E, int64_t K, int64_t* ip
         bv[p] = v;
         bi[p] = j;
       }
-      scalar_t sum = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const scalar_t v = std::exp(bv[k] - bv[0]);
-        wp[r * K + k] = v;
-        sum += v;
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        wp[r * K + k] /= sum;
-        ip[r * K + k] = bi[k];
-      }
+      topk_softmax(bv.data(), K, wp + r * K);
+      for (int64_t k = 0; k < K; ++k) ip[r * K + k] = bi[k];
     }
   });
 }
@@ -328,13 +326,7 @@ __attribute__((target("avx512f"))) void route_groups_avx512(const float* xp, int
         ip[r * K + k] = j;
         avail = static_cast<__mmask16>(avail & ~(1u << j));
       }
-      const float top = bv[0];
-      float sum = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        bv[k] = std::exp(bv[k] - top);
-        sum += bv[k];
-      }
-      for (int64_t k = 0; k < K; ++k) wp[r * K + k] = bv[k] / sum;
+      topk_softmax(bv, K, wp + r * K);
     }
   }
 }
