@@ -49,8 +49,8 @@ import torch.distributed as dist
 from torch import nn
 
 from app.train_data import (
-    PreprocessConfig, ReportDataset, StudyCache, TrainDataError, collate_examples, fill_call_feature_masks,
-    history_text, load_manifest_for_training,
+    PreprocessConfig, ReportDataset, StudyCache, TrainDataError, collate_examples, crop_slab_batch, dense_grid,
+    fill_call_feature_masks, history_text, load_manifest_for_training,
 )
 from data.errors import MedreportError
 from multimodal.model import ModelInputs, ReportModel, decoder_losses
@@ -111,6 +111,14 @@ class StageConfig:
     # prefix wins (e.g. [["image_encoder", 3.0]]: the CNN trained from scratch takes 3x the lr of
     # the fusion and heads). Empty = one lr for every trained parameter.
     lr_scale: tuple = ()
+    # Image-crop stage (0 = off): the backbone trains on the dense localisation loss alone, over
+    # windows of this many pixels cut from ``crop_slabs`` slabs per study, a share
+    # ``crop_lesion_share`` of them centred on a lesion (app.train_data.crop_slab_batch). Train
+    # "image_encoder" and "heads.dense_logits" in it; a whole-slab stage after it trains the
+    # tokens, the fusion and the heads. A multiple of the dense grid's cell (8 px on the demo slab).
+    image_crop: int = 0
+    crop_slabs: int = 4
+    crop_lesion_share: float = 0.5
 
 
 @dataclass
@@ -344,6 +352,24 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
 # ============================================================================ schedule, RNG, dist
 
 
+def check_crop_stages(cfg: TrainConfig, mcfg: ModelConfig) -> None:
+    """An image-crop stage needs the dense loss and whole dense cells; it runs the backbone only."""
+    for i, st in enumerate(cfg.stages):
+        if not st.image_crop:
+            continue
+        where = f"stages.{i} ({st.name}): image_crop={st.image_crop}"
+        if mcfg.heads.dense_loss_weight <= 0:
+            raise ConfigError(f"{where} trains on the dense localisation loss: set model.heads.dense_loss_weight > 0")
+        if st.lm or st.cache_encoders:
+            raise ConfigError(f"{where} trains the image backbone alone: set lm=false and cache_encoders=false")
+        cell = mcfg.image.image_size // dense_grid(mcfg)
+        if st.image_crop % cell or not cell <= st.image_crop <= mcfg.image.image_size:
+            raise ConfigError(f"{where} must be a multiple of the dense cell ({cell} px) between {cell} and the slab "
+                              f"size {mcfg.image.image_size}")
+        if st.crop_slabs < 1 or not 0.0 <= st.crop_lesion_share <= 1.0:
+            raise ConfigError(f"{where}: crop_slabs must be >= 1 and crop_lesion_share in [0, 1]")
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
     if warmup > 0 and step < warmup:
@@ -434,8 +460,15 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: ModelInputs, lm: bool = True, encoded: tuple | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: ModelInputs, lm: bool = True, encoded: tuple | None = None,
+                crops: bool = False) -> dict[str, torch.Tensor]:
         m = self.model
+        if crops:  # image-crop stage: the backbone and its dense heads only
+            from multimodal.model import dense_loss
+
+            _, maps = m.image_encoder.backbone_maps(x.slabs, x.slab_mask, m.cfg.heads.dense_stages)
+            dense = dense_loss(maps, m.heads.dense_logits, x.dense_targets[x.slab_mask], m.cfg.heads.localisation_loss)
+            return {"dense": dense, "loss": dense}
         if not lm:
             x = dataclasses.replace(x, ids=None, lm_labels=None)
         if encoded is None:
@@ -855,6 +888,7 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     mcfg = model_config(cfg, tok.vocab_size)
+    check_crop_stages(cfg, mcfg)
     filled = fill_call_feature_masks(mcfg.heads, [e for e in entries if e.split == "train"])
     if filled:
         log.info("finding-context features from the training labels: %s", filled)
@@ -950,13 +984,17 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
         sums: dict[str, float] = {}
         for micro in range(cfg.optim.accum_steps):
             idx = batches.next()
-            x = collate_examples([train_ds[j] for j in idx], tok.pad_id).to(d.device)
+            x = collate_examples([train_ds[j] for j in idx], tok.pad_id)
+            if stage.image_crop:  # windows drawn per step: the same after a resume
+                x = crop_slab_batch(x, stage.image_crop, stage.crop_slabs, model.cfg.image.image_size // dense_grid(model.cfg),
+                                    np.random.default_rng([cfg.seed, step, micro, d.rank]), stage.crop_lesion_share)
+            x = x.to(d.device)
             encoded = _cached_encoder_tokens(model, x, [train_ds.entries[j].id for j in idx], enc_cache) \
                 if stage.cache_encoders else None
             sync = contextlib.nullcontext() if (not d.enabled or micro == cfg.optim.accum_steps - 1) else wrapped.no_sync()
             with sync:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    losses = wrapped(x, stage.lm, encoded)
+                    losses = wrapped(x, stage.lm, encoded, bool(stage.image_crop))
                 (losses["loss"] / cfg.optim.accum_steps).backward()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.optim.accum_steps

@@ -15,7 +15,7 @@ from app.train_data import (
     load_manifest_for_training,
 )
 from data.errors import MedreportError
-from multimodal.model import ReportModel
+from multimodal.model import ModelInputs, ReportModel
 
 # A small, fast recipe on the bundled examples (3 train, 1 val study): tiny preset with a cheaper
 # image encoder (stride 32, 4 slabs), one decoder and fusion layer, no audio, short history caps.
@@ -184,6 +184,39 @@ def test_history_crop_keeps_fact_windows():
     assert len(out) == 100 and out == sorted(out) and 500 in out and 900 in out
     assert crop_history(ids, 100, [500], rng, "tail") == ids[-100:]
     assert crop_history(ids[:50], 100, [10], rng) == ids[:50]
+
+
+def test_kept_history_tokens_give_the_same_examples_and_read_each_record_once(shared, repo_root, monkeypatch):
+    """The per-study memo of record tokens, fact positions and digest changes no example, at any
+    cap or epoch, and a record is read and tokenised once."""
+    import app.train_data as td
+    from data.tokenizer import ReportTokenizer
+
+    cfg = _cfg(shared, repo_root, "model.history_digest_words=40")
+    tok = ReportTokenizer.load(shared["tok"])
+    mcfg = model_config(cfg, tok.vocab_size)
+    entries = [e for e in load_manifest_for_training(shared["manifest"]) if e.split == "train"]
+    entries = [e for e in entries if td.history_text(e)][:4]
+    assert entries, "the shared fixture has records"
+    cache = StudyCache(shared["cache"], PreprocessConfig.from_model(mcfg, audio=False))
+    reads = []
+    real = td.history_text
+    monkeypatch.setattr(td, "history_text", lambda e: reads.append(e.id) or real(e))
+    kept = ReportDataset(entries, tok, mcfg, cache, max_report_tokens=96)
+    fresh = ReportDataset(entries, tok, mcfg, cache, max_report_tokens=96, memo_history=False)
+    for cap in (24, 48, 4096):
+        for epoch in (0, 1):
+            for ds in (kept, fresh):
+                ds.max_history_tokens, ds.epoch = cap, epoch
+            for i in range(len(entries)):
+                a, b = kept[i], fresh[i]
+                assert a.ids == b.ids and a.n_prefix == b.n_prefix and a.study.digest_len == b.study.digest_len
+                assert a.study.history_ids == b.study.history_ids
+    assert len(kept._history_memo) == len(entries) and not fresh._history_memo
+    kept.max_history_tokens = 24
+    assert any(kept[i].study.digest_len for i in range(len(entries)))  # the digest is in play
+    assert any(len(kept._history_memo[k][0]) > 24 for k in kept._history_memo)  # and the crop
+    assert sorted(reads).count(entries[0].id) == 1 + 6  # the memo read it once; the other dataset every time
 
 
 def test_split_evaluation_and_fp16_shipped_model(shared, repo_root, tmp_path):
@@ -854,3 +887,80 @@ def test_demo_model_adds_tiny_training_studies_when_asked(tmp_path):
     mixed = read_manifest(_with_tiny_studies(args, manifest), check_files=True)
     assert [(e.id, e.split) for e in mixed] == [("s0", "test"), ("tiny-syn00000", "train"), ("tiny-syn00001", "train")]
     assert mixed[1].study_path.resolve() == (tmp_path / "demo_tiny" / "studies" / "syn00000").resolve()
+
+
+def _crop_batch(B=3, S=5, H=32, G=8, K=3):
+    """A batch whose pixels say where they are: channel 0 = row, 1 = column, 2 = slab index; a
+    one-cell 'nodule' (finding 0) in slab 3 of study 0 and a large finding 2 in every slab."""
+    rows = torch.arange(H, dtype=torch.float32)
+    px = torch.zeros(B, S, 3, H, H)
+    px[:, :, 0] = rows[:, None]
+    px[:, :, 1] = rows[None, :]
+    px[:, :, 2] = torch.arange(S, dtype=torch.float32)[None, :, None, None]
+    dense = torch.zeros(B, S, G, G, K)
+    dense[0, 3, 6, 1, 0] = 1
+    dense[:, :, :4, :, 2] = 1
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[2, 2:] = False  # study 2 has two slabs
+    dense[2, 2:] = 0
+    return ModelInputs(slabs=px, slab_mask=mask,
+                       z_mm=torch.arange(S, dtype=torch.float32).expand(B, S) * 10, dense_targets=dense)
+
+
+def test_crop_slab_batch_cuts_windows_with_their_own_targets():
+    from app.train_data import crop_slab_batch
+
+    x = _crop_batch()
+    cell = 32 // 8
+    for seed in range(20):
+        c = crop_slab_batch(x, 16, 3, cell, np.random.default_rng(seed), lesion_share=0.5)
+        assert c.slabs.shape == (3, 3, 3, 16, 16) and c.dense_targets.shape == (3, 3, 4, 4, 3)
+        assert c.slab_mask[:2].all() and c.slab_mask[2].tolist() == [True, True, False]
+        for b in range(3):
+            for j in range(3):
+                if not c.slab_mask[b, j]:
+                    assert c.slabs[b, j].abs().sum() == 0 and c.dense_targets[b, j].sum() == 0
+                    continue
+                w = c.slabs[b, j]
+                s, y0, x0 = int(w[2, 0, 0]), int(w[0, 0, 0]), int(w[1, 0, 0])
+                assert y0 % cell == 0 and x0 % cell == 0 and x.slab_mask[b, s]  # on cell boundaries, a valid slab
+                assert torch.equal(w, x.slabs[b, s, :, y0:y0 + 16, x0:x0 + 16])
+                assert torch.equal(c.dense_targets[b, j], x.dense_targets[b, s, y0 // cell:y0 // cell + 4, x0 // cell:x0 // cell + 4])
+                assert c.z_mm[b, j] == x.z_mm[b, s]
+    # every window on a lesion: study 0's one-cell nodule is drawn as often as the large finding
+    got = [crop_slab_batch(x, 16, 1, cell, np.random.default_rng(s), lesion_share=1.0) for s in range(200)]
+    nodule = sum(float(c.dense_targets[0, 0, ..., 0].sum()) > 0 for c in got)
+    assert all(float(c.dense_targets[b, 0].sum()) > 0 for c in got for b in range(3))
+    assert 70 <= nodule <= 130, nodule  # about half (two findings shown); uniform windows: ~1 %
+    none = sum(float(crop_slab_batch(x, 16, 1, cell, np.random.default_rng(s), 0.0).dense_targets[0, 0, ..., 0].sum()) > 0
+               for s in range(200))
+    assert none < 40, none
+    with pytest.raises(ValueError, match="multiple of the dense cell"):
+        crop_slab_batch(x, 18, 2, cell, np.random.default_rng(0))
+
+
+def test_image_crop_stage_trains_the_backbone_alone_then_the_whole_recipe(shared, repo_root, tmp_path):
+    stages = json.dumps([
+        {"name": "crops", "steps": 3, "train": ["image_encoder", "heads.dense_logits"], "lm": False,
+         "image_crop": 32, "crop_slabs": 2, "crop_lesion_share": 1.0},
+        {"name": "encoders", "steps": 1, "train": ["image_encoder", "fusion", "heads"], "lm": False},
+    ])
+    cfg = _cfg(shared, repo_root, f"stages={stages}", "model.heads.dense_loss_weight=1.0", "log_every=1", "optim.lr=1e-2")
+    assert train(shared["manifest"], tmp_path / "run", cfg, progress=False, stop_at=1) is None
+    one = ReportModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step_1").state_dict()
+    assert train(shared["manifest"], tmp_path / "run", cfg, progress=False, resume=True, stop_at=3) is None
+    a, b = one, ReportModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step_3").state_dict()
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert any(k.startswith("image_encoder.backbone.") for k in moved)
+    assert any(k.startswith("heads.dense_logits.") for k in moved)
+    assert not [k for k in moved if not k.startswith(("image_encoder.backbone.", "heads.dense_logits."))]
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in r]
+    assert [r["stage"] for r in rows] == ["crops"] * 3 and all(r["loss"] == r["dense"] > 0 for r in rows)
+    final = train(shared["manifest"], tmp_path / "run", cfg, progress=False, resume=True)
+    assert (final / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="dense localisation loss"):
+        train(shared["manifest"], tmp_path / "bad", _cfg(shared, repo_root, f"stages={stages}"), progress=False)
+    bad = json.dumps([{"name": "crops", "steps": 1, "train": ["image_encoder"], "lm": False, "image_crop": 20}])
+    with pytest.raises(ConfigError, match="multiple of the dense cell"):
+        train(shared["manifest"], tmp_path / "bad2", _cfg(shared, repo_root, f"stages={bad}", "model.heads.dense_loss_weight=1.0"),
+              progress=False)
