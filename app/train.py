@@ -986,7 +986,7 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
             idx = batches.next()
             x = collate_examples([train_ds[j] for j in idx], tok.pad_id)
             if stage.image_crop:  # windows drawn per step: the same after a resume
-                x = crop_slab_batch(x, stage.image_crop, stage.crop_slabs, model.cfg.image.image_size // dense_grid(model.cfg),
+                x = crop_slab_batch(x, stage.image_crop, stage.crop_slabs,
                                     np.random.default_rng([cfg.seed, step, micro, d.rank]), stage.crop_lesion_share)
             x = x.to(d.device)
             encoded = _cached_encoder_tokens(model, x, [train_ds.entries[j].id for j in idx], enc_cache) \

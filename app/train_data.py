@@ -584,26 +584,27 @@ def collate_examples(examples: Sequence[Example], pad_id: int = 0) -> ModelInput
 # ----------------------------------------------------------------------------- image crops
 
 
-def crop_slab_batch(x: ModelInputs, size: int, n_slabs: int, cell: int, rng: np.random.Generator,
+def crop_slab_batch(x: ModelInputs, size: int, n_slabs: int, rng: np.random.Generator,
                     lesion_share: float = 0.5) -> ModelInputs:
     """The image-crop stage's batch: per study ``n_slabs`` of its valid slabs, each cut to a
     ``size`` x ``size`` window, with their dense-loss targets cut alike ([B, S, C, H, W] ->
     [B, n, C, size, size]; dense targets [B, S, G, G, K] -> [B, n, size/cell, size/cell, K]).
 
-    ``cell`` is the dense grid's cell in pixels (H / G): windows start on cell boundaries, so the
-    targets of the window's cells are exactly the full slab's (at every dense stage, which
-    max-pools the finest grid). A share ``lesion_share`` of the windows is centred on a lesion:
-    a finding drawn uniformly among those the study shows (so a one-cell nodule is drawn as often
-    as a large effusion), then one of its cells; the rest are drawn uniformly. The backbone then
-    sees about (n_slabs / S) x (size / H)^2 of a study's pixels a step, with most lesions kept:
-    the same compute covers several times the studies (session 19: twice the encoder steps lifted
-    the val AUC of the nodule from 0.55 to 0.78). Studies with fewer valid slabs keep them all
-    (the rest masked). Only the image fields and the dense targets are carried over."""
+    Windows start on the dense grid's cells (H / G pixels), so the targets of the window's cells
+    are exactly the full slab's (at every dense stage, which max-pools the finest grid). A share
+    ``lesion_share`` of the windows is centred on a lesion: a finding drawn uniformly among those
+    the study shows (so a one-cell nodule is drawn as often as a large effusion), then one of its
+    cells; the rest are drawn uniformly. The backbone then sees about (n_slabs / S) x (size / H)^2
+    of a study's pixels a step, with most lesions kept: the same compute covers several times the
+    studies (session 19: the encoder was short of exposures; docs/training.md). Studies with fewer
+    valid slabs keep them all (the rest masked). Only the image fields and the dense targets are
+    carried over."""
     if x.dense_targets is None:
         raise ValueError("the image-crop stage trains on the dense localisation loss: set heads.dense_loss_weight > 0")
     B, S, C, H, W = x.slabs.shape
     G = x.dense_targets.shape[2]
-    if size % cell or size > min(H, W) or H // cell != G:
+    cell = H // G  # pixels per dense cell
+    if H % G or size % cell or size > min(H, W):
         raise ValueError(f"crop size {size} must be a multiple of the dense cell ({cell} px) and at most the slab "
                          f"size {H}; choose e.g. {max(cell, (H // 2) // cell * cell)}")
     g, K = size // cell, x.dense_targets.shape[-1]
@@ -627,7 +628,6 @@ def crop_slab_batch(x: ModelInputs, size: int, n_slabs: int, cell: int, rng: np.
                 hits = np.argwhere(t_b[valid, :, :, k] > 0)  # [m, 3] (valid-slab index, y, x)
                 sv, cy, cx = hits[rng.integers(len(hits))]
                 s = valid[sv]
-                picks[j] = s
             y0 = int(np.clip(cy - g // 2, 0, last)) if cy is not None else int(rng.integers(0, last + 1))
             x0 = int(np.clip(cx - g // 2, 0, last)) if cx is not None else int(rng.integers(0, last + 1))
             slabs[b, j] = x.slabs[b, s, :, y0 * cell:(y0 + g) * cell, x0 * cell:(x0 + g) * cell]

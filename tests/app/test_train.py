@@ -913,7 +913,7 @@ def test_crop_slab_batch_cuts_windows_with_their_own_targets():
     x = _crop_batch()
     cell = 32 // 8
     for seed in range(20):
-        c = crop_slab_batch(x, 16, 3, cell, np.random.default_rng(seed), lesion_share=0.5)
+        c = crop_slab_batch(x, 16, 3, np.random.default_rng(seed), lesion_share=0.5)
         assert c.slabs.shape == (3, 3, 3, 16, 16) and c.dense_targets.shape == (3, 3, 4, 4, 3)
         assert c.slab_mask[:2].all() and c.slab_mask[2].tolist() == [True, True, False]
         for b in range(3):
@@ -928,15 +928,15 @@ def test_crop_slab_batch_cuts_windows_with_their_own_targets():
                 assert torch.equal(c.dense_targets[b, j], x.dense_targets[b, s, y0 // cell:y0 // cell + 4, x0 // cell:x0 // cell + 4])
                 assert c.z_mm[b, j] == x.z_mm[b, s]
     # every window on a lesion: study 0's one-cell nodule is drawn as often as the large finding
-    got = [crop_slab_batch(x, 16, 1, cell, np.random.default_rng(s), lesion_share=1.0) for s in range(200)]
+    got = [crop_slab_batch(x, 16, 1, np.random.default_rng(s), lesion_share=1.0) for s in range(200)]
     nodule = sum(float(c.dense_targets[0, 0, ..., 0].sum()) > 0 for c in got)
     assert all(float(c.dense_targets[b, 0].sum()) > 0 for c in got for b in range(3))
     assert 70 <= nodule <= 130, nodule  # about half (two findings shown); uniform windows: ~1 %
-    none = sum(float(crop_slab_batch(x, 16, 1, cell, np.random.default_rng(s), 0.0).dense_targets[0, 0, ..., 0].sum()) > 0
+    none = sum(float(crop_slab_batch(x, 16, 1, np.random.default_rng(s), 0.0).dense_targets[0, 0, ..., 0].sum()) > 0
                for s in range(200))
     assert none < 40, none
     with pytest.raises(ValueError, match="multiple of the dense cell"):
-        crop_slab_batch(x, 18, 2, cell, np.random.default_rng(0))
+        crop_slab_batch(x, 18, 2, np.random.default_rng(0))
 
 
 def test_image_crop_stage_trains_the_backbone_alone_then_the_whole_recipe(shared, repo_root, tmp_path):
