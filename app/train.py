@@ -477,13 +477,7 @@ class TrainStep(nn.Module):
 
         img, aud = encoded
         B, dev = x.batch_size, x.slabs.device
-        if x.history_ids is not None and x.history_ids.shape[1] > 0:
-            hmask = x.history_mask if x.history_mask is not None else torch.ones_like(x.history_ids, dtype=torch.bool)
-            hist = m.history_summary(m.decoder.tok_embeddings(x.history_ids), hmask)  # [B, n, D]
-        else:
-            d = m.cfg.decoder.d_model
-            hist = (torch.zeros(B, 1, d, device=dev), torch.zeros(B, 1, dtype=torch.bool, device=dev))
-        fused, mask, _ = m.fusion(img, aud, hist)  # [B, F, D]
+        fused, mask, _ = m.fusion(img, aud, m.history_tokens(x))  # [B, F, D]
         heads = m.heads(fused, mask, img)
         losses = heads_loss(heads, x.labels, m.cfg.heads)
         total = m.cfg.heads_weight * losses["heads"]

@@ -38,6 +38,9 @@ class FusionConfig:
     n_layers: int = 2
     n_fused: int = 32  # F: fused tokens handed to every decoder layer
     n_history_tokens: int = 64  # bound on the history summary
+    # The history digest (the record's last, relevant sentences) pooled apart into this many more
+    # history tokens (0 = the digest is pooled with the record; ReportModel.history_tokens).
+    n_digest_tokens: int = 0
     mlp_ratio: float = 2.0
     dropout: float = 0.0
     # One extra fused token: the max over the image tokens (encoder output, before any mixing
@@ -98,7 +101,7 @@ class Fusion(nn.Module):
         )
         self.type_emb = nn.Parameter(torch.zeros(len(MODALITIES), D))
         self.null_tok = nn.Parameter(torch.zeros(len(MODALITIES), D))
-        self.hist_pos = nn.Parameter(torch.zeros(cfg.n_history_tokens, D))
+        self.hist_pos = nn.Parameter(torch.zeros(cfg.n_history_tokens + cfg.n_digest_tokens, D))
         for p in (self.type_emb, self.null_tok, self.hist_pos):
             nn.init.trunc_normal_(p, std=0.02)
 

@@ -54,7 +54,8 @@ def model_info(cfg: ModelConfig) -> dict:
     fus_flops = _flops(lambda: m.fusion(
         (torch.zeros(1, n_img, ic.dim, **meta), ones(n_img)),
         (torch.zeros(1, n_aud, ac.dim, **meta), ones(n_aud)),
-        (torch.zeros(1, fc.n_history_tokens, dc.d_model, **meta), ones(fc.n_history_tokens)),
+        (torch.zeros(1, fc.n_history_tokens + fc.n_digest_tokens, dc.d_model, **meta),
+         ones(fc.n_history_tokens + fc.n_digest_tokens)),
     ))
     heads_flops = _flops(lambda: m.heads(torch.zeros(1, fc.n_fused, dc.d_model, **meta), ones(fc.n_fused)))
 

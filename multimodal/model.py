@@ -318,6 +318,8 @@ class ReportModel(nn.Module):
         self.audio_encoder = AudioEncoder(cfg.audio)
         self.decoder = Decoder(cfg.decoder)
         self.history_summary = HistorySummary(cfg.fusion.n_history_tokens)
+        if cfg.fusion.n_digest_tokens > 0:
+            self.digest_summary = HistorySummary(cfg.fusion.n_digest_tokens)
         d_dec = cfg.decoder.d_model
         self.fusion = Fusion(cfg.fusion, cfg.image.dim, cfg.audio.dim, d_dec, d_dec)
         dense_ch = tuple(self.image_encoder.stage_channels(i) for i in cfg.heads.dense_stages) \
@@ -368,17 +370,37 @@ class ReportModel(nn.Module):
             aud = self.audio_encoder(x.mel, x.audio_present, x.audio_lengths)
         else:
             aud = (torch.zeros(B, 1, self.cfg.audio.dim, device=dev), torch.zeros(B, 1, dtype=torch.bool, device=dev))
-        if x.history_ids is not None and x.history_ids.shape[1] > 0:
-            hmask = x.history_mask if x.history_mask is not None else torch.ones_like(x.history_ids, dtype=torch.bool)
-            emb = self.decoder.tok_embeddings(x.history_ids)  # [B, L, D_dec]
-            hist = self.history_summary(emb, hmask)  # bounded: [B, n, D_dec]
-        else:
-            d = self.cfg.decoder.d_model
-            hist = (torch.zeros(B, 1, d, device=dev), torch.zeros(B, 1, dtype=torch.bool, device=dev))
-        fused, mask, gates = self.fusion(img, aud, hist)
+        fused, mask, gates = self.fusion(img, aud, self.history_tokens(x))
         if not keep_features:
             feats = rows = None
         return Encoded(fused, mask, gates, feats, rows, img, maps)
+
+    def history_tokens(self, x: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The history as fusion reads it: the record block-pooled into ``fusion.n_history_tokens``
+        tokens and, with ``fusion.n_digest_tokens``, the history digest (the record's last
+        ``history_digest_len`` tokens) pooled apart into that many more. -> ([B, n, D_dec], [B, n])
+
+        Why the digest apart: a 16K-token record pooled into 32 blocks averages its indication
+        ("follow-up of pulmonary nodule") with ~500 other tokens, and the block size grows with the
+        record, so training (history cap 1,024) and inference (the whole record) see different
+        summaries. The digest is at most ~240 tokens whatever the record's length."""
+        B, dev, d = x.batch_size, x.slabs.device, self.cfg.decoder.d_model
+        if x.history_ids is None or x.history_ids.shape[1] == 0:
+            n = 1 + self.cfg.fusion.n_digest_tokens  # (positions: record block 0, then digest blocks)
+            return torch.zeros(B, n, d, device=dev), torch.zeros(B, n, dtype=torch.bool, device=dev)
+        hmask_BL = x.history_mask if x.history_mask is not None else torch.ones_like(x.history_ids, dtype=torch.bool)
+        emb_BLD = self.decoder.tok_embeddings(x.history_ids)  # [B, L, D_dec]
+        nd = self.cfg.fusion.n_digest_tokens
+        if nd <= 0:
+            return self.history_summary(emb_BLD, hmask_BL)  # bounded: [B, n, D_dec]
+        L = x.history_ids.shape[1]
+        dlen_B = x.history_digest_len if x.history_digest_len is not None else torch.zeros(B, dtype=torch.long, device=dev)
+        start_B = hmask_BL.sum(1) - dlen_B.to(dev)  # [B] first digest position (right-padded history)
+        pos_1L = torch.arange(L, device=dev)[None]  # [1, L]
+        dig_BL = hmask_BL & (pos_1L >= start_B[:, None])
+        rec, rec_m = self.history_summary(emb_BLD, hmask_BL & ~dig_BL)  # [B, n_rec, D], [B, n_rec]
+        dig, dig_m = self.digest_summary(emb_BLD, dig_BL)  # [B, nd, D], [B, nd]
+        return torch.cat([rec, dig], 1), torch.cat([rec_m, dig_m], 1)  # [B, n_rec + nd, D]
 
     def decoder_context(self, fused_BFD: torch.Tensor, mask_BF: torch.Tensor,
                         heads: HeadsOutput, labels: FindingLabels | None = None) -> tuple[torch.Tensor, torch.Tensor]:

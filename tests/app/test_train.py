@@ -103,9 +103,10 @@ def test_two_stage_recipe_runs_with_cached_encoder_tokens(shared, repo_root, tmp
                                                    "decoder.tok_embeddings"], "lm": False},
         {"name": "decoder", "steps": 2, "train": ["fusion", "decoder", "heads"], "lm": True, "cache_encoders": True},
     ])
-    # with the history digest and copy head on, as the demo recipe runs (the cached-token path)
+    # with the history digest (pooled apart for fusion) and copy head on, as the demo recipe runs
+    # (the cached-token path)
     cfg = _cfg(shared, repo_root, f"stages={stages}", "model.history_digest_words=40", "model.decoder.copy=true",
-               "model.copy_weight=1.0", "log_every=1")
+               "model.copy_weight=1.0", "model.fusion.n_digest_tokens=4", "log_every=1")
     final = train(shared["manifest"], tmp_path / "run", cfg, progress=False)
     m = ReportModel.from_pretrained(final)
     ck = ReportModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step_2")  # end of stage 1

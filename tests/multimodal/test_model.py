@@ -516,3 +516,52 @@ def test_finding_prompt_from_the_heads_calls_goes_before_report(monkeypatch):
                       vetoes_for=lambda names: ("veto", tuple(names)))
     assert seen["vetoes"] == [("veto", ("cardiomegaly",))] * 2
     assert tok.decode(prompt).strip() == "Calls: cardiomegaly."
+
+
+def _digest_model(nd=4):
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=V)
+    cfg = dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, n_digest_tokens=nd))
+    return ReportModel(cfg).eval()
+
+
+def _with_digest(rng, record_len, digest):
+    s = _study(rng)
+    s.history_ids = list(rng.integers(5, V, record_len)) + list(digest)
+    s.digest_len = len(digest)
+    return s
+
+
+def test_digest_tokens_pooled_apart_from_the_record():
+    """fusion.n_digest_tokens: the digest's tokens do not depend on how long the record before it
+    is (training cap against the whole record at inference), and the fused tokens read them."""
+    m = _digest_model(nd=4)
+    n_rec = m.cfg.fusion.n_history_tokens
+    rng = np.random.default_rng(3)
+    digest = list(rng.integers(5, V, 12))
+    x = collate([_with_digest(rng, 24, digest), _with_digest(rng, 400, digest), _study(rng, history=False)])
+    toks, mask = m.history_tokens(x)
+    assert toks.shape == (3, n_rec + 4, m.cfg.decoder.d_model) and mask.shape == (3, n_rec + 4)
+    torch.testing.assert_close(toks[0, n_rec:], toks[1, n_rec:])  # same digest, records 24 vs 400 tokens
+    assert mask[:2].all() and not mask[2].any()
+    # The record's blocks do not contain the digest: each is the mean of its record tokens only.
+    emb = m.decoder.tok_embeddings(x.history_ids[0, :24])  # 8 blocks of 3 record tokens
+    torch.testing.assert_close(toks[0, :n_rec], emb.reshape(n_rec, 3, -1).mean(1))
+    # The digest reaches the fused tokens: change it and the heads' logits change.
+    other = list(rng.integers(5, V, 12))
+    y = collate([_with_digest(np.random.default_rng(9), 20, digest), _with_digest(np.random.default_rng(9), 20, other)])
+    y.slabs[1] = y.slabs[0]
+    with torch.no_grad():
+        enc = m.encode(y)
+    assert not torch.allclose(enc.fused_BFD[0], enc.fused_BFD[1])
+
+
+def test_digest_tokens_off_is_the_plain_summary():
+    """Without n_digest_tokens the whole history (digest included) is block-pooled, as before."""
+    m = _digest_model(nd=0)
+    rng = np.random.default_rng(4)
+    x = collate([_with_digest(rng, 40, list(rng.integers(5, V, 8)))])
+    toks, mask = m.history_tokens(x)
+    ref, ref_m = m.history_summary(m.decoder.tok_embeddings(x.history_ids), x.history_mask)
+    torch.testing.assert_close(toks, ref)
+    assert torch.equal(mask, ref_m)
