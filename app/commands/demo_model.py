@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="studies to generate when the dataset is missing (default 3300: about 310 held-out test studies)")
     parser.add_argument("--seed", type=int, default=1234, help="dataset seed (default 1234)")
     parser.add_argument("--history-tokens", default="200:16000", help="record length range (default 200:16000)")
-    parser.add_argument("--phantom-version", type=int, choices=(1, 2), default=1,
-                        help="phantom anatomy of a dataset built here (make-dataset --phantom-version; default 1, "
+    parser.add_argument("--phantom-version", type=int, choices=(1, 2), default=2,
+                        help="phantom anatomy of a dataset built here (make-dataset --phantom-version; default 2, "
                              "the shipped model's data)")
     parser.add_argument("--tiny-studies", type=int, default=0,
                         help="extra *training* studies of the tiny geometry (16 x 64 x 64, 10 mm slices, as the bundled "
