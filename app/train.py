@@ -476,7 +476,6 @@ class TrainStep(nn.Module):
         from multimodal.heads import heads_loss
 
         img, aud = encoded
-        B, dev = x.batch_size, x.slabs.device
         fused, mask, _ = m.fusion(img, aud, m.history_tokens(x))  # [B, F, D]
         heads = m.heads(fused, mask, img)
         losses = heads_loss(heads, x.labels, m.cfg.heads)

@@ -51,11 +51,11 @@ def model_info(cfg: ModelConfig) -> dict:
     n_img = S * ic.grid**2
     n_aud = min(ac.max_tokens, -(-T_audio // ac.output_stride))
     ones = lambda n: torch.ones(1, n, dtype=torch.bool, **meta)  # noqa: E731
+    n_hist = fc.n_history_tokens + fc.n_digest_tokens  # record blocks + digest blocks
     fus_flops = _flops(lambda: m.fusion(
         (torch.zeros(1, n_img, ic.dim, **meta), ones(n_img)),
         (torch.zeros(1, n_aud, ac.dim, **meta), ones(n_aud)),
-        (torch.zeros(1, fc.n_history_tokens + fc.n_digest_tokens, dc.d_model, **meta),
-         ones(fc.n_history_tokens + fc.n_digest_tokens)),
+        (torch.zeros(1, n_hist, dc.d_model, **meta), ones(n_hist)),
     ))
     heads_flops = _flops(lambda: m.heads(torch.zeros(1, fc.n_fused, dc.d_model, **meta), ones(fc.n_fused)))
 

@@ -547,7 +547,7 @@ def test_digest_tokens_pooled_apart_from_the_record():
     # The record's blocks do not contain the digest: each is the mean of its record tokens only.
     emb = m.decoder.tok_embeddings(x.history_ids[0, :24])  # 8 blocks of 3 record tokens
     torch.testing.assert_close(toks[0, :n_rec], emb.reshape(n_rec, 3, -1).mean(1))
-    # The digest reaches the fused tokens: change it and the heads' logits change.
+    # The digest reaches the fused tokens: same image, audio and record, another digest.
     other = list(rng.integers(5, V, 12))
     y = collate([_with_digest(np.random.default_rng(9), 20, digest), _with_digest(np.random.default_rng(9), 20, other)])
     y.slabs[1] = y.slabs[0]
