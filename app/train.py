@@ -822,6 +822,12 @@ class _Batches:
         return b
 
 
+
+def use_amp_on(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast for the training forward: on CUDA when ``cfg.amp`` (the default); never on
+    the CPU, where fp32 is both faster and exact on machines without bf16 units."""
+    return bool(cfg.amp) and device.type == "cuda"
+
 def train(manifest: str | Path, run_dir: str | Path, cfg: TrainConfig | None = None, resume: bool = False,
           progress: bool = True, stop_at: int | None = None, start_from: str | Path | None = None) -> Path | None:
     """Train on ``manifest`` into ``run_dir``; returns ``run_dir/final``. See the module docstring.
@@ -936,7 +942,7 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
         rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
         (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    use_amp = cfg.amp and d.device.type == "cuda"
+    use_amp = use_amp_on(cfg, d.device)
     total = cfg.total_steps
     bar = tqdm(total=total, initial=step, disable=not (progress and d.main), desc="train", dynamic_ncols=True)
     enc_cache: dict[str, tuple] = {}
@@ -986,7 +992,7 @@ def _train(manifest: Path, run_dir: Path, cfg: TrainConfig, resume: bool, d: Dis
                 if stage.cache_encoders else None
             sync = contextlib.nullcontext() if (not d.enabled or micro == cfg.optim.accum_steps - 1) else wrapped.no_sync()
             with sync:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_amp):
                     losses = wrapped(x, stage.lm, encoded, bool(stage.image_crop))
                 (losses["loss"] / cfg.optim.accum_steps).backward()
             for k, v in losses.items():

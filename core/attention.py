@@ -173,11 +173,12 @@ def _attn_fwd(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
             o, lse = _FLASH_FWD(q[None], k[None], v[None], 0.0, False, attn_mask=mask, scale=scale)
             return o[0], lse[0]
         return _FLASH_FWD(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [...,M,S]
+    acc = torch.promote_types(q.dtype, torch.float32)  # scores and statistics at least fp32 (bf16 inputs)
+    s = torch.matmul(q, k.transpose(-1, -2)).to(acc).mul_(scale)  # [...,M,S]
     if mask is not None:
         s = s + mask
     lse = torch.logsumexp(s, -1)
-    return torch.matmul(torch.exp(s - lse[..., None]), v), lse
+    return torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v), lse
 
 
 def _attn_bwd(do, q, k, v, o, lse, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,13 +189,15 @@ def _attn_bwd(do, q, k, v, o, lse, mask, scale: float) -> tuple[torch.Tensor, to
             return tuple(g[0] for g in _FLASH_BWD(do[None], q[None], k[None], v[None], o[None], lse[None], 0.0, False,
                                                   attn_mask=mask, scale=scale))
         return _FLASH_BWD(do, q, k, v, o, lse, 0.0, False, attn_mask=mask, scale=scale)
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [...,M,S]
+    acc = torch.promote_types(q.dtype, torch.float32)  # as _attn_fwd: fp32 scores, bf16 matmul inputs
+    s = torch.matmul(q, k.transpose(-1, -2)).to(acc).mul_(scale)  # [...,M,S]
     if mask is not None:
         s = s + mask
-    p = torch.exp(s - lse[..., None])
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    ds = p * (torch.matmul(do, v.transpose(-1, -2)) - (do * o).sum(-1, keepdim=True)) * scale
-    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
+    p = torch.exp(s - lse.to(acc)[..., None])  # [...,M,S]
+    do = do.to(v.dtype)
+    dv = torch.matmul(p.to(do.dtype).transpose(-1, -2), do)
+    ds = p * (torch.matmul(do, v.transpose(-1, -2)).to(acc) - (do.to(acc) * o.to(acc)).sum(-1, keepdim=True)) * scale
+    return torch.matmul(ds.to(k.dtype), k), torch.matmul(ds.to(q.dtype).transpose(-1, -2), q), dv
 
 
 class _Part:
@@ -627,7 +630,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cf
     """
     B, H, T, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    gates = gates.contiguous() if gates is not None and len(cfg.branches) > 1 else None
+    gates = gates.to(q.dtype).contiguous() if gates is not None and len(cfg.branches) > 1 else None
     wk = wv = kmin = kmax = None
     if cfg.uses_compressed and T >= cfg.compress_block:
         c = cfg.compress_block
@@ -640,7 +643,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cf
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, wk, wv, gates))
     if not grad and compiled_available(q):
         return _compiled_forward(q, k, v, cfg, gates, wk, wv, kmin, kmax)
-    return _BlockSparseFn.apply(q, k, v, wk, wv, gates, kmin, kmax, cfg, recompute, grad)  # [B,H,T,d]
+    # mixed precision: the kernel runs in q's dtype with fp32 softmax statistics of its own, not
+    # autocast's per-op choices (which differ between CPU and CUDA); backward runs without autocast
+    with torch.autocast(q.device.type, enabled=False):
+        return _BlockSparseFn.apply(q, k.to(q.dtype), v.to(q.dtype), wk, wv, gates, kmin, kmax, cfg, recompute, grad)  # [B,H,T,d]
 
 
 # ----------------------------------------------------------------------------- dense reference

@@ -29,7 +29,12 @@ def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype: torc
 
 
 def apply_rope(x_BHTd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. cos/sin: [T, d/2] or [B, T, d/2] (per-sequence positions during decode)."""
+    """Rotate-half RoPE. cos/sin: [T, d/2] or [B, T, d/2] (per-sequence positions during decode).
+    Returns x's dtype: under autocast the projections are bf16 and the angles fp32, so the rotation
+    is computed in the wider dtype and rounded back, and q and k stay in v's dtype."""
+    if cos.dtype != x_BHTd.dtype:
+        wide = torch.promote_types(x_BHTd.dtype, cos.dtype)
+        return apply_rope(x_BHTd.to(wide), cos.to(wide), sin.to(wide)).to(x_BHTd.dtype)
     if cos.dim() == 3:  # [B, T, d/2] -> [B, 1, T, d/2]
         cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x_BHTd.chunk(2, dim=-1)

@@ -84,7 +84,7 @@ class AudioEncoder(nn.Module):
         # Time position in seconds of each token's centre.
         secs = (torch.arange(N, device=x.device, dtype=torch.float32) + 0.5) * (T * self.cfg.hop_s / N)
         tok = tok + self.time_proj(sinusoid(secs, self.cfg.dim, 0.1, 600.0).to(tok.dtype))[None]
-        tokens[present_B] = tok
+        tokens[present_B] = tok.to(tokens.dtype)  # autocast: the projection may be bf16
         valid = present_B[:, None].expand(B, N).clone()
         if lengths_B is not None:  # mask tokens past each clip's end (batch padded in time)
             tok_end = torch.ceil(lengths_B.float() / T * N).long()  # [B]

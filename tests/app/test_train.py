@@ -97,6 +97,36 @@ def test_exact_resume_matches_straight_run(shared, repo_root, tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_recipe_runs_under_bf16_autocast(shared, repo_root, tmp_path, monkeypatch):
+    """Mixed precision as a GPU trains (bf16 autocast; CPU autocast takes the same dtype paths):
+    the encoder stage, the decoder stage on cached tokens with the digest, copy head and prompts,
+    and the where stage all run with finite losses. A lent H200 found three dtype clashes here
+    (attention q/k/v, its backward's fp32 statistics, the audio tokens) that fp32 tests missed."""
+    import app.train as train_mod
+
+    monkeypatch.setattr(train_mod, "use_amp_on", lambda cfg, device: True)
+    stages = json.dumps([
+        {"name": "encoders", "steps": 2, "train": ["image_encoder", "audio_encoder", "fusion", "heads",
+                                                   "decoder.tok_embeddings"], "lm": False, "freeze": ["heads.where_"]},
+        {"name": "decoder", "steps": 2, "train": ["fusion", "decoder", "heads"], "lm": True, "cache_encoders": True,
+         "freeze": ["heads.where_"]},
+        {"name": "where", "steps": 1, "train": ["heads.where_"], "lm": False, "cache_encoders": True},
+    ])
+    cfg = _cfg(shared, repo_root, f"stages={stages}", "model.history_digest_words=40", "model.decoder.copy=true",
+               "model.copy_weight=1.0", "model.fusion.n_digest_tokens=4", "model.finding_prompt=true",
+               "model.acquisition_prompt=true", "model.heads.where_from_tokens=true", "model.heads.token_presence=true",
+               "data.audio=true", "log_every=1")
+    seen = []
+    real_autocast = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda *a, **k: seen.append((a, k)) or real_autocast(*a, **k))
+    final = train(shared["manifest"], tmp_path / "run", cfg, progress=False)
+    assert any(k.get("enabled") and k.get("dtype") == torch.bfloat16 for _, k in seen)  # it did run under autocast
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["stage"] for r in rows] == ["encoders"] * 2 + ["decoder"] * 2 + ["where"]
+    assert all(math.isfinite(r["loss"]) for r in rows) and "lm" in rows[2]
+    assert ReportModel.from_pretrained(final).cfg.acquisition_prompt
+
+
 def test_two_stage_recipe_runs_with_cached_encoder_tokens(shared, repo_root, tmp_path):
     stages = json.dumps([
         {"name": "encoders", "steps": 2, "train": ["image_encoder", "audio_encoder", "fusion", "heads",

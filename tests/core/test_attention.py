@@ -243,3 +243,31 @@ def test_backward_twice_with_retained_graph(recompute):
     g2 = torch.autograd.grad(out[0, :, -1].sum(), q)[0]
     torch.testing.assert_close(g1, g2)
     assert g1.abs().sum() > 0
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu-kernel", "plain-matmul"])
+@pytest.mark.parametrize("grad", ["keep-graph", "recompute", None], ids=["train", "train-recompute", "inference"])
+@pytest.mark.parametrize("branches", CASES)
+def test_runs_under_bf16_autocast(branches, grad, fused, monkeypatch):
+    """Mixed precision, as training on a GPU runs it: the projections come out in bf16 while the
+    residual stream (and so the RoPE angles) is fp32. q, k and v must reach the kernel in one dtype
+    (found on a lent H200: a bf16 v gathered into an fp32 buffer), and the plain-matmul backward
+    (the GPU's path) must take bf16 inputs with fp32 softmax statistics. CPU autocast takes the
+    same paths."""
+    monkeypatch.setattr(attention, "FUSED_CPU", fused)
+    if grad == "recompute":  # long inputs recompute the softmax chunk by chunk in backward
+        monkeypatch.setattr(attention, "KEEP_GRAPH_MAX_TOKENS", 0)
+    grad = grad is not None
+    torch.manual_seed(0)
+    cfg = AttentionConfig(**SMALL, branches=branches)
+    m = BlockSparseAttention(cfg)
+    x = torch.randn(2, 70, cfg.d_model, requires_grad=grad)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    with torch.set_grad_enabled(grad):
+        ref = m(x)  # fp32
+    assert (y.float() - ref).abs().mean() < 0.05 * ref.abs().mean()
+    if grad:
+        y.float().sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all() and m.wqkv.weight.grad is not None
