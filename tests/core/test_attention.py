@@ -271,3 +271,21 @@ def test_runs_under_bf16_autocast(branches, grad, fused, monkeypatch):
     if grad:
         y.float().sum().backward()
         assert x.grad is not None and torch.isfinite(x.grad).all() and m.wqkv.weight.grad is not None
+
+
+def test_plain_backward_takes_bf16_tensors_with_fp32_statistics(monkeypatch):
+    """The GPU's attention backward (plain matmuls) gets bf16 q, k, v, o and gradients with an
+    fp32 log-sum-exp, as CUDA autocast leaves them (it runs logsumexp in fp32). It keeps fp32
+    scores and returns each gradient in its input's dtype, close to the fp32 result."""
+    monkeypatch.setattr(attention, "FUSED_CPU", False)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(3, 16, 8, generator=g) for _ in range(4))
+    o, lse = attention._attn_fwd(q, k, v, None, 0.35)  # fp32 reference statistics
+    ref = attention._attn_bwd(do, q, k, v, o, lse, None, 0.35)
+    bf = [t.bfloat16() for t in (do, q, k, v, o)]
+    got = attention._attn_bwd(*bf, lse, None, 0.35)
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.bfloat16
+        assert (a.float() - b).abs().mean() < 0.03 * b.abs().mean()
+    o_bf, lse_bf = attention._attn_fwd(*bf[1:4], None, 0.35)
+    assert o_bf.dtype == torch.bfloat16 and lse_bf.dtype == torch.float32
