@@ -36,11 +36,11 @@ from torch import nn
 
 from app import __version__
 from app.report import UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
-from core.generate import GenerationConfig, generate
+from core.generate import GenerationConfig, any_veto, generate
 from data.errors import AudioError, HistoryError, MedreportError
 from data.finding_prompt import study_acquisition
 from data.history_digest import digest_ids
-from data.report_consistency import CallsVeto
+from data.report_consistency import CallsVeto, acquisition_veto
 from data.study import COMPANION_SUFFIXES, Study, StudyFiles, find_study_files, load_study
 from multimodal.fusion import MODALITIES
 from multimodal.model import WEIGHTS_FILE, ReportModel, StudyInputs, collate, digest_spans, uses_prompt
@@ -96,6 +96,11 @@ class PipelineConfig:
     # finding the table calls present or asserts one it does not call; the decoder then writes its
     # next most likely token. See docs/training.md (session 14) for what it does to the demo model.
     consistent_with_calls: bool = False
+    # Keep the Technique to the scan's contrast (data.report_consistency.AcquisitionVeto), for a
+    # model that reads the acquisition line: when the DICOM header says whether IV contrast was
+    # given, a Technique sentence stating the opposite is refused. Session 21's demo model wrote
+    # "following intravenous contrast" for 14 of 39 contrast-allergic test patients without it.
+    consistent_with_acquisition: bool = True
 
     def generation(self, tokenizer) -> GenerationConfig:
         return GenerationConfig(
@@ -375,14 +380,19 @@ class ReportPipeline:
             ctx = torch.nn.utils.rnn.pad_sequence(ctxs, batch_first=True)  # [B,F,D] zero-padded
             cmask = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)  # [B,F] False on padding
             spans = digest_spans(x) if model.cfg.decoder.copy else None
-            vetoes = [CallsVeto(tok, it.called) for it in items] if self.config.consistent_with_calls else None
+            per_item = [[CallsVeto(tok, it.called) if self.config.consistent_with_calls else None,
+                         acquisition_veto(tok, it.inputs.acquisition) if self.config.consistent_with_acquisition else None]
+                        for it in items]
+            vetoes = [any_veto(v) for v in per_item]
+            vetoes = vetoes if any(v is not None for v in vetoes) else None
             token_ids = generate(model.decoder, prefixes, ctx, cmask, self.config.generation(tok), copy_spans=spans,
                                  vetoes=vetoes)
         t_gen = round((time.perf_counter() - t0) / n, 4)
         notify("generating", _STAGE_SPAN["generating"][1])
         for b, it in enumerate(items):
             it.token_ids = token_ids[b]
-            it.refused = vetoes[b].refused if vetoes is not None else None
+            used = [v for v in per_item[b] if v is not None]
+            it.refused = sum(v.refused for v in used) if used else None
             it.timings.update(encoding=t_enc, generating=t_gen)
             it.batch_size = n
 
@@ -475,6 +485,7 @@ class ReportPipeline:
                            "length_penalty": cfg.length_penalty if cfg.strategy == "beam" else None,
                            "complete_report": cfg.complete_sections,
                            "consistent_with_calls": cfg.consistent_with_calls,
+                           "consistent_with_acquisition": cfg.consistent_with_acquisition and bool(inputs.acquisition),
                            "no_repeat_ngram_size": cfg.no_repeat_ngram_size},
             "timings_s": dict(timings),
             "input": {  # no paths, UIDs or patient facts
@@ -503,7 +514,7 @@ class _Item:
     batch_size: int = 1
     prompt: list[int] = dataclasses.field(default_factory=list)  # finding-prompt ids (model.cfg.finding_prompt)
     called: list[str] = dataclasses.field(default_factory=list)  # findings the heads call present
-    refused: int | None = None  # continuations the consistency veto refused (consistent_with_calls)
+    refused: int | None = None  # continuations the consistency vetoes refused (calls, acquisition)
 
 
 def _audio_config(cfg):

@@ -1147,7 +1147,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                    predictions: str | Path | None = None, progress: bool = True,
                    no_repeat_ngram_size: int = 0, strategy: str = "greedy", num_beams: int = 4,
                    length_penalty: float = 1.0, nonempty_items: bool = False, complete_sections: bool = True,
-                   consistent_with_calls: bool = False) -> dict:
+                   consistent_with_calls: bool = False, consistent_with_acquisition: bool = True) -> dict:
     """Generate reports (greedy unless ``strategy``) for a split and score them (no manifest facts
     are used to crop).
 
@@ -1208,7 +1208,13 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         chunk = entries[a: a + batch_size]
         studies = [ds.study_inputs(e) for e in chunk]
         prefixes = [[tok.bos_id, *(s.history_ids or []), tok.report_id] for s in studies]
-        preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False, vetoes_for=vetoes_for)
+        row_vetoes = None  # the Technique kept to the acquisition line the decoder reads (as the product runs)
+        if consistent_with_acquisition:
+            from data.report_consistency import acquisition_veto
+
+            row_vetoes = [acquisition_veto(tok, s.acquisition) for s in studies]
+        preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False, vetoes_for=vetoes_for,
+                                      row_vetoes=row_vetoes)
         for e, p in zip(chunk, preds):
             hyp[e.id] = format_report(tok.decode_report(p.token_ids))
             found[e.id] = {n: {"p": round(p.finding_probs[n], 5), "present": bool(p.finding_probs[n] >= thr_k[n]),
@@ -1228,7 +1234,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                            "seconds_per_study": round((time.perf_counter() - t0) / len(entries), 3),
                            "decoding": {"strategy": strategy, "num_beams": num_beams if strategy == "beam" else 1,
                                         "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-                                        "complete_report": complete_sections, "consistent_with_calls": consistent_with_calls}}
+                                        "complete_report": complete_sections, "consistent_with_calls": consistent_with_calls,
+                                        "consistent_with_acquisition": consistent_with_acquisition}}
     out.update({k: ev.scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "length_ratio",
                                           "brevity_penalty") if k in ev.scores})
     out["text_finding_micro_f1"] = ev.scores.get("finding_micro_f1")

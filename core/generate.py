@@ -165,6 +165,14 @@ def _nucleus(logits_BV: torch.Tensor, top_p: float, temperature: float, gen: tor
 Veto = Callable[[list[int]], bool]
 
 
+def any_veto(vetoes: Sequence[Veto | None]) -> Veto | None:
+    """One veto that refuses what any of ``vetoes`` refuses (None entries skipped; None if none left)."""
+    vs = [v for v in vetoes if v is not None]
+    if len(vs) <= 1:
+        return vs[0] if vs else None
+    return lambda tokens: any(v(tokens) for v in vs)
+
+
 @torch.no_grad()
 def generate(dec: Decoder, prefixes: list[list[int]], context_BFD: torch.Tensor | None = None,
              context_mask_BF: torch.Tensor | None = None, cfg: GenerationConfig | None = None,

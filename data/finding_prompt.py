@@ -35,6 +35,10 @@ def finding_phrase(name: str, side: str | None = None, location: str | None = No
     station or spine region), else the side for findings that take one, then the finding."""
     fd = BY_NAME.get(name)  # None: a finding outside the vocabulary (no side or location then)
     word = _WORDS.get(name, name.replace("_", " "))
+    if name == "lobectomy" and location and location.endswith(" lobe"):
+        # the report's words for it: "right upper lobectomy", not "right upper lobe lobectomy",
+        # so that the decoder can copy the procedure as a radiologist names it
+        return f"{location[:-len(' lobe')]} lobectomy"
     if fd is not None and fd.locations and location and location != "unspecified":
         return f"{location} {word}"
     if fd is not None and fd.sides and side in fd.sides:
@@ -80,6 +84,20 @@ def acquisition_phrase(contrast: bool | None, slice_mm: float | None) -> str:
     if slice_mm is not None and slice_mm > 0:
         parts.append(f"{round(float(slice_mm), 2):g} mm slices")
     return f"{ACQ_LEAD} {', '.join(parts) if parts else UNKNOWN}."
+
+
+def contrast_of_line(line: str | None) -> bool | None:
+    """The contrast an acquisition line states: True ("IV contrast"), False ("no IV contrast"),
+    None (no line, "unknown", or a thickness alone)."""
+    body = (line or "").strip()
+    if not body.startswith(ACQ_LEAD):
+        return None
+    parts = [p.strip() for p in body[len(ACQ_LEAD):].strip().rstrip(".").split(",")]
+    if "no IV contrast" in parts:
+        return False
+    if "IV contrast" in parts:
+        return True
+    return None
 
 
 def without_thickness(line: str) -> str:

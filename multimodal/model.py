@@ -28,7 +28,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from core.decoder import Decoder, copy_loss, spans_to_mask
-from core.generate import GenerationConfig, generate
+from core.generate import GenerationConfig, any_veto, generate
 from data.errors import MedreportError
 from data.finding_prompt import acquisition_phrase, finding_prompt, without_thickness
 from multimodal.audio_encoder import AudioEncoder
@@ -501,6 +501,7 @@ class ReportModel(nn.Module):
         evidence_threshold: float = 0.5,
         evidence_findings: Sequence[str] | None = None,
         vetoes_for: Callable[[list[str]], Callable[[list[int]], bool] | None] | None = None,
+        row_vetoes: Sequence[Callable[[list[int]], bool] | None] | None = None,
     ) -> list[ReportPrediction]:
         """Report tokens, calibrated finding probabilities, gates and Grad-CAM evidence per study.
 
@@ -511,6 +512,8 @@ class ReportModel(nn.Module):
         probability reaches ``evidence_threshold``.
         ``vetoes_for``: given a study's called finding names (the heads at their operating points),
         a decoding veto for its report (``core.generate``; e.g. ``data.report_consistency.CallsVeto``).
+        ``row_vetoes``: one more veto (or None) per study, known before the calls (e.g.
+        ``data.report_consistency.AcquisitionVeto``); a continuation either refuses is refused.
         """
         if prefixes is None or gen is None:
             if self.tokenizer is None:
@@ -540,6 +543,10 @@ class ReportModel(nn.Module):
                 vetoes = None
                 if vetoes_for is not None:
                     vetoes = [vetoes_for([name for name, _, _ in row]) for row in self.calls(heads)]
+                if row_vetoes is not None:
+                    if len(row_vetoes) != len(prefixes):
+                        raise ValueError("give one row veto (or None) per study")
+                    vetoes = [any_veto([a, b]) for a, b in zip(vetoes or [None] * len(row_vetoes), row_vetoes)]
                 token_ids = generate(self.decoder, prefixes, ctx, cmask, gen or GenerationConfig(),
                                      copy_spans=digest_spans(x) if self.cfg.decoder.copy else None, vetoes=vetoes)
             probs = heads.presence_probs.detach().cpu()

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse report sentences that deny a finding the table calls or assert one it does not "
                         "(default: the model folder's decoding.json, else off)")
     p.add_argument("--no-evidence", action="store_true", help="skip Grad-CAM key slices (faster)")
+    p.add_argument("--consistent-with-acquisition", action=argparse.BooleanOptionalAction, default=None,
+                   help="for a model that reads the acquisition line: refuse a Technique sentence that contradicts "
+                        "the header's IV contrast (default: on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -76,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
                                        ("length_penalty", args.length_penalty),
                                        ("consistent_with_calls", args.consistent_with_calls)) if v is not None})
     cfg = PipelineConfig(quantize=args.quantize, evidence=not args.no_evidence, **validate_decoding(decoding, "flags"))
+    if args.consistent_with_acquisition is not None:
+        cfg = dataclasses.replace(cfg, consistent_with_acquisition=args.consistent_with_acquisition)
     if args.max_new_tokens is not None:
         cfg = dataclasses.replace(cfg, max_new_tokens=args.max_new_tokens)
     if args.max_history_tokens is not None:

@@ -329,6 +329,27 @@ def test_consistency_veto_follows_the_findings_table(pipe, tmp_path, monkeypatch
     assert gen["consistency_refusals"] == veto.refused >= 0
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_acquisition_veto_follows_the_header(pipe, tmp_path, monkeypatch, on):
+    """consistent_with_acquisition (on by default): a model that reads the acquisition line gets an
+    AcquisitionVeto holding the header's contrast, and the provenance says so; off, no veto."""
+    import pydicom
+
+    from data.report_consistency import AcquisitionVeto
+
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), finding_prompt=True,
+                                  acquisition_prompt=True, pipeline={"consistent_with_acquisition": on})
+    gen = rep.provenance["generation"]
+    assert gen["consistent_with_acquisition"] is on
+    if not on:
+        assert seen["vetoes"] is None and "consistency_refusals" not in gen
+        return
+    (veto,) = seen["vetoes"]
+    contrast = "ContrastBolusAgent" in pydicom.dcmread(STUDIES / "syn00003" / "IM0001.dcm", stop_before_pixels=True)
+    assert isinstance(veto, AcquisitionVeto) and veto.contrast is contrast
+    assert gen["consistency_refusals"] == veto.refused >= 0
+
+
 def test_acquisition_line_in_the_pipeline_equals_the_training_one(pipe, tmp_path, monkeypatch):
     """An acquisition-prompt model (model.acquisition_prompt): the pipeline puts the study's
     acquisition line (from its DICOM header) before the calls, and the training dataset builds

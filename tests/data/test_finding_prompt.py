@@ -13,6 +13,9 @@ def test_phrases_use_location_then_side_where_the_finding_takes_them():
     assert finding_phrase("ground_glass_opacity", "none", "left upper lobe") == "left upper lobe ground-glass opacity"
     assert finding_phrase("fracture", "none", "lower thoracic spine") == "lower thoracic spine fracture"
     assert finding_phrase("not_in_vocabulary", "left", "subcarinal") == "not in vocabulary"
+    # a lobectomy is named as the procedure, the words the reports use
+    assert finding_phrase("lobectomy", "right", "right upper lobe") == "right upper lobectomy"
+    assert finding_phrase("lobectomy", "left", "unspecified") == "left lobectomy"
 
 
 def test_prompt_orders_calls_as_the_vocabulary_and_says_none():
