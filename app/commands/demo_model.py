@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the shipped model's data)")
     parser.add_argument("--tiny-studies", type=int, default=0,
                         help="extra *training* studies of the tiny geometry (16 x 64 x 64, 10 mm slices, as the bundled "
-                             "examples), built into DATASET_tiny and added to the training manifest; the val and test "
+                             "examples were until session 21), built into DATASET_tiny and added to the training manifest; the val and test "
                              "splits stay the demo dataset's (default 0)")
     parser.add_argument("--tiny-seed", type=int, default=4242, help="seed of the tiny training studies (default 4242)")
     parser.add_argument("--config", type=Path, default=Path("configs/demo.json"), help="training recipe")
@@ -259,9 +259,14 @@ def model_card(args, cfg, metrics: dict) -> str:
     decoding += ("The report is kept whole (`PipelineConfig.complete_sections`, on by default): it may not end before "
                  "the impression has content, and no findings line starts with a list number.\n"
                  if (metrics.get("decoding") or {}).get("complete_report") else "")
+    decoding += ("The Technique keeps to the scan's contrast (`PipelineConfig.consistent_with_acquisition`, on by "
+                 "default): the decoder reads the acquisition line from the DICOM header, and a Technique sentence "
+                 "that states the opposite is refused while it is written.\n"
+                 if cfg.model.get("acquisition_prompt") and (metrics.get("decoding") or {}).get("consistent_with_acquisition")
+                 else "")
     pv = f" --phantom-version {args.phantom_version}" if getattr(args, "phantom_version", 1) != 1 else ""
     n_tiny = getattr(args, "tiny_studies", 0)
-    tiny = (f"\nPlus {n_tiny} training studies of the tiny geometry (16 x 64 x 64, 10 mm slices, as the bundled examples): "
+    tiny = (f"\nPlus {n_tiny} training studies of the tiny geometry (16 x 64 x 64, 10 mm slices, as the bundled examples were until session 21): "
             f"`medreport make-dataset --out {args.dataset}_tiny --n {n_tiny} --seed {args.tiny_seed} --size tiny "
             f"--history-tokens {args.history_tokens}`, added as training studies only.") if n_tiny else ""
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phantom-version", type=int, choices=(1, 2), default=1,
                         help="phantom anatomy: 1 = the shipped demo model's data (default), 2 = mediastinal fat "
                              "(enlarged lymph nodes visible); recorded in dataset_config.json")
+    parser.add_argument("--compression", choices=("explicit", "rle", "j2k"), default="explicit",
+                        help="DICOM transfer syntax of the slices: explicit (uncompressed, default), rle (RLE "
+                             "Lossless) or j2k (JPEG 2000 lossless, as the bundled examples)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         log.warning("overwriting %s", out / "manifest.jsonl")
     cfg = DatasetConfig(n=args.n, seed=args.seed, size=args.size, history_tokens=tuple(args.history_tokens),
                         audio=audio, showcase=args.showcase, normal_fraction=args.normal_fraction,
-                        split=getattr(args, "split", None), phantom_version=getattr(args, "phantom_version", 1))
+                        split=getattr(args, "split", None), phantom_version=getattr(args, "phantom_version", 1),
+                        compression=getattr(args, "compression", "explicit"))
     t0 = time.perf_counter()
     manifest = write_dataset(out, cfg, workers=args.workers, progress=not args.no_progress)
     dt = time.perf_counter() - t0

@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
 from data.synthetic.findings import Case
 
@@ -122,3 +123,19 @@ def write_series(case: Case, hu: np.ndarray, spacing: tuple[float, float, float]
         path.write_bytes(data)
         paths.append(path)
     return paths
+
+
+# make-dataset --compression: name -> transfer syntax (None: the uncompressed files as written)
+COMPRESSIONS = {"explicit": None, "rle": RLELossless, "j2k": JPEG2000Lossless}
+
+
+def compress_series(paths: list[Path], syntax: str) -> None:
+    """Re-encode written slices in place with a lossless compressed transfer syntax (pydicom's
+    encoders: RLE natively, JPEG 2000 through pylibjpeg-openjpeg), each file replaced atomically."""
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.compress(syntax)
+        tmp = p.with_name(p.name + ".tmp")
+        ds.save_as(tmp, enforce_file_format=True)
+        tmp.replace(p)
+

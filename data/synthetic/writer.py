@@ -18,7 +18,7 @@ import numpy as np
 
 from data.report_format import format_report
 from data.synthetic import dictation
-from data.synthetic.dicom_writer import write_series
+from data.synthetic.dicom_writer import COMPRESSIONS, compress_series, write_series
 from data.synthetic.findings import sample_case
 from data.synthetic.histories import dictation_text, write_history
 from data.synthetic.phantom import PHANTOM_VERSIONS, render
@@ -66,8 +66,14 @@ class DatasetConfig:
     # data.synthetic.phantom.render's version: 1 = the shipped demo model's data (sessions 1-10),
     # 2 = mediastinal fat, so that enlarged lymph nodes are visible.
     phantom_version: int = 1
+    # DICOM transfer syntax of the written slices: "explicit" (uncompressed little endian), or a
+    # lossless compression as scanners and PACS send it: "rle" (RLE Lossless) or "j2k" (JPEG 2000
+    # lossless, about 45 % of the bytes: the bundled examples).
+    compression: str = "explicit"
 
     def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, got {self.compression!r}")
         if self.split not in (None, "train", "val", "test"):
             raise ValueError(f"split must be train, val or test (or None for the usual mix), got {self.split!r}")
         if self.phantom_version not in PHANTOM_VERSIONS:
@@ -100,7 +106,9 @@ def generate_study(cfg: DatasetConfig, index: int, out: Path) -> dict:
     case.labels = ph.labels  # with below_resolution marked
 
     folder = out / "studies" / sid
-    write_series(case, ph.hu, ph.spacing, folder)
+    paths = write_series(case, ph.hu, ph.spacing, folder)
+    if COMPRESSIONS[cfg.compression] is not None:
+        compress_series(paths, COMPRESSIONS[cfg.compression])
     rel = f"studies/{sid}"
     history_rel = audio_rel = None
     facts = []
@@ -185,6 +193,8 @@ def _config_key(cfg: DatasetConfig) -> dict:
         key["split"] = cfg.split
     if cfg.phantom_version != 1:  # likewise
         key["phantom_version"] = cfg.phantom_version
+    if cfg.compression != "explicit":  # likewise
+        key["compression"] = cfg.compression
     return key
 
 

@@ -24,5 +24,5 @@ def test_readme_inspect_example_runs_on_a_bundled_study(repo_root):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    assert info["shape"] == [16, 64, 64] and info["modality"] == "CT"
+    assert info["shape"] == [64, 128, 128] and info["modality"] == "CT"
     assert info["hu_min"] < -500 < 0 < info["hu_max"]

@@ -30,6 +30,24 @@ def test_cli_writes_a_loadable_dataset(tmp_path, capsys):
         assert (e.study_path / "reference.txt").read_text() == e.report
 
 
+def test_compressed_dataset_holds_the_same_pixels(tmp_path):
+    """--compression rle / j2k: the same studies in a lossless compressed transfer syntax; every
+    volume loads back identical to the uncompressed build, and the setting is recorded."""
+    load_study = pytest.importorskip("data.study").load_study
+    common = ["--n", "2", "--seed", "3", "--size", "tiny", "--history-tokens", "200:400", "--workers", "1",
+              "--no-audio", "--no-progress"]
+    for name in ("explicit", "rle", "j2k"):
+        assert main(["make-dataset", "--out", str(tmp_path / name), "--compression", name, *common]) == 0
+    for sid in ("syn00000", "syn00001"):
+        ref = load_study(tmp_path / "explicit" / "studies" / sid)
+        for name, syntax in (("rle", "RLE Lossless"), ("j2k", "JPEG 2000 Image Compression (Lossless Only)")):
+            st = load_study(tmp_path / name / "studies" / sid)
+            assert st.metadata["transfer_syntax"] == syntax
+            assert np.array_equal(st.volume, ref.volume) and st.spacing_mm == ref.spacing_mm
+    cfg = json.loads((tmp_path / "j2k" / "dataset_config.json").read_text())
+    assert cfg["compression"] == "j2k" and "compression" not in json.loads((tmp_path / "explicit" / "dataset_config.json").read_text())
+
+
 def test_cli_rejects_bad_token_range(capsys):
     with pytest.raises(SystemExit):
         main(["make-dataset", "--out", "x", "--history-tokens", "500"])
@@ -46,7 +64,8 @@ def test_examples_sample_is_complete_and_small():
     entries = read_manifest(EXAMPLES / "manifest.jsonl", check_files=True)
     assert 5 <= len(entries) <= 8
     total = sum(p.stat().st_size for p in EXAMPLES.rglob("*") if p.is_file())
-    assert total < 3 * 1024 * 1024
+    # demo-size studies (the shipped model's geometry) in JPEG 2000 lossless: about 1.2 MB each
+    assert total < 9 * 1024 * 1024
     assert any(e.audio is None for e in entries) and any(e.history is None for e in entries)
     assert any(not any(lab.present for lab in e.labels) for e in entries)  # a normal study
     assert any(sum(lab.present for lab in e.labels) >= 2 for e in entries)
@@ -74,5 +93,7 @@ def test_examples_load():
     for line in (EXAMPLES / "manifest.jsonl").read_text().splitlines():
         entry = json.loads(line)
         study = load_study(EXAMPLES / entry["study"])
-        assert study.shape == (16, 64, 64)
+        # the demo model's geometry, compressed as a PACS may send it
+        assert study.shape == (64, 128, 128)
+        assert study.metadata["transfer_syntax"] == "JPEG 2000 Image Compression (Lossless Only)"
         assert np.isfinite(study.volume).all() and study.volume.min() >= -1024
