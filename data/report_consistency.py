@@ -83,8 +83,8 @@ class AcquisitionVeto(CallsVeto):
     acquisition line the decoder reads states it from the DICOM header (``data.finding_prompt``):
     with ``contrast`` False a Technique sentence may not say the contrast was given ("following
     intravenous contrast"), with True it may not say none was ("without intravenous contrast").
-    The demo decoder read "Acquisition: no IV contrast." and still wrote the common contrast
-    sentence for 14 of 39 contrast-allergic patients (session 21). As with :class:`CallsVeto`, the
+    Session 21's demo decoder read "Acquisition: no IV contrast." and still wrote a contrast
+    sentence for 8 of 39 contrast-allergic test patients (0 with this veto). As with :class:`CallsVeto`, the
     decoder writes the text and takes its next choice where a word is refused; a veto never stops
     a report."""
 
