@@ -1198,9 +1198,9 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
 
     entries = sorted(entries, key=_hist_size)
     vetoes_for = None  # one findings-table veto per study, from its calls (consistent_with_calls)
-    if consistent_with_calls:
-        from data.report_consistency import CallsVeto
+    from data.report_consistency import CallsVeto, acquisition_veto
 
+    if consistent_with_calls:
         vetoes_for = lambda names: CallsVeto(tok, names)  # noqa: E731
     thr_k = dict(zip(names, model.cfg.heads.thresholds()))
     t0 = time.perf_counter()
@@ -1208,11 +1208,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         chunk = entries[a: a + batch_size]
         studies = [ds.study_inputs(e) for e in chunk]
         prefixes = [[tok.bos_id, *(s.history_ids or []), tok.report_id] for s in studies]
-        row_vetoes = None  # the Technique kept to the acquisition line the decoder reads (as the product runs)
-        if consistent_with_acquisition:
-            from data.report_consistency import acquisition_veto
-
-            row_vetoes = [acquisition_veto(tok, s.acquisition) for s in studies]
+        # the Technique kept to the acquisition line the decoder reads (as the product runs)
+        row_vetoes = [acquisition_veto(tok, s.acquisition) for s in studies] if consistent_with_acquisition else None
         preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False, vetoes_for=vetoes_for,
                                       row_vetoes=row_vetoes)
         for e, p in zip(chunk, preds):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from data.finding_prompt import contrast_of_line
 from data.labeler import label_sentence, split_sentences
 from data.report_format import SECTION_KEYS
 
@@ -101,8 +102,6 @@ class AcquisitionVeto(CallsVeto):
 def acquisition_veto(tokenizer, line: str | None) -> AcquisitionVeto | None:
     """The veto for a study whose decoder reads acquisition ``line`` ("Acquisition: no IV
     contrast."); None when the line does not say whether contrast was given (or there is none)."""
-    from data.finding_prompt import contrast_of_line
-
     contrast = contrast_of_line(line)
     return None if contrast is None else AcquisitionVeto(tokenizer, contrast)
 

@@ -309,6 +309,19 @@ def test_finding_prompt_in_the_pipeline_matches_the_report_findings(pipe, tmp_pa
     assert prefixes[0] == [tok.bos_id, *prompt, tok.report_id]
 
 
+def _served_veto(rep, seen, flag: str, on: bool):
+    """The one veto the decoder got for the served study (None when ``flag`` is off, after checking
+    that none was passed); the provenance records ``flag`` and, when on, the refusals it counted."""
+    gen = rep.provenance["generation"]
+    assert gen[flag] is on
+    if not on:
+        assert seen["vetoes"] is None and "consistency_refusals" not in gen
+        return None
+    (veto,) = seen["vetoes"]
+    assert gen["consistency_refusals"] == veto.refused >= 0
+    return veto
+
+
 @pytest.mark.parametrize("on", [False, True])
 def test_consistency_veto_follows_the_findings_table(pipe, tmp_path, monkeypatch, on):
     """consistent_with_calls: the decoder gets one CallsVeto per study, built from the findings
@@ -318,15 +331,10 @@ def test_consistency_veto_follows_the_findings_table(pipe, tmp_path, monkeypatch
 
     called = ("cardiomegaly", "pleural_effusion")
     rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, called, pipeline={"consistent_with_calls": on})
-    gen = rep.provenance["generation"]
-    assert gen["consistent_with_calls"] is on
-    if not on:
-        assert seen["vetoes"] is None and "consistency_refusals" not in gen
-        return
-    (veto,) = seen["vetoes"]
-    assert isinstance(veto, CallsVeto)
-    assert veto.called == {f.name for f in rep.findings if f.present} == set(called)
-    assert gen["consistency_refusals"] == veto.refused >= 0
+    veto = _served_veto(rep, seen, "consistent_with_calls", on)
+    if on:
+        assert isinstance(veto, CallsVeto)
+        assert veto.called == {f.name for f in rep.findings if f.present} == set(called)
 
 
 @pytest.mark.parametrize("on", [True, False])
@@ -339,15 +347,10 @@ def test_acquisition_veto_follows_the_header(pipe, tmp_path, monkeypatch, on):
 
     rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), finding_prompt=True,
                                   acquisition_prompt=True, pipeline={"consistent_with_acquisition": on})
-    gen = rep.provenance["generation"]
-    assert gen["consistent_with_acquisition"] is on
-    if not on:
-        assert seen["vetoes"] is None and "consistency_refusals" not in gen
-        return
-    (veto,) = seen["vetoes"]
-    contrast = "ContrastBolusAgent" in pydicom.dcmread(STUDIES / "syn00003" / "IM0001.dcm", stop_before_pixels=True)
-    assert isinstance(veto, AcquisitionVeto) and veto.contrast is contrast
-    assert gen["consistency_refusals"] == veto.refused >= 0
+    veto = _served_veto(rep, seen, "consistent_with_acquisition", on)
+    if on:
+        contrast = "ContrastBolusAgent" in pydicom.dcmread(STUDIES / "syn00003" / "IM0001.dcm", stop_before_pixels=True)
+        assert isinstance(veto, AcquisitionVeto) and veto.contrast is contrast
 
 
 def test_acquisition_line_in_the_pipeline_equals_the_training_one(pipe, tmp_path, monkeypatch):
