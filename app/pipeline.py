@@ -38,9 +38,9 @@ from app import __version__
 from app.report import UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
 from core.generate import GenerationConfig, any_veto, generate
 from data.errors import AudioError, HistoryError, MedreportError
-from data.finding_prompt import study_acquisition
+from data.finding_prompt import record_locations, study_acquisition
 from data.history_digest import digest_ids
-from data.report_consistency import CallsVeto, acquisition_veto
+from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
 from data.study import COMPANION_SUFFIXES, Study, StudyFiles, find_study_files, load_study
 from multimodal.fusion import MODALITIES
 from multimodal.model import WEIGHTS_FILE, ReportModel, StudyInputs, collate, digest_spans, uses_prompt
@@ -101,6 +101,14 @@ class PipelineConfig:
     # given, a Technique sentence stating the opposite is refused. Session 21's demo model wrote
     # a contrast sentence for 8 of 39 contrast-allergic test patients without it (0 with it).
     consistent_with_acquisition: bool = True
+    # A lobectomy call takes the lobe the patient's record names ("right upper lobectomy in 2015";
+    # data.finding_prompt.record_locations), in the prompt the decoder reads and in the findings
+    # table (location_source "record"). The heads only see a staple line and guess the lobe.
+    locations_from_record: bool = True
+    # Keep a nodule's stated change to its own numbers (data.report_consistency.MeasurementVeto):
+    # "increased from 12 mm to 10 mm" is refused at the "10". Session 21's demo model contradicted
+    # itself in 60 of the 113 change phrases it wrote on the test split.
+    consistent_measurements: bool = True
 
     def generation(self, tokenizer) -> GenerationConfig:
         return GenerationConfig(
@@ -276,8 +284,10 @@ class ReportPipeline:
                 hist_info["digest_tokens"] = n_digest
             ids = ids or None
         acq = study_acquisition(study) if self.model.cfg.acquisition_prompt else None
+        # where the whole record locates a finding (a lobectomy's lobe): the call takes it
+        rec = (record_locations(history) or None) if history and self.config.locations_from_record else None
         inputs = StudyInputs(pixels=slabs.pixels, z_mm=slabs.z_mm, z_index_range=slabs.z_index_range, mel=mel,
-                             history_ids=ids, digest_len=n_digest, acquisition=acq)
+                             history_ids=ids, digest_len=n_digest, acquisition=acq, record_locations=rec)
         return inputs, hist_info, audio_info
 
     # ------------------------------------------------------------------------------ run
@@ -362,7 +372,7 @@ class ReportPipeline:
                 it.side = torch.softmax(heads.side_logits_BK4[0].float(), -1).cpu().numpy()  # [K,4]
                 it.loc = heads.location_logits_BKL[0].argmax(-1).cpu().numpy()  # [K]
                 it.gates = {m: float(g) for m, g in zip(MODALITIES, enc.gates_BM[0].float().cpu())}
-                calls = model.calls(heads)[0]
+                calls = model.calls(heads, [it.inputs.record_locations])[0]
                 it.called = [name for name, _, _ in calls]
                 it.prompt = model.prompt_ids(calls, it.inputs.acquisition) if uses_prompt(model.cfg) else []
                 c, m = model.decoder_context(enc.fused_BFD, enc.mask_BF, heads)  # [1,F_i,D], [1,F_i]
@@ -381,7 +391,8 @@ class ReportPipeline:
             cmask = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)  # [B,F] False on padding
             spans = digest_spans(x) if model.cfg.decoder.copy else None
             per_item = [[CallsVeto(tok, it.called) if self.config.consistent_with_calls else None,
-                         acquisition_veto(tok, it.inputs.acquisition) if self.config.consistent_with_acquisition else None]
+                         acquisition_veto(tok, it.inputs.acquisition) if self.config.consistent_with_acquisition else None,
+                         MeasurementVeto(tok) if self.config.consistent_measurements else None]
                         for it in items]
             vetoes = [any_veto(v) for v in per_item]
             vetoes = vetoes if any(v is not None for v in vetoes) else None
@@ -403,7 +414,7 @@ class ReportPipeline:
         sections = tok.decode_report(item.token_ids)
         t0 = time.perf_counter()
         notify("evidence", _STAGE_SPAN["evidence"][0])
-        findings = self._findings(probs, item.side, item.loc)
+        findings = self._findings(probs, item.side, item.loc, inputs.record_locations)
         evidence = {}
         if cfg.evidence and cfg.max_evidence_findings > 0:
             thr = model.cfg.heads.thresholds()  # findings called present first, then the most probable
@@ -448,7 +459,8 @@ class ReportPipeline:
         return report
 
     # ------------------------------------------------------------------------------ pieces
-    def _findings(self, probs: np.ndarray, side: np.ndarray, loc: np.ndarray) -> list[FindingRow]:
+    def _findings(self, probs: np.ndarray, side: np.ndarray, loc: np.ndarray,
+                  record: dict[str, str] | None = None) -> list[FindingRow]:
         from data.vocab import BY_NAME
         from multimodal.heads import SIDES
 
@@ -464,12 +476,18 @@ class ReportPipeline:
             location = hc.locations[int(loc[k])]
             if fd is not None and not fd.locations:  # the finding has no location in the vocabulary
                 location = "unspecified"
+            from_record = bool(record and record.get(name))
+            if from_record:  # the record states it (data.finding_prompt.record_locations); the call's side follows
+                location = record[name]
+                rec_side = location.split()[0]
+                if rec_side in allowed and rec_side != side_name:
+                    side_name, s = rec_side, SIDES.index(rec_side)
             rows.append(FindingRow(
                 name=name, display=fd.display if fd is not None else name.replace("_", " ").capitalize(),
                 probability=p, present=p >= float(thr[k]), threshold=float(thr[k]),
                 uncertain=UNCERTAIN_BAND[0] <= p <= UNCERTAIN_BAND[1],
                 side=side_name, side_probability=float(side[k, s]) if side_name else None,
-                location=None if location == "unspecified" else location,
+                location=None if location == "unspecified" else location, location_from_record=from_record,
             ))
         return rows
 
@@ -486,6 +504,8 @@ class ReportPipeline:
                            "complete_report": cfg.complete_sections,
                            "consistent_with_calls": cfg.consistent_with_calls,
                            "consistent_with_acquisition": cfg.consistent_with_acquisition and bool(inputs.acquisition),
+                           "consistent_measurements": cfg.consistent_measurements,
+                           "locations_from_record": sorted(inputs.record_locations or {}),
                            "no_repeat_ngram_size": cfg.no_repeat_ngram_size},
             "timings_s": dict(timings),
             "input": {  # no paths, UIDs or patient facts

@@ -67,13 +67,15 @@ class FindingRow:
     location: str | None = None  # coarse location, None = unspecified
     key_slices: list[KeySlice] = field(default_factory=list)
     threshold: float = PRESENT_THRESHOLD  # the operating point ``present`` was decided at
+    location_from_record: bool = False  # the location is the one the patient's record states (a lobectomy's lobe)
 
     def to_dict(self) -> dict:
         return {
             "name": self.name, "display": self.display, "probability": round(self.probability, 4),
             "present": self.present, "threshold": round(self.threshold, 4), "uncertain": self.uncertain, "side": self.side,
             "side_probability": None if self.side_probability is None else round(self.side_probability, 4),
-            "location": self.location, "key_slices": [k.to_dict() for k in self.key_slices],
+            "location": self.location, "location_source": "record" if self.location_from_record else "image",
+            "key_slices": [k.to_dict() for k in self.key_slices],
         }
 
 

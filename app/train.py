@@ -1147,7 +1147,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                    predictions: str | Path | None = None, progress: bool = True,
                    no_repeat_ngram_size: int = 0, strategy: str = "greedy", num_beams: int = 4,
                    length_penalty: float = 1.0, nonempty_items: bool = False, complete_sections: bool = True,
-                   consistent_with_calls: bool = False, consistent_with_acquisition: bool = True) -> dict:
+                   consistent_with_calls: bool = False, consistent_with_acquisition: bool = True,
+                   consistent_measurements: bool = True) -> dict:
     """Generate reports (greedy unless ``strategy``) for a split and score them (no manifest facts
     are used to crop).
 
@@ -1180,7 +1181,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     found: dict[str, dict] = {}  # predicted findings per study (the template baseline reads them)
     probs, labels, below = [], [], []
     bar = tqdm(total=len(entries), desc=f"evaluate {split}", disable=not progress)
-    from core.generate import GenerationConfig
+    from core.generate import GenerationConfig, any_veto
     from data.report_format import format_report
     from multimodal.model import collate
 
@@ -1198,7 +1199,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
 
     entries = sorted(entries, key=_hist_size)
     vetoes_for = None  # one findings-table veto per study, from its calls (consistent_with_calls)
-    from data.report_consistency import CallsVeto, acquisition_veto
+    from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
 
     if consistent_with_calls:
         vetoes_for = lambda names: CallsVeto(tok, names)  # noqa: E731
@@ -1209,7 +1210,9 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         studies = [ds.study_inputs(e) for e in chunk]
         prefixes = [[tok.bos_id, *(s.history_ids or []), tok.report_id] for s in studies]
         # the Technique kept to the acquisition line the decoder reads (as the product runs)
-        row_vetoes = [acquisition_veto(tok, s.acquisition) for s in studies] if consistent_with_acquisition else None
+        # and a nodule's stated change to its own numbers (data.report_consistency.MeasurementVeto)
+        row_vetoes = [any_veto([acquisition_veto(tok, s.acquisition) if consistent_with_acquisition else None,
+                                MeasurementVeto(tok) if consistent_measurements else None]) for s in studies]
         preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False, vetoes_for=vetoes_for,
                                       row_vetoes=row_vetoes)
         for e, p in zip(chunk, preds):
@@ -1232,9 +1235,15 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                            "decoding": {"strategy": strategy, "num_beams": num_beams if strategy == "beam" else 1,
                                         "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
                                         "complete_report": complete_sections, "consistent_with_calls": consistent_with_calls,
-                                        "consistent_with_acquisition": consistent_with_acquisition}}
+                                        "consistent_with_acquisition": consistent_with_acquisition,
+                                        "consistent_measurements": consistent_measurements}}
     out.update({k: ev.scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "length_ratio",
                                           "brevity_penalty") if k in ev.scores})
+    from data.report_consistency import change_contradictions
+
+    cc = [change_contradictions(h) for h in hyp.values()]
+    out["change_phrases"] = sum(n for _, n in cc)  # "increased from 9 mm to 12 mm" and the like
+    out["change_phrases_contradicting"] = sum(b for b, _ in cc)
     out["text_finding_micro_f1"] = ev.scores.get("finding_micro_f1")
     main_Y = np.where(BR, -1, Y)  # below-resolution findings scored apart
     thr = model.cfg.heads.thresholds()  # [K] operating points (0.5 unless fitted on val)

@@ -35,7 +35,7 @@ import torch
 
 from core.decoder import spans_to_mask
 from data.errors import MedreportError
-from data.finding_prompt import study_acquisition
+from data.finding_prompt import record_locations, study_acquisition
 from data.history_digest import digest_ids
 from multimodal.heads import SIDES, FindingLabels, coarse_location, side_index
 from multimodal.model import ModelInputs, StudyInputs, collate, config_prompt_ids, digest_spans
@@ -448,19 +448,19 @@ class ReportDataset(torch.utils.data.Dataset):
         self.epoch = 0
         # Keep each record's tokens and digest in memory (int32: ~32 KB for a 8K-token record).
         self.memo_history = memo_history
-        self._history_memo: dict[tuple, tuple[np.ndarray, list[int], list[int]]] = {}
+        self._history_memo: dict[tuple, tuple[np.ndarray, list[int], list[int], dict[str, str]]] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def history_ids(self, entry, rng: np.random.Generator | None = None) -> tuple[list[int], int]:
+    def history_ids(self, entry, rng: np.random.Generator | None = None, parts=None) -> tuple[list[int], int]:
         """Tokenised, cropped history of ``entry`` (no special tokens) and the length of the
         history digest at its end (``model.history_digest_words``; 0 = none). The digest is
         taken from the whole record and counts toward the cap; the record fills the rest."""
-        parts = self._history_parts(entry)
-        if parts is None:
+        parts = self._history_parts(entry) if parts is None else parts
+        if not parts:
             return [], 0
-        ids_arr, facts, dig_all = parts
+        ids_arr, facts, dig_all, _ = parts
         dig = dig_all[: self.max_history_tokens]
         cap = self.max_history_tokens - len(dig)
         ids = ids_arr.tolist()
@@ -468,9 +468,9 @@ class ReportDataset(torch.utils.data.Dataset):
         body = crop_history(ids, cap, facts, rng if rng is not None else np.random.default_rng(0), self.crop) if cap else []
         return body + dig, len(dig)
 
-    def _history_parts(self, entry) -> tuple[np.ndarray, list[int], list[int]] | None:
-        """The record's token ids, the token positions of its planted facts and its digest's
-        token ids; None without a record. They depend only on the record and the tokenizer, not on
+    def _history_parts(self, entry) -> tuple[np.ndarray, list[int], list[int], dict[str, str]] | None:
+        """The record's token ids, the token positions of its planted facts, its digest's token ids
+        and the locations it states (``data.finding_prompt.record_locations``); None without a record. They depend only on the record and the tokenizer, not on
         the cap or the epoch, so they are kept per study (``memo_history``): reading, tokenising
         and digesting a record of up to 16K tokens again every epoch took ~25 of the ~38 ms an
         example costs, a sixth of a demo training step (session 19, ``runs/s19/getitem_prof.py``)."""
@@ -486,7 +486,7 @@ class ReportDataset(torch.utils.data.Dataset):
         starts = np.asarray([o[0] for o in enc.offsets])
         facts = [int(np.searchsorted(starts, f.char_offset, side="right") - 1)
                  for f in entry.facts if f.char_offset >= 0 and f.kind != "distractor"]
-        parts = (np.asarray(enc.ids, dtype=np.int32), facts, dig)
+        parts = (np.asarray(enc.ids, dtype=np.int32), facts, dig, record_locations(text))
         if self.memo_history:
             self._history_memo[key] = parts
         return parts
@@ -494,7 +494,8 @@ class ReportDataset(torch.utils.data.Dataset):
     def study_inputs(self, entry, rng: np.random.Generator | None = None,
                      arrays: dict[str, np.ndarray] | None = None) -> StudyInputs:
         a = self.cache.arrays(entry) if arrays is None else arrays
-        hist, n_digest = self.history_ids(entry, rng)
+        parts = self._history_parts(entry) or ()
+        hist, n_digest = self.history_ids(entry, rng, parts)
         acq = None
         if self.cfg.acquisition_prompt and "acquisition" in a:
             acq = str(a["acquisition"])
@@ -503,7 +504,7 @@ class ReportDataset(torch.utils.data.Dataset):
         return StudyInputs(
             pixels=a["pixels"].astype(np.float32), z_mm=a["z_mm"], z_index_range=a["z_index_range"],
             mel=a["mel"].astype(np.float32) if "mel" in a else None, history_ids=hist or None, digest_len=n_digest,
-            acquisition=acq,
+            acquisition=acq, record_locations=(parts[3] or None) if parts else None,
         )
 
     def __getitem__(self, i: int) -> Example:

@@ -119,3 +119,55 @@ def study_acquisition(study) -> str:
     if study.kind == "radiograph":
         return acquisition_phrase(contrast_from_metadata(md), None)
     return acquisition_phrase(contrast_from_metadata(md), md.get("slice_thickness_mm") or study.spacing_mm[0])
+
+
+# --------------------------------------------------------------------------- the record's locations
+# A resected lobe as records name it: "right upper lobectomy", "lobectomy of the left lower lobe",
+# "RUL lobectomy" (word boundaries; "bilobectomy" and "segmentectomy" are not lobectomies of one lobe).
+_LOBE_ABBR = {"rul": "right upper lobe", "rml": "right middle lobe", "rll": "right lower lobe",
+              "lul": "left upper lobe", "lll": "left lower lobe"}
+_LOBECTOMY = re.compile(
+    r"\b(?:(right|left)\s+(upper|middle|lower)\s+(?:lobe\s+)?lobectomy"
+    r"|lobectomy\s+of\s+the\s+(right|left)\s+(upper|middle|lower)\s+lobe"
+    r"|(RUL|RML|RLL|LUL|LLL)\s+lobectomy)\b", re.I)
+_PLANNED_AFTER = re.compile(r"^[^.\n]{0,30}\b(planned|scheduled|recommended|proposed|considered)\b", re.I)
+_NEGATED = re.compile(r"\b(no|not|denies|without|never|declined|considered for|candidate for|planned|scheduled)\b[^.\n]{0,40}$", re.I)
+
+
+def record_locations(text: str | None) -> dict[str, str]:
+    """Where the patient's record locates a finding the image heads may call, as ``{finding:
+    location}`` in vocabulary words. Today: the lobe of a lobectomy ("Surgical history: right upper
+    lobectomy in 2015" -> ``{"lobectomy": "right upper lobe"}``). The operative history is the
+    authority on which lobe was resected; the heads see the staple line and guess the lobe from where
+    it lies (session 21's demo heads called the lower lobe for 9 of 22 right upper lobectomies).
+
+    Nothing is returned when the record names two different lobes, or only in a negated or planned
+    mention ("no prior lobectomy", "scheduled for left lower lobectomy"): the heads' own location
+    stands then. Pure text rules; no patient data leaves this function."""
+    found: set[str] = set()
+    for m in _LOBECTOMY.finditer(text or ""):
+        line_start = max(text.rfind("\n", 0, m.start()), text.rfind(".", 0, m.start())) + 1
+        if _NEGATED.search(text[line_start:m.start()]) or _PLANNED_AFTER.search(text[m.end():]):
+            continue
+        if m.group(5):
+            found.add(_LOBE_ABBR[m.group(5).lower()])
+        else:
+            side, part = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            found.add(f"{side.lower()} {part.lower()} lobe")
+    found = {lobe for lobe in found if not (lobe.startswith("left") and " middle " in lobe)}  # no left middle lobe
+    return {"lobectomy": found.pop()} if len(found) == 1 else {}
+
+
+def with_record_locations(calls: Sequence[tuple[str, str | None, str | None]],
+                          record: Mapping[str, str] | None) -> list[tuple[str, str | None, str | None]]:
+    """The calls ``[(name, side, location)]`` with the location (and its side) the record states for
+    a finding the heads called present (:func:`record_locations`); presence stays the heads' call."""
+    if not record:
+        return list(calls)
+    out = []
+    for name, side, location in calls:
+        loc = record.get(name)
+        if loc:
+            location, side = loc, loc.split()[0] if loc.split()[0] in ("left", "right") else side
+        out.append((name, side, location))
+    return out

@@ -30,7 +30,7 @@ from torch import nn
 from core.decoder import Decoder, copy_loss, spans_to_mask
 from core.generate import GenerationConfig, any_veto, generate
 from data.errors import MedreportError
-from data.finding_prompt import acquisition_phrase, finding_prompt, without_thickness
+from data.finding_prompt import acquisition_phrase, finding_prompt, with_record_locations, without_thickness
 from multimodal.audio_encoder import AudioEncoder
 from multimodal.evidence import Evidence, evidence_from_maps, gradcam_maps
 from multimodal.fusion import MODALITIES, Fusion, HistorySummary
@@ -65,6 +65,9 @@ class StudyInputs:
     history_ids: Sequence[int] | None = None  # record token ids (no special tokens); None = no history
     digest_len: int = 0  # the last digest_len history ids are the history digest (copy sources)
     acquisition: str | None = None  # the acquisition line (data.finding_prompt.study_acquisition); None = unknown
+    # where the patient's record locates a finding (data.finding_prompt.record_locations, e.g. the
+    # lobe of a lobectomy); a call of that finding takes this location at inference
+    record_locations: dict[str, str] | None = None
 
     @classmethod
     def from_slabs(cls, slabs, mel: np.ndarray | None = None, history_ids: Sequence[int] | None = None) -> "StudyInputs":
@@ -95,6 +98,7 @@ class ModelInputs:
     copy_mask: torch.Tensor | None = None  # [B, T] bool: decoder positions the copy head may copy from
     prompt_len: torch.Tensor | None = None  # [B] long: finding-prompt tokens between the history and [REPORT]
     acquisition: list[str | None] | None = None  # per study, its acquisition line (cfg.acquisition_prompt)
+    record_locations: list[dict[str, str] | None] | None = None  # per study, StudyInputs.record_locations
 
     @property
     def batch_size(self) -> int:
@@ -159,8 +163,9 @@ def collate(studies: Sequence[StudyInputs]) -> ModelInputs:
     if any(s.digest_len for s in studies):
         dlen = torch.tensor([min(s.digest_len, len(s.history_ids or ())) for s in studies], dtype=torch.long)
     acq = [s.acquisition for s in studies] if any(s.acquisition for s in studies) else None
+    rec = [s.record_locations for s in studies] if any(s.record_locations for s in studies) else None
     return ModelInputs(slabs, slab_mask, z_mm, zr, mel, present, lengths, hist, hmask, history_digest_len=dlen,
-                       acquisition=acq)
+                       acquisition=acq, record_locations=rec)
 
 
 def decoder_losses(cfg: ModelConfig, out, x: ModelInputs, canon_V: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -452,13 +457,17 @@ class ReportModel(nn.Module):
         return ModelOutput(losses, heads, enc.gates_BM, logits)
 
     # -- finding prompt (cfg.finding_prompt)
-    def calls(self, heads: HeadsOutput) -> list[list[tuple[str, str, str]]]:
+    def calls(self, heads: HeadsOutput, record_locations: Sequence[dict[str, str] | None] | None = None
+              ) -> list[list[tuple[str, str, str]]]:
         """Per study, the findings called present (calibrated probability at each finding's
         operating point) as ``(name, side, location)`` with the heads' most likely side and
-        coarse location."""
+        coarse location, or the location the study's record states (``record_locations``, per
+        study; ``data.finding_prompt.with_record_locations``: a lobectomy's lobe)."""
         called, side, loc = (t.cpu().tolist() for t in self.heads.calls(heads))  # [B, K] each
         locs = self.cfg.heads.locations
-        return [[(n, SIDES[side[b][k]], locs[loc[b][k]]) for k, n in enumerate(self.finding_names) if called[b][k]]
+        rec = record_locations or [None] * len(called)
+        return [with_record_locations([(n, SIDES[side[b][k]], locs[loc[b][k]])
+                                       for k, n in enumerate(self.finding_names) if called[b][k]], rec[b])
                 for b in range(len(called))]
 
     def prompt_ids(self, calls: Sequence[tuple[str, str | None, str | None]], acquisition: str | None = None) -> list[int]:
@@ -475,7 +484,7 @@ class ReportModel(nn.Module):
         if not uses_prompt(self.cfg):
             return x, prefixes
         acq = x.acquisition or [None] * x.batch_size
-        prompts = [self.prompt_ids(c, a) for c, a in zip(self.calls(heads), acq)]
+        prompts = [self.prompt_ids(c, a) for c, a in zip(self.calls(heads, x.record_locations), acq)]
         out = [list(p[:-1]) + q + list(p[-1:]) for p, q in zip(prefixes, prompts)]
         lens = torch.tensor([len(q) for q in prompts], dtype=torch.long, device=x.slabs.device)  # [B]
         return dataclasses.replace(x, prompt_len=lens), out
@@ -559,7 +568,8 @@ class ReportModel(nn.Module):
                     token_ids=token_ids[b],
                     finding_probs={n: float(probs[b, k]) for k, n in enumerate(names)},
                     side_probs={n: {s: float(side[b, k, i]) for i, s in enumerate(SIDES)} for k, n in enumerate(names)},
-                    location={n: self.cfg.heads.locations[int(loc[b, k])] for k, n in enumerate(names)},
+                    location={**{n: self.cfg.heads.locations[int(loc[b, k])] for k, n in enumerate(names)},
+                              **((x.record_locations or [None] * x.batch_size)[b] or {})},
                     gates={m: float(enc.gates_BM[b, i].detach()) for i, m in enumerate(MODALITIES)},
                 ))
             if evidence and enc.feats_VChw is not None:

@@ -40,6 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--consistent-with-acquisition", action=argparse.BooleanOptionalAction, default=None,
                    help="for a model that reads the acquisition line: refuse a Technique sentence that contradicts "
                         "the header's IV contrast (default: on)")
+    p.add_argument("--consistent-measurements", action=argparse.BooleanOptionalAction, default=None,
+                   help="refuse a nodule change that contradicts its own numbers (\"increased from 12 mm to 10 mm\") "
+                        "or a size the report already stated (default: on)")
+    p.add_argument("--locations-from-record", action=argparse.BooleanOptionalAction, default=None,
+                   help="a lobectomy call takes the lobe the patient's record names (default: on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -79,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
                                        ("length_penalty", args.length_penalty),
                                        ("consistent_with_calls", args.consistent_with_calls)) if v is not None})
     cfg = PipelineConfig(quantize=args.quantize, evidence=not args.no_evidence, **validate_decoding(decoding, "flags"))
-    if args.consistent_with_acquisition is not None:
-        cfg = dataclasses.replace(cfg, consistent_with_acquisition=args.consistent_with_acquisition)
+    for flag in ("consistent_with_acquisition", "consistent_measurements", "locations_from_record"):
+        if getattr(args, flag) is not None:
+            cfg = dataclasses.replace(cfg, **{flag: getattr(args, flag)})
     if args.max_new_tokens is not None:
         cfg = dataclasses.replace(cfg, max_new_tokens=args.max_new_tokens)
     if args.max_history_tokens is not None:

@@ -259,10 +259,14 @@ def test_digest_counts_inside_the_history_budget(pipe, tmp_path):
     assert rep.provenance["input"]["history_tokens"] == 120
 
 
-def _serve_calling(pipe, tmp_path, monkeypatch, called: tuple[str, ...], pipeline: dict | None = None, **overrides):
+def _serve_calling(pipe, tmp_path, monkeypatch, called: tuple[str, ...], pipeline: dict | None = None,
+                   history_text: str | None = None, **overrides):
     """A tiny model (``overrides`` on the tiny preset) that calls exactly ``called``, served by
-    the pipeline (``pipeline``: PipelineConfig overrides) on the bundled study syn00003 (no
-    history) -> (report, config, what the decoder's generate was given: prefixes and keywords)."""
+    the pipeline (``pipeline``: PipelineConfig overrides; the measurement veto off unless named
+    there, so that each veto test sees its own veto alone) on the bundled study syn00003 (no
+    history unless ``history_text``) -> (report, config, what the decoder's generate was given:
+    prefixes and keywords)."""
+    pipeline = {"consistent_measurements": False, **(pipeline or {})}
     import dataclasses
 
     import torch
@@ -283,8 +287,8 @@ def _serve_calling(pipe, tmp_path, monkeypatch, called: tuple[str, ...], pipelin
         return real(decoder, prefixes, *a, **kw)
 
     monkeypatch.setattr(ap, "generate", spy)
-    p = ReportPipeline.from_dir(tmp_path / "m", dataclasses.replace(CFG, evidence=False, **(pipeline or {})))
-    return p.run(STUDIES / "syn00003"), cfg, seen
+    p = ReportPipeline.from_dir(tmp_path / "m", dataclasses.replace(CFG, evidence=False, **pipeline))
+    return p.run(STUDIES / "syn00003", history_text=history_text), cfg, seen
 
 
 def _run_prompt_model(pipe, tmp_path, monkeypatch, called: tuple[str, ...], **overrides):
@@ -351,6 +355,46 @@ def test_acquisition_veto_follows_the_header(pipe, tmp_path, monkeypatch, on):
     if on:
         contrast = "ContrastBolusAgent" in pydicom.dcmread(STUDIES / "syn00003" / "IM0001.dcm", stop_before_pixels=True)
         assert isinstance(veto, AcquisitionVeto) and veto.contrast is contrast
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_measurement_veto_is_on_by_default(pipe, tmp_path, monkeypatch, on):
+    """consistent_measurements (on by default in PipelineConfig): the decoder gets a
+    MeasurementVeto for every study, and the provenance says so; off, no veto."""
+    from app.pipeline import PipelineConfig
+    from data.report_consistency import MeasurementVeto
+
+    assert PipelineConfig().consistent_measurements is True
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("nodule",), pipeline={"consistent_measurements": on})
+    veto = _served_veto(rep, seen, "consistent_measurements", on)
+    assert veto is None or isinstance(veto, MeasurementVeto)
+
+
+@pytest.mark.parametrize("from_record", [True, False])
+def test_a_lobectomy_call_takes_the_lobe_the_record_names(pipe, tmp_path, monkeypatch, from_record):
+    """locations_from_record (on by default): the heads call a lobectomy; the record says which lobe
+    was resected. The decoder's prompt and the findings table carry the record's lobe, marked as
+    such, and the provenance names the finding (not the text); off, the heads' own lobe stands."""
+    from data.finding_prompt import finding_prompt
+
+    tok = pipe.tokenizer
+    history = "SURGICAL HISTORY\nSurgical history: left lower lobectomy in 2015. Recovery uncomplicated.\n"
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("lobectomy",), finding_prompt=True,
+                                  pipeline={"locations_from_record": from_record}, history_text=history)
+    row = next(f for f in rep.findings if f.name == "lobectomy")
+    assert row.present
+    d = row.to_dict()
+    if from_record:
+        assert (row.location, row.side, d["location_source"]) == ("left lower lobe", "left", "record")
+        assert rep.provenance["generation"]["locations_from_record"] == ["lobectomy"]
+        expected = finding_prompt([("lobectomy", "left", "left lower lobe")])
+    else:
+        assert d["location_source"] == "image" and rep.provenance["generation"]["locations_from_record"] == []
+        expected = finding_prompt([("lobectomy", row.side, row.location)])
+    prompt = tok.tk.encode(expected, add_special_tokens=False).ids
+    prefix = seen["prefixes"][0]
+    assert prefix[-1] == tok.report_id and prefix[-1 - len(prompt):-1] == prompt
+    assert "left lower lobectomy" not in json.dumps(rep.provenance)  # no record text in the provenance
 
 
 def test_acquisition_line_in_the_pipeline_equals_the_training_one(pipe, tmp_path, monkeypatch):

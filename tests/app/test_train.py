@@ -995,3 +995,46 @@ def test_image_crop_stage_trains_the_backbone_alone_then_the_whole_recipe(shared
     with pytest.raises(ConfigError, match="multiple of the dense cell"):
         train(shared["manifest"], tmp_path / "bad2", _cfg(shared, repo_root, f"stages={bad}", "model.heads.dense_loss_weight=1.0"),
               progress=False)
+
+
+def test_evaluation_reads_the_lobe_the_record_names(repo_root):
+    """evaluate_split's studies carry where their record locates a finding (a lobectomy's lobe,
+    data.finding_prompt.record_locations) and the model's calls and predicted locations take it:
+    the bundled study syn00004's record names a right upper lobectomy."""
+    import dataclasses
+
+    import torch
+
+    from app.train_data import PreprocessConfig, ReportDataset, StudyCache
+    from data.datasets import read_manifest
+    from data.finding_prompt import finding_prompt
+    from data.tokenizer import ReportTokenizer
+    from multimodal.model import ReportModel, collate
+    from multimodal.presets import ModelConfig
+
+    examples = repo_root / "examples"
+    entries = {e.id: e for e in read_manifest(examples / "manifest.jsonl")}
+    tok = ReportTokenizer.train([e.report for e in entries.values()], vocab_size=400, min_frequency=1)
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size)
+    cfg = dataclasses.replace(cfg, finding_prompt=True)
+    cfg.heads.decision_thresholds = tuple(0.0 if n == "lobectomy" else 1.0 for n in cfg.heads.finding_names)
+    torch.manual_seed(0)
+    model = ReportModel(cfg, tokenizer=tok).eval()
+    ds = ReportDataset([entries["syn00004"], entries["syn00003"]], tok, cfg,
+                       StudyCache(None, PreprocessConfig.from_model(cfg)), max_history_tokens=256)
+    studies = [ds.study_inputs(e) for e in ds.entries]
+    assert studies[0].record_locations == {"lobectomy": "right upper lobe"}
+    assert studies[1].record_locations is None  # syn00003 has no history
+    x = collate(studies)
+    heads, _ = model.predict_findings(x)
+    calls = model.calls(heads, x.record_locations)
+    assert calls[0] == [("lobectomy", "right", "right upper lobe")]
+    assert calls[1] == model.calls(heads)[1] and calls[1][0][0] == "lobectomy"  # the heads' own lobe
+    _, prefixes = model.with_prompts(x, [[tok.bos_id, tok.report_id]] * 2, heads)
+    line = tok.tk.encode(finding_prompt(calls[0]), add_special_tokens=False).ids
+    assert prefixes[0] == [tok.bos_id, *line, tok.report_id]
+    from core.generate import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=4, eos_id=tok.eos_id, section_ids=list(tok.section_ids), pad_id=tok.pad_id)
+    preds = model.generate_report(x, [[tok.bos_id, tok.report_id]] * 2, gen, evidence=False)
+    assert preds[0].location["lobectomy"] == "right upper lobe"

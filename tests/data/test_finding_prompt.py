@@ -1,6 +1,8 @@
 """The finding prompt: calls in report words, vocabulary order, location / side rules."""
 from __future__ import annotations
 
+import pytest
+
 from data.finding_prompt import finding_phrase, finding_prompt
 
 
@@ -102,3 +104,39 @@ def test_synthetic_dicom_header_gives_the_truth(tmp_path):
         thk = f"{case.acquisition['slice_thickness']:g}"
         want = f"Acquisition: {'no IV contrast' if allergy else 'IV contrast'}, {thk} mm slices."
         assert study_acquisition(study) == want
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("SURGICAL HISTORY\nSurgical history: right upper lobectomy in 2015. Recovery uncomplicated.", "right upper lobe"),
+    ("s/p RLL lobectomy (2010)", "right lower lobe"),
+    ("Lobectomy of the left lower lobe for carcinoid.", "left lower lobe"),
+    ("Right Upper Lobe Lobectomy 2001", "right upper lobe"),
+    ("Right upper lobectomy 2001.\nFollow-up after right upper lobectomy: no recurrence.", "right upper lobe"),
+    # nothing when the record is silent, ambiguous, negated or only planning the operation
+    ("No prior thoracic surgery.", None),
+    ("Right upper lobectomy 2001. Left lower lobectomy 2012.", None),
+    ("No prior lobectomy. Denies right upper lobectomy.", None),
+    ("Candidate for left upper lobectomy after staging.", None),
+    ("Right upper lobectomy is planned next month.", None),
+    ("", None),
+    (None, None),
+])
+def test_record_locations_reads_the_lobe_of_a_lobectomy(text, expected):
+    from data.finding_prompt import record_locations
+
+    assert record_locations(text) == ({"lobectomy": expected} if expected else {})
+
+
+def test_with_record_locations_moves_a_called_lobectomy_to_the_recorded_lobe():
+    from data.finding_prompt import finding_prompt, with_record_locations
+
+    calls = [("lobectomy", "right", "right lower lobe"), ("nodule", "left", "left upper lobe")]
+    out = with_record_locations(calls, {"lobectomy": "right upper lobe"})
+    assert out == [("lobectomy", "right", "right upper lobe"), ("nodule", "left", "left upper lobe")]
+    assert finding_prompt(out) == "Calls: left upper lobe nodule; right upper lobectomy."
+    # the side follows the recorded lobe; presence stays the heads' call (no call, no finding)
+    assert with_record_locations([("lobectomy", "left", "left upper lobe")], {"lobectomy": "right lower lobe"}) == \
+        [("lobectomy", "right", "right lower lobe")]
+    assert with_record_locations([("nodule", "left", "left upper lobe")], {"lobectomy": "right upper lobe"}) == \
+        [("nodule", "left", "left upper lobe")]
+    assert with_record_locations(calls, None) == calls
