@@ -38,7 +38,8 @@ from app import __version__
 from app.report import UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
 from core.generate import GenerationConfig, any_veto, generate
 from data.errors import AudioError, HistoryError, MedreportError
-from data.finding_prompt import record_locations, study_acquisition
+from data.finding_prompt import record_locations, record_prior_nodule_mm, study_acquisition
+from data.nodule_measure import study_nodule_sizes
 from data.history_digest import digest_ids
 from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
 from data.study import COMPANION_SUFFIXES, Study, StudyFiles, find_study_files, load_study
@@ -286,8 +287,13 @@ class ReportPipeline:
         acq = study_acquisition(study) if self.model.cfg.acquisition_prompt else None
         # where the whole record locates a finding (a lobectomy's lobe): the call takes it
         rec = (record_locations(history) or None) if history and self.config.locations_from_record else None
+        # a nodule-size model: the study's lung nodules measured on the CT (data.nodule_measure)
+        sizes = None
+        if self.model.cfg.nodule_size_prompt and self.model.cfg.finding_prompt:
+            sizes = {k: float(v) for k, v in study_nodule_sizes(study).items()} or None
         inputs = StudyInputs(pixels=slabs.pixels, z_mm=slabs.z_mm, z_index_range=slabs.z_index_range, mel=mel,
-                             history_ids=ids, digest_len=n_digest, acquisition=acq, record_locations=rec)
+                             history_ids=ids, digest_len=n_digest, acquisition=acq, record_locations=rec,
+                             nodule_mm=sizes, prior_nodule_mm=record_prior_nodule_mm(history) if history else None)
         return inputs, hist_info, audio_info
 
     # ------------------------------------------------------------------------------ run
@@ -372,8 +378,9 @@ class ReportPipeline:
                 it.side = torch.softmax(heads.side_logits_BK4[0].float(), -1).cpu().numpy()  # [K,4]
                 it.loc = heads.location_logits_BKL[0].argmax(-1).cpu().numpy()  # [K]
                 it.gates = {m: float(g) for m, g in zip(MODALITIES, enc.gates_BM[0].float().cpu())}
-                calls = model.calls(heads, [it.inputs.record_locations])[0]
-                it.called = [name for name, _, _ in calls]
+                calls = model.calls(heads, [it.inputs.record_locations], [it.inputs.nodule_mm])[0]
+                it.called = [c[0] for c in calls]
+                it.sizes = {c[0]: c[3] for c in calls if len(c) > 3}  # measured sizes the prompt carries
                 it.prompt = model.prompt_ids(calls, it.inputs.acquisition) if uses_prompt(model.cfg) else []
                 c, m = model.decoder_context(enc.fused_BFD, enc.mask_BF, heads)  # [1,F_i,D], [1,F_i]
                 ctxs.append(c[0])
@@ -392,7 +399,8 @@ class ReportPipeline:
             spans = digest_spans(x) if model.cfg.decoder.copy else None
             per_item = [[CallsVeto(tok, it.called) if self.config.consistent_with_calls else None,
                          acquisition_veto(tok, it.inputs.acquisition) if self.config.consistent_with_acquisition else None,
-                         MeasurementVeto(tok) if self.config.consistent_measurements else None]
+                         MeasurementVeto(tok, it.inputs.prior_nodule_mm, it.sizes.get("nodule"))
+                         if self.config.consistent_measurements else None]
                         for it in items]
             vetoes = [any_veto(v) for v in per_item]
             vetoes = vetoes if any(v is not None for v in vetoes) else None
@@ -414,7 +422,7 @@ class ReportPipeline:
         sections = tok.decode_report(item.token_ids)
         t0 = time.perf_counter()
         notify("evidence", _STAGE_SPAN["evidence"][0])
-        findings = self._findings(probs, item.side, item.loc, inputs.record_locations)
+        findings = self._findings(probs, item.side, item.loc, inputs.record_locations, item.sizes)
         evidence = {}
         if cfg.evidence and cfg.max_evidence_findings > 0:
             thr = model.cfg.heads.thresholds()  # findings called present first, then the most probable
@@ -460,7 +468,7 @@ class ReportPipeline:
 
     # ------------------------------------------------------------------------------ pieces
     def _findings(self, probs: np.ndarray, side: np.ndarray, loc: np.ndarray,
-                  record: dict[str, str] | None = None) -> list[FindingRow]:
+                  record: dict[str, str] | None = None, sizes: dict[str, float] | None = None) -> list[FindingRow]:
         from data.vocab import BY_NAME
         from multimodal.heads import SIDES
 
@@ -488,6 +496,7 @@ class ReportPipeline:
                 uncertain=UNCERTAIN_BAND[0] <= p <= UNCERTAIN_BAND[1],
                 side=side_name, side_probability=float(side[k, s]) if side_name else None,
                 location=None if location == "unspecified" else location, location_from_record=from_record,
+                size_mm=(sizes or {}).get(name),
             ))
         return rows
 
@@ -534,6 +543,7 @@ class _Item:
     batch_size: int = 1
     prompt: list[int] = dataclasses.field(default_factory=list)  # finding-prompt ids (model.cfg.finding_prompt)
     called: list[str] = dataclasses.field(default_factory=list)  # findings the heads call present
+    sizes: dict[str, float] = dataclasses.field(default_factory=dict)  # measured sizes in the calls (nodule_size_prompt)
     refused: int | None = None  # continuations the consistency vetoes refused (calls, acquisition)
 
 

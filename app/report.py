@@ -68,6 +68,7 @@ class FindingRow:
     key_slices: list[KeySlice] = field(default_factory=list)
     threshold: float = PRESENT_THRESHOLD  # the operating point ``present`` was decided at
     location_from_record: bool = False  # the location is the one the patient's record states (a lobectomy's lobe)
+    size_mm: float | None = None  # automatic measurement (data.nodule_measure) the decoder read, if any
 
     def to_dict(self) -> dict:
         return {
@@ -75,6 +76,7 @@ class FindingRow:
             "present": self.present, "threshold": round(self.threshold, 4), "uncertain": self.uncertain, "side": self.side,
             "side_probability": None if self.side_probability is None else round(self.side_probability, 4),
             "location": self.location, "location_source": "record" if self.location_from_record else "image",
+            "size_mm": self.size_mm, "size_source": "automatic measurement" if self.size_mm is not None else None,
             "key_slices": [k.to_dict() for k in self.key_slices],
         }
 

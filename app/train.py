@@ -1173,6 +1173,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     if not entries:
         raise TrainDataError(f"{manifest} has no '{split}' studies to evaluate")
     pre = PreprocessConfig.from_model(model.cfg)
+    if model.cfg.nodule_size_prompt:  # the nodule call carries the measured size, as the product does
+        pre = dataclasses.replace(pre, measure_nodules=True)
     ds = ReportDataset(entries, model.tokenizer, model.cfg, StudyCache(None, pre), max_history_tokens=max_history_tokens,
                        crop="tail")
     names = list(model.finding_names)
@@ -1181,7 +1183,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     found: dict[str, dict] = {}  # predicted findings per study (the template baseline reads them)
     probs, labels, below = [], [], []
     bar = tqdm(total=len(entries), desc=f"evaluate {split}", disable=not progress)
-    from core.generate import GenerationConfig, any_veto
+    from core.generate import GenerationConfig
     from data.report_format import format_report
     from multimodal.model import collate
 
@@ -1210,11 +1212,14 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         studies = [ds.study_inputs(e) for e in chunk]
         prefixes = [[tok.bos_id, *(s.history_ids or []), tok.report_id] for s in studies]
         # the Technique kept to the acquisition line the decoder reads (as the product runs)
-        # and a nodule's stated change to its own numbers (data.report_consistency.MeasurementVeto)
-        row_vetoes = [any_veto([acquisition_veto(tok, s.acquisition) if consistent_with_acquisition else None,
-                                MeasurementVeto(tok) if consistent_measurements else None]) for s in studies]
+        row_vetoes = [acquisition_veto(tok, s.acquisition) for s in studies] if consistent_with_acquisition else None
+        # and a nodule's stated change to its own numbers, the record's prior size and the measured one
+        by_calls = None
+        if consistent_measurements:
+            by_calls = lambda b, row, st=studies: MeasurementVeto(  # noqa: E731
+                tok, st[b].prior_nodule_mm, next((c[3] for c in row if c[0] == "nodule" and len(c) > 3), None))
         preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False, vetoes_for=vetoes_for,
-                                      row_vetoes=row_vetoes)
+                                      row_vetoes=row_vetoes, vetoes_for_calls=by_calls)
         for e, p in zip(chunk, preds):
             hyp[e.id] = format_report(tok.decode_report(p.token_ids))
             found[e.id] = {n: {"p": round(p.finding_probs[n], 5), "present": bool(p.finding_probs[n] >= thr_k[n]),

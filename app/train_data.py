@@ -35,7 +35,7 @@ import torch
 
 from core.decoder import spans_to_mask
 from data.errors import MedreportError
-from data.finding_prompt import record_locations, study_acquisition
+from data.finding_prompt import record_locations, record_prior_nodule_mm, study_acquisition
 from data.history_digest import digest_ids
 from multimodal.heads import SIDES, FindingLabels, coarse_location, side_index
 from multimodal.model import ModelInputs, StudyInputs, collate, config_prompt_ids, digest_spans
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 # Training studies whose acquisition line is replaced by "unknown" (model.acquisition_prompt), so
 # that the decoder also learns to write a technique section without one (NIfTI, PNG, silent headers).
 ACQUISITION_DROPOUT = 0.1
+NODULE_SIZE_KEYS = ("any", "left", "right")  # the order of a cached "nodule_mm" array
 CACHE_VERSION = 3  # 2: the study's spacing and volume shape are cached too (token targets); 3: its acquisition line
 
 
@@ -113,6 +114,9 @@ class PreprocessConfig:
     n_mels: int
     audio: bool = True  # False: ignore dictations (image + history only)
     mip_windows: tuple[str, ...] = ()  # extra MIP channels (ImageEncoderConfig.mip_windows)
+    # also measure the study's lung nodules (data.nodule_measure; ~0.5 s a demo study): evaluation
+    # of a model.nodule_size_prompt model, not training (whose calls carry the labelled sizes)
+    measure_nodules: bool = False
 
     @classmethod
     def from_model(cls, cfg: ModelConfig, audio: bool = True) -> "PreprocessConfig":
@@ -120,7 +124,8 @@ class PreprocessConfig:
 
     def key(self) -> str:
         mip = "-mip_" + "_".join(self.mip_windows) if self.mip_windows else ""
-        return f"v{CACHE_VERSION}-s{self.n_slabs}-i{self.image_size}-m{self.n_mels}{mip}"
+        nm = "-nm" if self.measure_nodules else ""
+        return f"v{CACHE_VERSION}-s{self.n_slabs}-i{self.image_size}-m{self.n_mels}{mip}{nm}"
 
 
 def _stamp(p: Path | None) -> str:
@@ -177,6 +182,11 @@ class StudyCache:
             # data.finding_prompt.study_acquisition: contrast and slice thickness from the header
             "acquisition": np.asarray(study_acquisition(study)),
         }
+        if self.pre.measure_nodules:  # [any, left, right] whole mm, NaN where nothing was measured
+            from data.nodule_measure import study_nodule_sizes
+
+            sizes = study_nodule_sizes(study)
+            out["nodule_mm"] = np.asarray([sizes.get(k, np.nan) for k in NODULE_SIZE_KEYS], dtype=np.float32)
         if self.pre.audio and entry.audio:
             from data.audio import AudioConfig, load_audio, log_mel
 
@@ -393,10 +403,24 @@ def finding_sentence_spans(tok, sections: dict[str, str], present: set[str],
     return out
 
 
-def label_calls(labels) -> list[tuple[str, str | None, str]]:
+def label_calls(labels, sizes: bool = False, rng: np.random.Generator | None = None,
+                size_dropout: float = 0.0) -> list[tuple]:
     """The findings a study's labels say are present, as finding-prompt calls ``(name, side,
-    coarse location)``: what the heads would call if they were right (the prompt's teacher)."""
-    return [(lab.finding, lab.side, coarse_location(lab.location)) for lab in labels if lab.present]
+    coarse location)``: what the heads would call if they were right (the prompt's teacher).
+    ``sizes``: a nodule's call also carries its labelled size (``model.nodule_size_prompt``; the
+    measurement's teacher), left out for a ``size_dropout`` share (draws from ``rng``)."""
+    from data.finding_prompt import MEASURED
+
+    out = []
+    for lab in labels:
+        if not lab.present:
+            continue
+        call = (lab.finding, lab.side, coarse_location(lab.location))
+        if sizes and lab.finding in MEASURED and lab.size_mm is not None:
+            keep = rng is None or size_dropout <= 0 or rng.random() >= size_dropout
+            call = (*call, float(round(lab.size_mm))) if keep else call
+        out.append(call)
+    return out
 
 
 def history_text(entry) -> str | None:
@@ -448,7 +472,7 @@ class ReportDataset(torch.utils.data.Dataset):
         self.epoch = 0
         # Keep each record's tokens and digest in memory (int32: ~32 KB for a 8K-token record).
         self.memo_history = memo_history
-        self._history_memo: dict[tuple, tuple[np.ndarray, list[int], list[int], dict[str, str]]] = {}
+        self._history_memo: dict[tuple, tuple] = {}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -460,7 +484,7 @@ class ReportDataset(torch.utils.data.Dataset):
         parts = self._history_parts(entry) if parts is None else parts
         if not parts:
             return [], 0
-        ids_arr, facts, dig_all, _ = parts
+        ids_arr, facts, dig_all = parts[:3]
         dig = dig_all[: self.max_history_tokens]
         cap = self.max_history_tokens - len(dig)
         ids = ids_arr.tolist()
@@ -468,9 +492,10 @@ class ReportDataset(torch.utils.data.Dataset):
         body = crop_history(ids, cap, facts, rng if rng is not None else np.random.default_rng(0), self.crop) if cap else []
         return body + dig, len(dig)
 
-    def _history_parts(self, entry) -> tuple[np.ndarray, list[int], list[int], dict[str, str]] | None:
-        """The record's token ids, the token positions of its planted facts, its digest's token ids
-        and the locations it states (``data.finding_prompt.record_locations``); None without a record. They depend only on the record and the tokenizer, not on
+    def _history_parts(self, entry) -> tuple[np.ndarray, list[int], list[int], dict[str, str], float | None] | None:
+        """The record's token ids, the token positions of its planted facts, its digest's token ids,
+        the locations it states (``data.finding_prompt.record_locations``) and the prior lung
+        nodule size it states (``record_prior_nodule_mm``); None without a record. They depend only on the record and the tokenizer, not on
         the cap or the epoch, so they are kept per study (``memo_history``): reading, tokenising
         and digesting a record of up to 16K tokens again every epoch took ~25 of the ~38 ms an
         example costs, a sixth of a demo training step (session 19, ``runs/s19/getitem_prof.py``)."""
@@ -486,7 +511,7 @@ class ReportDataset(torch.utils.data.Dataset):
         starts = np.asarray([o[0] for o in enc.offsets])
         facts = [int(np.searchsorted(starts, f.char_offset, side="right") - 1)
                  for f in entry.facts if f.char_offset >= 0 and f.kind != "distractor"]
-        parts = (np.asarray(enc.ids, dtype=np.int32), facts, dig, record_locations(text))
+        parts = (np.asarray(enc.ids, dtype=np.int32), facts, dig, record_locations(text), record_prior_nodule_mm(text))
         if self.memo_history:
             self._history_memo[key] = parts
         return parts
@@ -505,6 +530,9 @@ class ReportDataset(torch.utils.data.Dataset):
             pixels=a["pixels"].astype(np.float32), z_mm=a["z_mm"], z_index_range=a["z_index_range"],
             mel=a["mel"].astype(np.float32) if "mel" in a else None, history_ids=hist or None, digest_len=n_digest,
             acquisition=acq, record_locations=(parts[3] or None) if parts else None,
+            prior_nodule_mm=parts[4] if parts else None,
+            nodule_mm={k: float(v) for k, v in zip(NODULE_SIZE_KEYS, a["nodule_mm"]) if np.isfinite(v)} or None
+            if "nodule_mm" in a else None,
         )
 
     def __getitem__(self, i: int) -> Example:
@@ -514,7 +542,8 @@ class ReportDataset(torch.utils.data.Dataset):
         study = self.study_inputs(e, rng, arrays)
         report = self.tok.encode_report(e.sections)[: self.max_report_tokens]
         with_calls = not (self.cfg.finding_prompt_dropout > 0 and rng.random() < self.cfg.finding_prompt_dropout)
-        prompt = config_prompt_ids(self.tok, self.cfg, label_calls(e.labels), study.acquisition, with_calls)
+        calls = label_calls(e.labels, self.cfg.nodule_size_prompt, rng, self.cfg.nodule_size_dropout)
+        prompt = config_prompt_ids(self.tok, self.cfg, calls, study.acquisition, with_calls)
         prefix = [self.tok.bos_id, *(study.history_ids or []), *prompt, self.tok.report_id]
         present, side, loc = finding_targets(e.labels, self.cfg.heads.finding_names, self.cfg.heads.locations)
         tt = None

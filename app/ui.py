@@ -225,7 +225,12 @@ def findings_table(report: Any) -> list[list]:
     rows = []
     for f in sorted(report.findings, key=lambda r: -r.probability):
         call = "UNCERTAIN" if f.uncertain else ("present" if f.present else "absent")
-        where = " ".join(dict.fromkeys(x for x in (f.side, f.location) if x))  # "right right upper lobe" -> once
+        side = None if (f.side and f.location and f.location.startswith(f.side)) else f.side  # not "right right upper lobe"
+        where = " ".join(x for x in (side, f.location) if x)
+        if getattr(f, "location_from_record", False):
+            where += " (from the record)"
+        if getattr(f, "size_mm", None) is not None:
+            where += f", {f.size_mm:g} mm (auto-measured)"
         rows.append([f.display, round(float(f.probability), 2), call, where,
                      ", ".join(str(k.z) for k in f.key_slices)])
     return rows

@@ -30,9 +30,15 @@ NONE = "none"
 _WORDS = {"ground_glass_opacity": "ground-glass opacity"}
 
 
-def finding_phrase(name: str, side: str | None = None, location: str | None = None) -> str:
+def finding_phrase(name: str, side: str | None = None, location: str | None = None, size_mm: float | None = None) -> str:
     """One call in report words: the location for findings that take one (a lobe, nodal
-    station or spine region), else the side for findings that take one, then the finding."""
+    station or spine region), else the side for findings that take one, then the finding, then
+    its measured size when there is one ("right lower lobe nodule 12 mm")."""
+    phrase = _located_phrase(name, side, location)
+    return f"{phrase} {float(size_mm):g} mm" if size_mm is not None else phrase
+
+
+def _located_phrase(name: str, side: str | None, location: str | None) -> str:
     fd = BY_NAME.get(name)  # None: a finding outside the vocabulary (no side or location then)
     word = _WORDS.get(name, name.replace("_", " "))
     if name == "lobectomy" and location and location.endswith(" lobe"):
@@ -165,9 +171,48 @@ def with_record_locations(calls: Sequence[tuple[str, str | None, str | None]],
     if not record:
         return list(calls)
     out = []
-    for name, side, location in calls:
+    for name, side, location, *rest in calls:
         loc = record.get(name)
         if loc:
             location, side = loc, loc.split()[0] if loc.split()[0] in ("left", "right") else side
-        out.append((name, side, location))
+        out.append((name, side, location, *rest))
+    return out
+
+
+_SIZE_MM = re.compile(r"(\d+(?:\.\d+)?)\s*mm\b", re.I)
+_LUNG_WORDS = re.compile(r"\b(lobe|lobes|lung|lungs|pulmonary|lingula\w*)\b", re.I)
+_NOT_LUNG = re.compile(r"\b(thyroid|liver|hepatic|renal|kidney|adrenal|breast|skin|cutaneous|parotid|pancrea\w*)\b", re.I)
+
+
+def record_prior_nodule_mm(text: str | None) -> float | None:
+    """The size of the lung nodule the record describes (a prior CT: "There is a 9 mm solid nodule
+    in the right lower lobe."): the one size stated in the record's sentences about a pulmonary
+    nodule (a "nodule" with a lobe, lung or "pulmonary", not a thyroid, liver or skin nodule).
+    None when the record states none or more than one (two nodules, or a size that changed
+    between priors): then nothing is assumed."""
+    from data.labeler import split_sentences
+
+    sizes = set()
+    for sent in split_sentences(text or ""):
+        if "nodul" not in sent.lower() or not _LUNG_WORDS.search(sent) or _NOT_LUNG.search(sent):
+            continue
+        sizes.update(float(m) for m in _SIZE_MM.findall(sent) if 2.0 <= float(m) <= 30.0)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+MEASURED = ("nodule",)  # findings whose call carries a measured size (data.nodule_measure)
+
+
+def with_measurements(calls: Sequence[tuple], sizes_mm: Mapping[str, float] | None) -> list[tuple]:
+    """The calls with the measured size appended to a called nodule: the measurement on the called
+    side, else the best in either lung (``sizes_mm``: ``data.nodule_measure.study_nodule_sizes``).
+    A call without a measurement stays as it was (three fields)."""
+    if not sizes_mm:
+        return list(calls)
+    out = []
+    for c in calls:
+        name, side = c[0], c[1]
+        size = sizes_mm.get(side) if side in ("left", "right") else None
+        size = sizes_mm.get("any") if size is None and side not in ("left", "right") else size
+        out.append((*c[:3], size) if name in MEASURED and size is not None else tuple(c))
     return out

@@ -30,7 +30,8 @@ from torch import nn
 from core.decoder import Decoder, copy_loss, spans_to_mask
 from core.generate import GenerationConfig, any_veto, generate
 from data.errors import MedreportError
-from data.finding_prompt import acquisition_phrase, finding_prompt, with_record_locations, without_thickness
+from data.finding_prompt import (acquisition_phrase, finding_prompt, with_measurements, with_record_locations,
+                                 without_thickness)
 from multimodal.audio_encoder import AudioEncoder
 from multimodal.evidence import Evidence, evidence_from_maps, gradcam_maps
 from multimodal.fusion import MODALITIES, Fusion, HistorySummary
@@ -68,6 +69,12 @@ class StudyInputs:
     # where the patient's record locates a finding (data.finding_prompt.record_locations, e.g. the
     # lobe of a lobectomy); a call of that finding takes this location at inference
     record_locations: dict[str, str] | None = None
+    # measured nodule sizes, mm ({"any"|"left"|"right": size}; data.nodule_measure.study_nodule_sizes),
+    # for a model whose nodule call carries its size (cfg.nodule_size_prompt); None = not measured
+    nodule_mm: dict[str, float] | None = None
+    # the lung nodule's size on a prior study as the record states it (data.finding_prompt.
+    # record_prior_nodule_mm); read by the decoding veto only (data.report_consistency.MeasurementVeto)
+    prior_nodule_mm: float | None = None
 
     @classmethod
     def from_slabs(cls, slabs, mel: np.ndarray | None = None, history_ids: Sequence[int] | None = None) -> "StudyInputs":
@@ -99,6 +106,7 @@ class ModelInputs:
     prompt_len: torch.Tensor | None = None  # [B] long: finding-prompt tokens between the history and [REPORT]
     acquisition: list[str | None] | None = None  # per study, its acquisition line (cfg.acquisition_prompt)
     record_locations: list[dict[str, str] | None] | None = None  # per study, StudyInputs.record_locations
+    nodule_mm: list[dict[str, float] | None] | None = None  # per study, StudyInputs.nodule_mm
 
     @property
     def batch_size(self) -> int:
@@ -164,8 +172,9 @@ def collate(studies: Sequence[StudyInputs]) -> ModelInputs:
         dlen = torch.tensor([min(s.digest_len, len(s.history_ids or ())) for s in studies], dtype=torch.long)
     acq = [s.acquisition for s in studies] if any(s.acquisition for s in studies) else None
     rec = [s.record_locations for s in studies] if any(s.record_locations for s in studies) else None
+    nod = [s.nodule_mm for s in studies] if any(s.nodule_mm for s in studies) else None
     return ModelInputs(slabs, slab_mask, z_mm, zr, mel, present, lengths, hist, hmask, history_digest_len=dlen,
-                       acquisition=acq, record_locations=rec)
+                       acquisition=acq, record_locations=rec, nodule_mm=nod)
 
 
 def decoder_losses(cfg: ModelConfig, out, x: ModelInputs, canon_V: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -457,17 +466,21 @@ class ReportModel(nn.Module):
         return ModelOutput(losses, heads, enc.gates_BM, logits)
 
     # -- finding prompt (cfg.finding_prompt)
-    def calls(self, heads: HeadsOutput, record_locations: Sequence[dict[str, str] | None] | None = None
-              ) -> list[list[tuple[str, str, str]]]:
+    def calls(self, heads: HeadsOutput, record_locations: Sequence[dict[str, str] | None] | None = None,
+              nodule_mm: Sequence[dict[str, float] | None] | None = None) -> list[list[tuple]]:
         """Per study, the findings called present (calibrated probability at each finding's
         operating point) as ``(name, side, location)`` with the heads' most likely side and
         coarse location, or the location the study's record states (``record_locations``, per
-        study; ``data.finding_prompt.with_record_locations``: a lobectomy's lobe)."""
+        study; ``data.finding_prompt.with_record_locations``: a lobectomy's lobe); with
+        ``cfg.nodule_size_prompt``, a nodule call measured on its side gets its size as a fourth
+        field (``nodule_mm``, per study; ``data.finding_prompt.with_measurements``)."""
         called, side, loc = (t.cpu().tolist() for t in self.heads.calls(heads))  # [B, K] each
         locs = self.cfg.heads.locations
         rec = record_locations or [None] * len(called)
-        return [with_record_locations([(n, SIDES[side[b][k]], locs[loc[b][k]])
-                                       for k, n in enumerate(self.finding_names) if called[b][k]], rec[b])
+        sizes = nodule_mm if (nodule_mm and self.cfg.nodule_size_prompt) else [None] * len(called)
+        return [with_measurements(with_record_locations([(n, SIDES[side[b][k]], locs[loc[b][k]])
+                                                         for k, n in enumerate(self.finding_names) if called[b][k]],
+                                                        rec[b]), sizes[b])
                 for b in range(len(called))]
 
     def prompt_ids(self, calls: Sequence[tuple[str, str | None, str | None]], acquisition: str | None = None) -> list[int]:
@@ -484,7 +497,7 @@ class ReportModel(nn.Module):
         if not uses_prompt(self.cfg):
             return x, prefixes
         acq = x.acquisition or [None] * x.batch_size
-        prompts = [self.prompt_ids(c, a) for c, a in zip(self.calls(heads, x.record_locations), acq)]
+        prompts = [self.prompt_ids(c, a) for c, a in zip(self.calls(heads, x.record_locations, x.nodule_mm), acq)]
         out = [list(p[:-1]) + q + list(p[-1:]) for p, q in zip(prefixes, prompts)]
         lens = torch.tensor([len(q) for q in prompts], dtype=torch.long, device=x.slabs.device)  # [B]
         return dataclasses.replace(x, prompt_len=lens), out
@@ -511,6 +524,7 @@ class ReportModel(nn.Module):
         evidence_findings: Sequence[str] | None = None,
         vetoes_for: Callable[[list[str]], Callable[[list[int]], bool] | None] | None = None,
         row_vetoes: Sequence[Callable[[list[int]], bool] | None] | None = None,
+        vetoes_for_calls: Callable[[int, list[tuple]], Callable[[list[int]], bool] | None] | None = None,
     ) -> list[ReportPrediction]:
         """Report tokens, calibrated finding probabilities, gates and Grad-CAM evidence per study.
 
@@ -523,6 +537,8 @@ class ReportModel(nn.Module):
         a decoding veto for its report (``core.generate``; e.g. ``data.report_consistency.CallsVeto``).
         ``row_vetoes``: one more veto (or None) per study, known before the calls (e.g.
         ``data.report_consistency.AcquisitionVeto``); a continuation either refuses is refused.
+        ``vetoes_for_calls``: given a study's index and its calls as the decoder reads them (with a
+        nodule's measured size), one more veto (e.g. ``data.report_consistency.MeasurementVeto``).
         """
         if prefixes is None or gen is None:
             if self.tokenizer is None:
@@ -551,11 +567,15 @@ class ReportModel(nn.Module):
                 ctx, cmask = self.decoder_context(enc.fused_BFD.detach(), enc.mask_BF, heads)
                 vetoes = None
                 if vetoes_for is not None:
-                    vetoes = [vetoes_for([name for name, _, _ in row]) for row in self.calls(heads)]
+                    vetoes = [vetoes_for([c[0] for c in row]) for row in self.calls(heads)]
                 if row_vetoes is not None:
                     if len(row_vetoes) != len(prefixes):
                         raise ValueError("give one row veto (or None) per study")
                     vetoes = [any_veto([a, b]) for a, b in zip(vetoes or [None] * len(row_vetoes), row_vetoes)]
+                if vetoes_for_calls is not None:
+                    rows = self.calls(heads, x.record_locations, x.nodule_mm)
+                    more = [vetoes_for_calls(b, row) for b, row in enumerate(rows)]
+                    vetoes = [any_veto([a, c]) for a, c in zip(vetoes or [None] * len(more), more)]
                 token_ids = generate(self.decoder, prefixes, ctx, cmask, gen or GenerationConfig(),
                                      copy_spans=digest_spans(x) if self.cfg.decoder.copy else None, vetoes=vetoes)
             probs = heads.presence_probs.detach().cpu()

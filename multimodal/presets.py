@@ -76,6 +76,13 @@ class ModelConfig:
     # Whether that line states the slice thickness; False keeps the contrast only
     # (data.finding_prompt.without_thickness), for data with a single thickness.
     acquisition_thickness: bool = True
+    # The nodule call carries its measured size ("right lower lobe nodule 12 mm"): from the labels in
+    # training, from data.nodule_measure (a classical measurement on the CT, on the called side) at
+    # inference; so that the report states today's size of a known nodule. False = off.
+    nodule_size_prompt: bool = False
+    # Training only: the share of nodule calls whose size is left out, as when the measurement
+    # finds nothing at inference.
+    nodule_size_dropout: float = 0.25
     # Training only: the share of examples whose prompt leaves the calls line out (the report is
     # then written from the record, the image context and the acquisition line alone), so that the
     # decoder does not learn to lean on the calls alone: session 10's model carried a known cancer
@@ -121,7 +128,8 @@ class ModelConfig:
             decoder=_decoder_from_dict(d.get("decoder", {})),
             heads=build(HeadsConfig, d.get("heads", {})),
             **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "copy_weight", "copy_ngram", "fact_weight", "finding_weight", "name", "use_image", "use_audio",
-                                      "history_digest_words", "finding_prompt", "acquisition_prompt", "acquisition_thickness", "finding_prompt_dropout", "context_dropout") if k in d},
+                                      "history_digest_words", "finding_prompt", "acquisition_prompt", "acquisition_thickness", "finding_prompt_dropout", "context_dropout",
+                                      "nodule_size_prompt", "nodule_size_dropout") if k in d},
         )
 
 

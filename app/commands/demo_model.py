@@ -264,6 +264,12 @@ def model_card(args, cfg, metrics: dict) -> str:
                  "that states the opposite is refused while it is written.\n"
                  if cfg.model.get("acquisition_prompt") and (metrics.get("decoding") or {}).get("consistent_with_acquisition")
                  else "")
+    decoding += ("A nodule's change is kept to its own numbers (`PipelineConfig.consistent_measurements`, on by "
+                 "default): with the record's prior size and the size measured on the CT, \"increased from 12 mm to "
+                 "10 mm\" cannot be written.\n" if (metrics.get("decoding") or {}).get("consistent_measurements") else "")
+    decoding += ("The nodule call the decoder reads carries the nodule's size **measured automatically on the CT** "
+                 "(`data.nodule_measure`, a classical measurement, not the network): the findings table marks it "
+                 "\"auto-measured\"; check it on the images.\n" if cfg.model.get("nodule_size_prompt") else "")
     pv = f" --phantom-version {args.phantom_version}" if getattr(args, "phantom_version", 1) != 1 else ""
     n_tiny = getattr(args, "tiny_studies", 0)
     tiny = (f"\nPlus {n_tiny} training studies of the tiny geometry (16 x 64 x 64, 10 mm slices, as the bundled examples were until session 21): "

@@ -397,6 +397,38 @@ def test_a_lobectomy_call_takes_the_lobe_the_record_names(pipe, tmp_path, monkey
     assert "left lower lobectomy" not in json.dumps(rep.provenance)  # no record text in the provenance
 
 
+def test_a_nodule_size_model_reads_the_measured_size(pipe, tmp_path, monkeypatch):
+    """model.nodule_size_prompt: the pipeline measures the CT's nodules (data.nodule_measure); the
+    nodule call in the decoder's prompt carries the size measured on the called side, and the
+    findings table shows the same size as an automatic measurement."""
+    from data.finding_prompt import finding_prompt
+    from data.nodule_measure import study_nodule_sizes
+    from data.study import load_study
+
+    from data.report_consistency import MeasurementVeto
+
+    tok = pipe.tokenizer
+    history = ("PRIOR CT (2021)\nThere is a 9 mm solid nodule in the right lower lobe.\n"
+               "Impression: 9 mm right lower lobe nodule. Follow-up CT recommended.\n")
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("nodule",), finding_prompt=True,
+                                  nodule_size_prompt=True, history_text=history,
+                                  pipeline={"consistent_measurements": True})
+    row = next(f for f in rep.findings if f.name == "nodule")
+    sizes = study_nodule_sizes(load_study(STUDIES / "syn00003"))
+    size = sizes.get(row.side) if row.side in ("left", "right") else sizes.get("any")
+    assert row.size_mm == size
+    d = row.to_dict()
+    assert d["size_mm"] == size and d["size_source"] == ("automatic measurement" if size is not None else None)
+    call = ("nodule", row.side, row.location) + ((size,) if size is not None else ())
+    prompt = tok.tk.encode(finding_prompt([call]), add_special_tokens=False).ids
+    assert seen["prefixes"][0][-1 - len(prompt):-1] == prompt
+    # the decoding veto holds the record's prior size and the measured one
+    (veto,) = seen["vetoes"]
+    assert isinstance(veto, MeasurementVeto) and veto.prior_mm == 9.0 and veto.measured_mm == size
+    others = [f for f in rep.findings if f.name != "nodule"]
+    assert all(f.size_mm is None and f.to_dict()["size_source"] is None for f in others)
+
+
 def test_acquisition_line_in_the_pipeline_equals_the_training_one(pipe, tmp_path, monkeypatch):
     """An acquisition-prompt model (model.acquisition_prompt): the pipeline puts the study's
     acquisition line (from its DICOM header) before the calls, and the training dataset builds

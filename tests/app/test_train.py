@@ -1038,3 +1038,61 @@ def test_evaluation_reads_the_lobe_the_record_names(repo_root):
     gen = GenerationConfig(max_new_tokens=4, eos_id=tok.eos_id, section_ids=list(tok.section_ids), pad_id=tok.pad_id)
     preds = model.generate_report(x, [[tok.bos_id, tok.report_id]] * 2, gen, evidence=False)
     assert preds[0].location["lobectomy"] == "right upper lobe"
+
+
+def test_nodule_size_prompt_trains_on_labelled_sizes_with_dropout():
+    """model.nodule_size_prompt: the teacher calls carry the nodule's labelled size, left out for
+    the nodule_size_dropout share of draws; other findings never carry one."""
+    import numpy as np
+
+    from app.train_data import label_calls
+    from data.vocab import Label
+
+    labels = [Label("nodule", True, "right", "right lower lobe", 11.6, {}), Label("mass", True, "left", "left upper lobe", 40.0, {}),
+              Label("cardiomegaly", False, None, None, None, {})]
+    assert label_calls(labels) == [("nodule", "right", "right lower lobe"), ("mass", "left", "left upper lobe")]
+    assert label_calls(labels, sizes=True)[0] == ("nodule", "right", "right lower lobe", 12.0)
+    assert len(label_calls(labels, sizes=True)[1]) == 3
+    rng = np.random.default_rng(0)
+    kept = [len(label_calls(labels, True, rng, 0.25)[0]) == 4 for _ in range(400)]
+    assert 0.68 < np.mean(kept) < 0.82
+
+
+def test_evaluation_of_a_nodule_size_model_measures_the_studies(repo_root):
+    """evaluate_split's studies for a nodule-size model carry the CT's nodule measurements
+    (PreprocessConfig.measure_nodules; not in training caches), and the calls pass them on."""
+    import dataclasses
+
+    import torch
+
+    from app.train_data import PreprocessConfig, ReportDataset, StudyCache
+    from data.datasets import read_manifest
+    from data.nodule_measure import study_nodule_sizes
+    from data.study import load_study
+    from data.tokenizer import ReportTokenizer
+    from multimodal.model import ReportModel, collate
+    from multimodal.presets import ModelConfig
+
+    examples = repo_root / "examples"
+    entries = {e.id: e for e in read_manifest(examples / "manifest.jsonl")}
+    tok = ReportTokenizer.train([e.report for e in entries.values()], vocab_size=400, min_frequency=1)
+    cfg = dataclasses.replace(ModelConfig.preset("tiny", vocab_size=tok.vocab_size), finding_prompt=True,
+                              nodule_size_prompt=True)
+    cfg.heads.decision_thresholds = tuple(0.0 if n == "nodule" else 1.0 for n in cfg.heads.finding_names)
+    pre = PreprocessConfig.from_model(cfg)
+    assert not pre.measure_nodules  # training caches stay as they were
+    pre = dataclasses.replace(pre, measure_nodules=True)
+    assert pre.key() != PreprocessConfig.from_model(cfg).key()
+    ds = ReportDataset([entries["syn00001"]], tok, cfg, StudyCache(None, pre))
+    s = ds.study_inputs(entries["syn00001"])
+    expected = {k: float(v) for k, v in study_nodule_sizes(load_study(entries["syn00001"].study_path)).items()}
+    assert s.nodule_mm == expected and s.nodule_mm["right"] == 9.0
+    torch.manual_seed(0)
+    model = ReportModel(cfg, tokenizer=tok).eval()
+    x = collate([s])
+    heads, _ = model.predict_findings(x)
+    (call,) = model.calls(heads, None, x.nodule_mm)[0]
+    side = call[1]
+    assert call[0] == "nodule" and (len(call) == 4) == (side in expected or side not in ("left", "right"))
+    off = dataclasses.replace(cfg, nodule_size_prompt=False)
+    assert all(len(c) == 3 for c in ReportModel(off, tokenizer=tok).eval().calls(heads, None, x.nodule_mm)[0])

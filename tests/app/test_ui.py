@@ -233,3 +233,21 @@ def test_digest_model_reads_and_shows_the_relevant_history(tmp_path, pipe):
     assert "Reason for exam" not in json.dumps(report.history)  # counts only: record text stays out of report files
     assert digest_markdown(pipe, ex.history_text) == ""  # the plain model reads no digest
     assert digest_markdown(dpipe, "   ") == ""
+
+
+def test_findings_table_says_where_a_location_or_size_came_from():
+    """A lobe taken from the record and an automatic nodule measurement are labelled as such."""
+    from app.report import FindingRow
+
+    rows = [FindingRow(name="lobectomy", display="Lobectomy", probability=0.9, present=True, uncertain=False,
+                       side="right", location="right upper lobe", location_from_record=True),
+            FindingRow(name="nodule", display="Nodule", probability=0.8, present=True, uncertain=False,
+                       side="left", location="left lower lobe", size_mm=12.0),
+            FindingRow(name="mass", display="Mass", probability=0.1, present=False, uncertain=False)]
+
+    class R:
+        findings = rows
+
+    where = {r[0]: r[3] for r in findings_table(R())}
+    assert where == {"Lobectomy": "right upper lobe (from the record)",
+                     "Nodule": "left lower lobe, 12 mm (auto-measured)", "Mass": ""}

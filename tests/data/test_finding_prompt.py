@@ -140,3 +140,20 @@ def test_with_record_locations_moves_a_called_lobectomy_to_the_recorded_lobe():
     assert with_record_locations([("nodule", "left", "left upper lobe")], {"lobectomy": "right upper lobe"}) == \
         [("nodule", "left", "left upper lobe")]
     assert with_record_locations(calls, None) == calls
+
+
+def test_a_measured_nodule_call_carries_its_size():
+    from data.finding_prompt import finding_phrase, finding_prompt, with_measurements
+
+    assert finding_phrase("nodule", "right", "right lower lobe", 12.0) == "right lower lobe nodule 12 mm"
+    assert finding_phrase("nodule", "right", "right lower lobe", 7.5) == "right lower lobe nodule 7.5 mm"
+    calls = [("nodule", "right", "right lower lobe"), ("cardiomegaly", "none", "unspecified")]
+    sizes = {"any": 14.0, "left": 14.0, "right": 9.0}
+    out = with_measurements(calls, sizes)
+    assert out == [("nodule", "right", "right lower lobe", 9.0), ("cardiomegaly", "none", "unspecified")]
+    assert finding_prompt(out) == "Calls: right lower lobe nodule 9 mm; cardiomegaly."
+    # no measurement on the called side: no size (the other lung's nodule is not this one)
+    assert with_measurements(calls, {"any": 14.0, "left": 14.0}) == calls
+    # a call without a side takes the best in either lung
+    assert with_measurements([("nodule", "none", "unspecified")], {"any": 14.0})[0][3] == 14.0
+    assert with_measurements(calls, None) == calls

@@ -80,6 +80,9 @@ def test_acquisition_veto_keeps_the_technique_to_the_header(tok):
         for variant in T[key]:
             ids = _ids(tok, technique=split_sentences(variant.format(thk=5))[0])
             assert not ok(ids) and bad(ids), variant
+    # "CT chest with" commits to the contrast template: refused for a non-contrast scan at the "with"
+    assert none(_ids(tok, technique="CT chest with")) and not given(_ids(tok, technique="CT chest with"))
+    assert not none(_ids(tok, technique="Axial CT of the chest without intravenous contrast (5 mm), with"))
     # neutral words, other sections: not judged
     assert not none(_ids(tok, technique="CT of the chest"))
     assert not none(_ids(tok, findings="Lungs and airways: Enhancing mass following the prior CT"))
@@ -121,6 +124,15 @@ def _refused(veto, tok, sections: dict, continuation: str) -> bool:
       "impression": "1. Right lower lobe nodule, increased from 9 mm to"}, " 11 mm", True),
     ({"findings": "The nodule has increased from 9 mm to 12 mm since 2020.",
       "impression": "1. Right lower lobe nodule, increased from 9 mm to"}, " 12 mm", False),
+    ({"findings": "The nodule has increased from 9 mm to"}, " 1 mm", True),  # a number finished by " mm"
+    # the direction word keeps to the change the report already stated
+    ({"findings": "The nodule has increased from 8 mm to 10 mm since 2019.",
+      "impression": "1. Left upper lobe solid nodule, 8 mm,"}, " decreased from", True),
+    ({"findings": "The nodule has increased from 8 mm to 10 mm since 2019.",
+      "impression": "1. Left upper lobe solid nodule, 8 mm,"}, " increased from", False),
+    ({"findings": "The nodule has remained unchanged at 9 mm since 2019.", "impression": "1. Nodule has"},
+     " increased from", True),
+    ({"impression": "1. Nodule has"}, " increased from", False),
     ({"technique": "increased from 12 mm to"}, " 10 mm", False),  # outside Findings and Impression
     ({"findings": "The nodule has increased from 9 mm to 12 mm"}, " since", False),
 ])
@@ -134,6 +146,37 @@ def test_measurement_veto_keeps_a_nodule_change_to_its_own_numbers(tok, sections
     assert veto.refused == int(refused)
 
 
+@pytest.mark.parametrize("sections, continuation, prior, measured, refused", [
+    # the record's prior (12 mm) and the measurement (5 mm) give the direction and the new size
+    ({"findings": "The solid nodule in the right upper lobe has"}, " increased from", 12, 5, True),
+    ({"findings": "The solid nodule in the right upper lobe has"}, " decreased from", 12, 5, False),
+    ({"findings": "The solid nodule in the right upper lobe has"}, " increased from", 9, 9, True),
+    ({"findings": "The solid nodule in the right upper lobe has remained"}, " unchanged at", 9, 9, False),
+    ({"findings": "The solid nodule in the right upper lobe has decreased from 12 mm to"}, " 8 mm", 12, 5, True),
+    ({"findings": "The solid nodule in the right upper lobe has decreased from 12 mm to"}, " 5 mm", 12, 5, False),
+    ({"findings": "The solid nodule in the right upper lobe has increased from 9 mm to"}, " 13 mm", 9, 12, True),
+    # a change from another prior size is held to its own numbers only; without a prior, no direction
+    ({"findings": "The solid nodule in the right upper lobe has increased from 7 mm to"}, " 13 mm", 9, 12, False),
+    ({"findings": "The solid nodule in the right upper lobe has"}, " increased from", None, 5, False),
+])
+def test_measurement_veto_follows_the_record_and_the_measurement(tok, sections, continuation, prior, measured, refused):
+    from data.report_consistency import MeasurementVeto
+
+    assert _refused(MeasurementVeto(tok, prior, measured), tok, sections, continuation) is refused
+
+
+def test_record_prior_nodule_size():
+    from data.finding_prompt import record_prior_nodule_mm
+
+    prior_ct = ("PRIOR CT (2021)\nThere is a 9 mm solid nodule in the right lower lobe. Heart size is normal.\n"
+                "Impression: 9 mm right lower lobe nodule. Follow-up CT recommended.\n")
+    assert record_prior_nodule_mm(prior_ct) == 9.0
+    assert record_prior_nodule_mm(prior_ct + "Thyroid ultrasound: 14 mm thyroid nodule in the right lobe.") == 9.0
+    assert record_prior_nodule_mm(prior_ct + "A 5 mm nodule in the left upper lobe.") is None  # two nodules
+    assert record_prior_nodule_mm("Renal ultrasound: 6 mm nonobstructing kidney stone.") is None
+    assert record_prior_nodule_mm(None) is None
+
+
 def test_change_contradictions_counts_what_the_veto_prevents():
     from data.report_consistency import change_contradictions
 
@@ -142,4 +185,6 @@ def test_change_contradictions_counts_what_the_veto_prevents():
     text = ("The nodule has increased from 9 mm to 12 mm since 2020.\nIMPRESSION:\n"
             "1. Nodule, increased from 9 mm to 11 mm.")
     assert change_contradictions(text) == (1, 2)  # the second disagrees with the first
-    assert change_contradictions("Remained unchanged at 9 mm. Decreased from 9 mm to 7 mm.") == (0, 1)
+    assert change_contradictions("Decreased from 9 mm to 7 mm. Decreased from 9 mm to 7 mm.") == (0, 2)
+    assert change_contradictions("Remained unchanged at 9 mm. Decreased from 9 mm to 7 mm.") == (1, 2)
+    assert change_contradictions("No nodule.") == (0, 0)

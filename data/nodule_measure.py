@@ -1,0 +1,270 @@
+"""Lung nodule measurement on a CT volume in HU: find the nodule, give its diameter in mm.
+
+Why: a follow-up report states today's size of a known nodule ("increased from 9 mm to 12 mm"),
+and no part of the model measures. The image heads say *whether* there is a nodule and roughly
+where (a lobe); their token maps are far too coarse to measure (a stride-8 cell of the demo model
+is 22 mm, larger than most nodules). Radiologists measure on the axial image with calipers; CAD
+tools segment the nodule and report a diameter. This module is such a tool, written with numpy
+and scipy because no well-kept offline library does lung-nodule detection on a plain HU array
+(pylidc needs LIDC annotations; MONAI's detection networks need trained weights we cannot fetch).
+
+Method (pure functions; Z/Y/X voxel axes, spacing in mm):
+
+1. **Lung mask**: air below -400 HU not connected to the volume's edge (the outside), components
+   over 2,000 voxels, each axial slice closed and hole-filled so that nodules and vessels inside
+   the lung belong to it.
+2. **Candidates**: the lung's soft-tissue weight ``clip((HU + 750) / 780, 0, 1)`` filtered by a
+   scale-normalised Laplacian of Gaussian at radii 3 / 4.5 / 6 / 8 mm (sigmas in mm, so the 5 mm
+   slices and 0.7-2.7 mm pixels are handled alike); local maxima inside the eroded lung.
+3. **Ranking**: blobness times the LoG response. A vessel is a tube (two strong Hessian
+   eigenvalues, one near zero along its axis); a nodule is a ball (three alike). Blobness is the
+   ratio of the weakest to the strongest eigenvalue at the candidate's scale. Enhancing vessels
+   and bone (centre over 100 HU) are not solid nodules and are dropped. On 60 validation studies
+   of the synthetic demo data the top candidate was the nodule in 34 (57 %), one of the top three
+   in 40 (session 22; the plain LoG ranking found it first in 3 of 30).
+4. **Diameter**: on the axial slice where the focus is widest among those that cut it at its full
+   density (the candidate's, or the one above or below: thick slices cut a ball off its equator,
+   and a slice that grazes it shows a faint wide blur), the distance from the centre to where the
+   intensity falls half-way from the nodule's centre to the lung around it (bilinear profiles on
+   32 rays), median over rays, times two: the mean axial diameter, which is what Fleischner
+   follow-up uses. With the true centre this gave the exact size to the mm for 36 of 49 synthetic
+   nodules.
+
+Restricting the search to one side (the heads' or the record's) and to a plausible size range (a
+prior size from the record) is up to the caller. The result is a measurement for the decoder and
+the findings table, never a diagnosis; it is marked as automatic wherever it is shown.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+SCALES_MM = (3.0, 4.5, 6.0, 8.0)  # LoG radii: nodules of ~5 to ~20 mm
+MAX_SOLID_HU = 100.0  # a candidate centre above this is enhancing vessel or bone, not a solid nodule
+MIN_CONTRAST_HU = 200.0  # a nodule must stand this far above the lung around it to be measured
+NODULE_RANGE_MM = (3.0, 30.0)  # a pulmonary nodule by definition (larger is a mass)
+
+
+@dataclass(frozen=True)
+class NoduleMeasurement:
+    """One measured nodule. ``center_zyx``: voxel indices; ``diameter_mm``: mean axial diameter."""
+
+    center_zyx: tuple[int, int, int]
+    diameter_mm: float
+    score: float  # LoG response x blobness (ranking only)
+
+    @property
+    def size_mm(self) -> int:
+        """The diameter as reports state it (whole millimetres)."""
+        return int(round(self.diameter_mm))
+
+
+def lung_mask(hu_ZYX: np.ndarray, min_voxels: int = 2000) -> np.ndarray:
+    """bool (Z, Y, X): the lungs, with what lies inside them (nodules, vessels) filled in."""
+    air = hu_ZYX < -400
+    lab, n = ndimage.label(air)
+    if n == 0:
+        return np.zeros_like(air)
+    edge = np.unique(np.concatenate([lab[:, 0, :].ravel(), lab[:, -1, :].ravel(),
+                                     lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
+    sizes = ndimage.sum_labels(air, lab, np.arange(n + 1))
+    keep = np.zeros(n + 1, bool)
+    keep[1:] = sizes[1:] > min_voxels
+    keep[edge] = False
+    inner = keep[lab]
+    return np.stack([ndimage.binary_fill_holes(ndimage.binary_closing(s, iterations=3)) for s in inner])
+
+
+def _hessian_at(g: np.ndarray, spacing: tuple[float, float, float], p: tuple[int, int, int]) -> np.ndarray:
+    """3x3 Hessian of ``g`` (mm units) at voxel ``p`` by central differences."""
+    H = np.zeros((3, 3), np.float64)
+    z, y, x = p
+
+    def v(dz=0, dy=0, dx=0):
+        zz = min(max(z + dz, 0), g.shape[0] - 1)
+        yy = min(max(y + dy, 0), g.shape[1] - 1)
+        xx = min(max(x + dx, 0), g.shape[2] - 1)
+        return float(g[zz, yy, xx])
+
+    steps = [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    c = v()
+    for i in range(3):
+        e = steps[i]
+        H[i, i] = (v(*e) - 2 * c + v(*(-k for k in e))) / spacing[i] ** 2
+        for j in range(i + 1, 3):
+            f = steps[j]
+            pp = v(*(a + b for a, b in zip(e, f)))
+            pm = v(*(a - b for a, b in zip(e, f)))
+            mp = v(*(-a + b for a, b in zip(e, f)))
+            mm = v(*(-a - b for a, b in zip(e, f)))
+            H[i, j] = H[j, i] = (pp - pm - mp + mm) / (4 * spacing[i] * spacing[j])
+    return H
+
+
+def nodule_candidates(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float],
+                      lung: np.ndarray | None = None, max_candidates: int = 50) -> list[tuple[tuple[int, int, int], float]]:
+    """Ranked ``[(centre (z, y, x), score)]`` of ball-shaped soft-tissue foci in the lung."""
+    hu = np.asarray(hu_ZYX, dtype=np.float32)
+    lung = lung_mask(hu) if lung is None else lung
+    if not lung.any():
+        return []
+    w = np.clip((hu + 750.0) / 780.0, 0.0, 1.0) * lung
+    smooth, resp = [], []
+    for r in SCALES_MM:
+        s = r / np.sqrt(3.0)  # the LoG of a ball of radius r peaks at sigma r / sqrt(3)
+        sig = tuple(max(s / float(sp), 0.5) for sp in spacing_zyx)
+        smooth.append(ndimage.gaussian_filter(w, sig))
+        resp.append(-ndimage.gaussian_laplace(w, sig) * s * s)
+    R_SZYX = np.stack(resp)
+    best_Z = R_SZYX.argmax(0)
+    R = R_SZYX.max(0) * ndimage.binary_erosion(lung, iterations=1)
+    peaks = np.argwhere((R == ndimage.maximum_filter(R, size=(3, 5, 5))) & (R > 0.1))
+    out = []
+    for p in map(tuple, peaks):
+        if hu[p] > MAX_SOLID_HU:
+            continue
+        k = int(best_Z[p])
+        s = SCALES_MM[k] / np.sqrt(3.0)
+        ev = np.linalg.eigvalsh(_hessian_at(smooth[k], spacing_zyx, p) * s * s)  # ascending
+        blob = float(ev[2] / ev[0]) if ev[0] < 0 and ev[2] < 0 else 0.0  # weakest / strongest curvature
+        if blob > 0:
+            out.append(((int(p[0]), int(p[1]), int(p[2])), float(R[p]) * blob))
+    out.sort(key=lambda c: -c[1])
+    return out[:max_candidates]
+
+
+def axial_diameter_mm(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float],
+                      center_zyx: tuple[int, int, int], n_rays: int = 32, max_radius_mm: float = 30.0) -> float | None:
+    """Mean axial diameter (mm) of the focus at ``center_zyx``: twice the median distance at which
+    the intensity falls half-way to the surrounding lung; None when it does not stand out."""
+    z, y, x = center_zyx
+    sl = np.asarray(hu_ZYX[z], dtype=np.float32)
+    py, px = float(spacing_zyx[1]), float(spacing_zyx[2])
+    ry, rx = int(np.ceil(max_radius_mm / py)), int(np.ceil(max_radius_mm / px))
+    patch = sl[max(y - ry, 0): y + ry + 1, max(x - rx, 0): x + rx + 1]
+    lung_v = patch[patch < -500]
+    background = float(np.median(lung_v)) if lung_v.size >= 10 else -850.0
+    target = float(np.median(sl[max(y - 1, 0): y + 2, max(x - 1, 0): x + 2]))
+    if target - background < MIN_CONTRAST_HU:
+        return None
+    step = 0.25
+    d_mm = np.arange(0.0, max_radius_mm, step)
+    radii = []
+    for a in np.linspace(0.0, 2 * np.pi, n_rays, endpoint=False):
+        yy, xx = y + d_mm * np.sin(a) / py, x + d_mm * np.cos(a) / px
+        prof = ndimage.map_coordinates(sl, [yy, xx], order=1, mode="nearest")
+        frac = (prof - background) / (target - background)
+        below = np.nonzero(frac < 0.5)[0]
+        if len(below) == 0 or below[0] == 0:
+            continue
+        j = int(below[0])
+        radii.append(d_mm[j - 1] + (frac[j - 1] - 0.5) / (frac[j - 1] - frac[j]) * step)
+    if len(radii) < n_rays // 4:
+        return None
+    return 2.0 * float(np.median(radii))
+
+
+def _on_side(cands, side: str | None, width: int, patient_left_is_high_x: bool):
+    if side not in ("left", "right"):
+        return cands
+    mid = (width - 1) / 2.0
+    want_high = (side == "left") == patient_left_is_high_x
+    return [c for c in cands if (c[0][2] > mid) == want_high]
+
+
+def _centre_contrast(sl: np.ndarray, y: int, x: int) -> float:
+    """Centre value (3x3 median) over the lung around it (median below -500 HU within ~16 px)."""
+    patch = sl[max(y - 16, 0): y + 17, max(x - 16, 0): x + 17]
+    lung_v = patch[patch < -500]
+    background = float(np.median(lung_v)) if lung_v.size >= 10 else -850.0
+    return float(np.median(sl[max(y - 1, 0): y + 2, max(x - 1, 0): x + 2])) - background
+
+
+def largest_axial_diameter(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float],
+                           centre_zyx: tuple[int, int, int], search_px: int = 2,
+                           full_share: float = 0.85) -> tuple[tuple[int, int, int], float] | None:
+    """The focus near ``centre_zyx`` measured where it is widest among the axial slices that cut it
+    through its full density (the slice above, at or below, whose centre contrast reaches
+    ``full_share`` of the best; the in-plane centre re-found on each as the brightest smoothed point
+    within ``search_px``). A LoG peak of a ball cut by thick slices can sit one slice off its
+    equator; a slice that only grazes the ball shows a faint, wide blur and is not measured."""
+    z0, y0, x0 = centre_zyx
+    seen = []
+    for z in (z0 - 1, z0, z0 + 1):
+        if not 0 <= z < hu_ZYX.shape[0]:
+            continue
+        sl = np.asarray(hu_ZYX[z], np.float32)
+        ys, xs = slice(max(y0 - search_px, 0), y0 + search_px + 1), slice(max(x0 - search_px, 0), x0 + search_px + 1)
+        sm = ndimage.gaussian_filter(sl[max(ys.start - 3, 0): ys.stop + 3, max(xs.start - 3, 0): xs.stop + 3], 1.0)
+        oy, ox = ys.start - max(ys.start - 3, 0), xs.start - max(xs.start - 3, 0)
+        win = sm[oy: oy + (ys.stop - ys.start), ox: ox + (xs.stop - xs.start)]
+        dy, dx = np.unravel_index(int(np.argmax(win)), win.shape)
+        c = (z, ys.start + int(dy), xs.start + int(dx))
+        seen.append((c, _centre_contrast(sl, c[1], c[2])))
+    if not seen:
+        return None
+    top = max(con for _, con in seen)
+    best = None
+    for c, con in seen:
+        if con < full_share * top:
+            continue
+        d = axial_diameter_mm(hu_ZYX, spacing_zyx, c)
+        if d is not None and (best is None or d > best[1]):
+            best = (c, d)
+    return best
+
+
+def _first_measured(hu, spacing_zyx, cands, size_range_mm, top_k) -> NoduleMeasurement | None:
+    for centre, score in cands[:top_k]:
+        got = largest_axial_diameter(hu, spacing_zyx, centre)
+        if got is None:
+            continue
+        centre, d = got
+        if size_range_mm is not None and not (size_range_mm[0] <= d <= size_range_mm[1]):
+            continue
+        return NoduleMeasurement(centre, d, score)
+    return None
+
+
+def measure_nodule(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float], side: str | None = None,
+                   patient_left_is_high_x: bool = True, size_range_mm: tuple[float, float] | None = NODULE_RANGE_MM,
+                   top_k: int = 3) -> NoduleMeasurement | None:
+    """The best-ranked lung nodule (optionally on ``side`` "left"/"right" of the patient, and with a
+    diameter in ``size_range_mm``) among the ``top_k`` candidates that can be measured; None if none.
+    ``patient_left_is_high_x``: whether column index grows toward the patient's left (axial images
+    in the radiological convention, LPS +x)."""
+    hu = np.asarray(hu_ZYX, dtype=np.float32)
+    if hu.ndim != 3 or hu.shape[0] < 3:
+        return None
+    cands = _on_side(nodule_candidates(hu, spacing_zyx), side, hu.shape[2], patient_left_is_high_x)
+    return _first_measured(hu, spacing_zyx, cands, size_range_mm, top_k)
+
+
+def measure_by_side(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float],
+                    patient_left_is_high_x: bool = True, top_k: int = 3) -> dict[str, NoduleMeasurement]:
+    """The best nodule measurement (3-30 mm) in either lung and in each (keys "any", "left",
+    "right"; a key is missing when nothing there can be measured), from one candidate search: the heads' side call
+    is not known before the model runs, and the measurement goes in with the study's inputs."""
+    hu = np.asarray(hu_ZYX, dtype=np.float32)
+    if hu.ndim != 3 or hu.shape[0] < 3:
+        return {}
+    cands = nodule_candidates(hu, spacing_zyx)
+    out = {}
+    for key in ("any", "left", "right"):
+        m = _first_measured(hu, spacing_zyx, _on_side(cands, key, hu.shape[2], patient_left_is_high_x),
+                            NODULE_RANGE_MM, top_k)
+        if m is not None:
+            out[key] = m
+    return out
+
+
+def study_nodule_sizes(study) -> dict[str, int]:
+    """``{"any"|"left"|"right": whole mm}`` for a loaded ``data.study.Study``: CT volumes only (a
+    radiograph or an MR gives ``{}``). The column direction (LPS x) says which side is the
+    patient's left."""
+    if study.kind != "volume" or str(study.modality).upper() not in ("CT", ""):
+        return {}
+    left_high = bool(np.asarray(study.direction)[0, 0] >= 0)
+    return {k: m.size_mm for k, m in measure_by_side(study.volume, study.spacing_mm, left_high).items()}

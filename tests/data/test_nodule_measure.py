@@ -1,0 +1,98 @@
+"""data.nodule_measure: lung mask, ball-vs-tube ranking, axial diameter, side selection."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.nodule_measure import (axial_diameter_mm, largest_axial_diameter, lung_mask, measure_by_side, measure_nodule,
+                                 nodule_candidates, study_nodule_sizes)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SPACING = (5.0, 2.5, 2.5)  # z, y, x mm
+
+
+def _soft_ball(shape, spacing, centre_mm, radius_mm, edge_mm):
+    z, y, x = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing)), indexing="ij")
+    d = np.sqrt((z - centre_mm[0]) ** 2 + (y - centre_mm[1]) ** 2 + (x - centre_mm[2]) ** 2)
+    return np.clip((radius_mm - d) / edge_mm + 0.5, 0.0, 1.0)
+
+
+def _chest(nodule_mm=12.0, nodule_side="right", seed=0):
+    """A box chest: soft tissue around two air-filled lungs, a vertical vessel (a tube of 3 mm
+    radius at 40 HU) in each lung, and a solid nodule (32 HU) with partial volume in one."""
+    rng = np.random.default_rng(seed)
+    shape = (24, 96, 128)
+    hu = np.full(shape, 40.0, np.float32)
+    hu[2:-2, 12:-12, 10:60] = -850.0   # image left half = patient right (LPS +x to the left)
+    hu[2:-2, 12:-12, 68:118] = -850.0
+    z, y, x = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, SPACING)), indexing="ij")
+    for cx in (25 * 2.5, 100 * 2.5):  # vessels along z
+        tube = np.clip((3.0 - np.sqrt((y - 40 * 2.5) ** 2 + (x - cx) ** 2)) / 2.5 + 0.5, 0, 1) * (z > 10) * (z < 100)
+        hu += tube * (40.0 - hu)
+    cx = 35 * 2.5 if nodule_side == "right" else 93 * 2.5
+    w = _soft_ball(shape, SPACING, (12 * 5.0, 60 * 2.5, cx), nodule_mm / 2, 2.5)
+    hu += w * (32.0 - hu)
+    hu += rng.normal(0, 8.0, shape).astype(np.float32)
+    return hu, (12, 60, int(round(cx / 2.5)))
+
+
+def test_lung_mask_holds_the_lungs_and_what_lies_inside_them():
+    hu, centre = _chest()
+    lung = lung_mask(hu)
+    assert lung[centre]  # the nodule sits inside the (hole-filled) lung
+    assert not lung[0, 0, 0] and not lung[12, 50, 64]  # outside air / the mediastinum
+    assert lung_mask(np.full((4, 16, 16), 40.0)).sum() == 0
+
+
+@pytest.mark.parametrize("size", [8.0, 12.0, 16.0])
+def test_the_ball_ranks_above_the_tubes_and_measures_to_the_millimetre(size):
+    hu, centre = _chest(size)
+    cands = nodule_candidates(hu, SPACING)
+    (cz, cy, cx), _ = cands[0]
+    assert abs(cz - centre[0]) <= 1 and abs(cy - centre[1]) <= 2 and abs(cx - centre[2]) <= 2
+    _, d = largest_axial_diameter(hu, SPACING, cands[0][0])
+    assert round(d) == size
+    m = measure_nodule(hu, SPACING)
+    assert m is not None and m.size_mm == size
+
+
+def test_side_selection_follows_the_column_direction():
+    hu, _ = _chest(12.0, "right")
+    by = measure_by_side(hu, SPACING)
+    assert by["right"].size_mm == 12 and by["any"].size_mm == 12
+    assert "left" not in by or by["left"].size_mm != 12  # only vessels on the left
+    assert measure_nodule(hu, SPACING, side="right").size_mm == 12
+    # the same image with patient-left on the low columns: the nodule is on the patient's left
+    assert measure_nodule(hu, SPACING, side="left", patient_left_is_high_x=False).size_mm == 12
+    assert measure_nodule(hu, SPACING, side="right", size_range_mm=(20, 30)) is None
+
+
+def test_nothing_to_measure_gives_nothing():
+    flat = np.full((8, 32, 32), -850.0, np.float32)
+    assert measure_nodule(flat, SPACING) is None and measure_by_side(flat, SPACING) == {}
+    assert measure_nodule(np.zeros((1, 8, 8), np.float32), SPACING) is None  # a single slice
+    assert axial_diameter_mm(flat, SPACING, (4, 16, 16)) is None  # no contrast to the lung
+
+
+def test_bundled_follow_up_study_measures_its_nodule():
+    """examples/syn00001: a demo-size CT with a known right-lung nodule (its size in the manifest)."""
+    from data.study import load_study
+
+    entry = next(json.loads(line) for line in open(EXAMPLES / "manifest.jsonl") if '"syn00001"' in line)
+    label = next(lab for lab in entry["labels"] if lab["finding"] == "nodule" and lab["present"])
+    sizes = study_nodule_sizes(load_study(EXAMPLES / "studies" / "syn00001"))
+    assert sizes[label["side"]] == label["size_mm"]
+
+
+def test_a_radiograph_is_not_measured(tmp_path):
+    from PIL import Image
+
+    from data.study import load_study
+
+    img = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "chest.png")
+    study = load_study(tmp_path / "chest.png")
+    assert study.kind == "radiograph" and study_nodule_sizes(study) == {}
