@@ -1201,6 +1201,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
 
     entries = sorted(entries, key=_hist_size)
     vetoes_for = None  # one findings-table veto per study, from its calls (consistent_with_calls)
+    from data.finding_prompt import measured_size
     from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
 
     if consistent_with_calls:
@@ -1216,8 +1217,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         # and a nodule's stated change to its own numbers, the record's prior size and the measured one
         by_calls = None
         if consistent_measurements:
-            by_calls = lambda b, row, st=studies: MeasurementVeto(  # noqa: E731
-                tok, st[b].prior_nodule_mm, next((c[3] for c in row if c[0] == "nodule" and len(c) > 3), None))
+            by_calls = lambda b, row, st=studies: MeasurementVeto(tok, st[b].prior_nodule_mm, measured_size(row))  # noqa: E731
         preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False, vetoes_for=vetoes_for,
                                       row_vetoes=row_vetoes, vetoes_for_calls=by_calls)
         for e, p in zip(chunk, preds):

@@ -203,6 +203,11 @@ def record_prior_nodule_mm(text: str | None) -> float | None:
 MEASURED = ("nodule",)  # findings whose call carries a measured size (data.nodule_measure)
 
 
+def measured_size(calls: Sequence[tuple], name: str = "nodule") -> float | None:
+    """The measured size a call of ``name`` carries (its fourth field, :func:`with_measurements`)."""
+    return next((c[3] for c in calls if c[0] == name and len(c) > 3), None)
+
+
 def with_measurements(calls: Sequence[tuple], sizes_mm: Mapping[str, float] | None) -> list[tuple]:
     """The calls with the measured size appended to a called nodule: the measurement on the called
     side, else the best in either lung (``sizes_mm``: ``data.nodule_measure.study_nodule_sizes``).

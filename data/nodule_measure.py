@@ -135,6 +135,15 @@ def nodule_candidates(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float
     return out[:max_candidates]
 
 
+def _background_and_centre(sl: np.ndarray, y: int, x: int, ry: int, rx: int) -> tuple[float, float]:
+    """(the lung around (y, x): median below -500 HU within ry x rx pixels, -850 when too few;
+    the centre's value: 3 x 3 median) on one axial slice."""
+    patch = sl[max(y - ry, 0): y + ry + 1, max(x - rx, 0): x + rx + 1]
+    lung_v = patch[patch < -500]
+    background = float(np.median(lung_v)) if lung_v.size >= 10 else -850.0
+    return background, float(np.median(sl[max(y - 1, 0): y + 2, max(x - 1, 0): x + 2]))
+
+
 def axial_diameter_mm(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float],
                       center_zyx: tuple[int, int, int], n_rays: int = 32, max_radius_mm: float = 30.0) -> float | None:
     """Mean axial diameter (mm) of the focus at ``center_zyx``: twice the median distance at which
@@ -142,11 +151,8 @@ def axial_diameter_mm(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float
     z, y, x = center_zyx
     sl = np.asarray(hu_ZYX[z], dtype=np.float32)
     py, px = float(spacing_zyx[1]), float(spacing_zyx[2])
-    ry, rx = int(np.ceil(max_radius_mm / py)), int(np.ceil(max_radius_mm / px))
-    patch = sl[max(y - ry, 0): y + ry + 1, max(x - rx, 0): x + rx + 1]
-    lung_v = patch[patch < -500]
-    background = float(np.median(lung_v)) if lung_v.size >= 10 else -850.0
-    target = float(np.median(sl[max(y - 1, 0): y + 2, max(x - 1, 0): x + 2]))
+    background, target = _background_and_centre(sl, y, x, int(np.ceil(max_radius_mm / py)),
+                                                int(np.ceil(max_radius_mm / px)))
     if target - background < MIN_CONTRAST_HU:
         return None
     step = 0.25
@@ -175,11 +181,9 @@ def _on_side(cands, side: str | None, width: int, patient_left_is_high_x: bool):
 
 
 def _centre_contrast(sl: np.ndarray, y: int, x: int) -> float:
-    """Centre value (3x3 median) over the lung around it (median below -500 HU within ~16 px)."""
-    patch = sl[max(y - 16, 0): y + 17, max(x - 16, 0): x + 17]
-    lung_v = patch[patch < -500]
-    background = float(np.median(lung_v)) if lung_v.size >= 10 else -850.0
-    return float(np.median(sl[max(y - 1, 0): y + 2, max(x - 1, 0): x + 2])) - background
+    """Centre value over the lung around it within 16 px (:func:`_background_and_centre`)."""
+    background, centre = _background_and_centre(sl, y, x, 16, 16)
+    return centre - background
 
 
 def largest_axial_diameter(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float],

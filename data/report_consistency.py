@@ -117,8 +117,12 @@ _SIZE = re.compile(rf"{_NUM}\s*mm\b", re.I)
 # the direction word of a change, just completed, and the directions of completed changes
 _DIRECTION_WORDS = ("increased", "decreased", "unchanged")
 _DIRECTION_TAIL = re.compile(r"\b(increased|decreased|unchanged)$", re.I)
-_DIRECTION_DONE = re.compile(rf"\b(increased|decreased)\s+(?:in size\s+)?from\s+{_NUM}\s*mm\s+to\s+{_NUM}\s*mm"
-                             rf"|\b(unchanged)\s+(?:in size\s+)?at\s+{_NUM}\s*mm", re.I)
+_DIRECTION_DONE = re.compile(_CHANGE_DONE.pattern + rf"|\b(unchanged)\s+(?:in size\s+)?at\s+{_NUM}\s*mm", re.I)
+
+
+def _against_direction(direction: str, prior: float, new: float) -> bool:
+    """Whether "<direction> from <prior> mm to <new> mm" contradicts itself."""
+    return (direction == "increased") != (new > prior) or new == prior
 
 
 class MeasurementVeto(CallsVeto):
@@ -205,7 +209,7 @@ class MeasurementVeto(CallsVeto):
         """Whether ``new`` as the new size of change phrase ``m`` agrees with its direction, a size
         stated earlier in its sentence (``before``) and an earlier change from the same prior."""
         direction, prior = m.group(1).lower(), float(m.group(2))
-        if (direction == "increased") != (new > prior) or new == prior:
+        if _against_direction(direction, prior, new):
             return False
         agrees = [float(x) for x in _SIZE.findall(before)
                   if (float(x) > prior) == (direction == "increased") and float(x) != prior]
@@ -246,7 +250,7 @@ def change_contradictions(report: str) -> tuple[int, int]:
             bad += wrong
             continue
         direction, prior, new = d.group(1).lower(), float(d.group(2)), float(d.group(3))
-        wrong = (direction == "increased") != (new > prior) or new == prior
+        wrong = _against_direction(direction, prior, new)
         wrong = wrong or (prior in seen and seen[prior] != new) or (first is not None and first != direction)
         seen.setdefault(prior, new)
         first = first or direction

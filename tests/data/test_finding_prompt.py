@@ -143,7 +143,7 @@ def test_with_record_locations_moves_a_called_lobectomy_to_the_recorded_lobe():
 
 
 def test_a_measured_nodule_call_carries_its_size():
-    from data.finding_prompt import finding_phrase, finding_prompt, with_measurements
+    from data.finding_prompt import finding_phrase, finding_prompt, measured_size, with_measurements
 
     assert finding_phrase("nodule", "right", "right lower lobe", 12.0) == "right lower lobe nodule 12 mm"
     assert finding_phrase("nodule", "right", "right lower lobe", 7.5) == "right lower lobe nodule 7.5 mm"
@@ -152,6 +152,7 @@ def test_a_measured_nodule_call_carries_its_size():
     out = with_measurements(calls, sizes)
     assert out == [("nodule", "right", "right lower lobe", 9.0), ("cardiomegaly", "none", "unspecified")]
     assert finding_prompt(out) == "Calls: right lower lobe nodule 9 mm; cardiomegaly."
+    assert measured_size(out) == 9.0 and measured_size(calls) is None
     # no measurement on the called side: no size (the other lung's nodule is not this one)
     assert with_measurements(calls, {"any": 14.0, "left": 14.0}) == calls
     # a call without a side takes the best in either lung
