@@ -39,7 +39,7 @@ from app.report import UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
 from core.generate import GenerationConfig, any_veto, generate
 from data.errors import AudioError, HistoryError, MedreportError
 from data.finding_prompt import record_locations, record_prior_nodule_mm, study_acquisition
-from data.nodule_measure import study_nodule_sizes
+from data.detectors import DETECTOR_LABELS, read_study
 from data.history_digest import digest_ids
 from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
 from data.study import COMPANION_SUFFIXES, Study, StudyFiles, find_study_files, load_study
@@ -287,13 +287,18 @@ class ReportPipeline:
         acq = study_acquisition(study) if self.model.cfg.acquisition_prompt else None
         # where the whole record locates a finding (a lobectomy's lobe): the call takes it
         rec = (record_locations(history) or None) if history and self.config.locations_from_record else None
-        # a nodule-size model: the study's lung nodules measured on the CT (data.nodule_measure)
-        sizes = None
-        if self.model.cfg.nodule_size_prompt and self.model.cfg.finding_prompt:
-            sizes = {k: float(v) for k, v in study_nodule_sizes(study).items()} or None
+        # the classical detectors on the CT (data.detectors), for a model whose nodule call carries
+        # the measured size or whose heads fuse the detectors' evidence
+        sizes = evidence = None
+        if self.model.cfg.runs_detectors:
+            reading = read_study(study)
+            if self.model.cfg.nodule_size_prompt:
+                sizes = {k: float(v) for k, v in reading.sizes_mm.items()} or None
+            evidence = reading.evidence or None
         inputs = StudyInputs(pixels=slabs.pixels, z_mm=slabs.z_mm, z_index_range=slabs.z_index_range, mel=mel,
                              history_ids=ids, digest_len=n_digest, acquisition=acq, record_locations=rec,
-                             nodule_mm=sizes, prior_nodule_mm=record_prior_nodule_mm(history) if history else None)
+                             nodule_mm=sizes, prior_nodule_mm=record_prior_nodule_mm(history) if history else None,
+                             evidence=evidence)
         return inputs, hist_info, audio_info
 
     # ------------------------------------------------------------------------------ run
@@ -373,7 +378,7 @@ class ReportPipeline:
             for it in items:
                 x1 = collate([it.inputs])
                 enc = model.encode(x1)
-                heads = model.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
+                heads = model.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens, x1.evidence)
                 it.probs = heads.presence_probs[0].float().cpu().numpy()  # [K]
                 it.side = torch.softmax(heads.side_logits_BK4[0].float(), -1).cpu().numpy()  # [K,4]
                 it.loc = heads.location_logits_BKL[0].argmax(-1).cpu().numpy()  # [K]
@@ -422,7 +427,8 @@ class ReportPipeline:
         sections = tok.decode_report(item.token_ids)
         t0 = time.perf_counter()
         notify("evidence", _STAGE_SPAN["evidence"][0])
-        findings = self._findings(probs, item.side, item.loc, inputs.record_locations, item.sizes)
+        fused = {r[0] for r in model.cfg.heads.evidence_fusion} & set(inputs.evidence or {})
+        findings = self._findings(probs, item.side, item.loc, inputs.record_locations, item.sizes, fused)
         evidence = {}
         if cfg.evidence and cfg.max_evidence_findings > 0:
             thr = model.cfg.heads.thresholds()  # findings called present first, then the most probable
@@ -468,7 +474,8 @@ class ReportPipeline:
 
     # ------------------------------------------------------------------------------ pieces
     def _findings(self, probs: np.ndarray, side: np.ndarray, loc: np.ndarray,
-                  record: dict[str, str] | None = None, sizes: dict[str, float] | None = None) -> list[FindingRow]:
+                  record: dict[str, str] | None = None, sizes: dict[str, float] | None = None,
+                  fused: set[str] = frozenset()) -> list[FindingRow]:
         from data.vocab import BY_NAME
         from multimodal.heads import SIDES
 
@@ -496,7 +503,7 @@ class ReportPipeline:
                 uncertain=UNCERTAIN_BAND[0] <= p <= UNCERTAIN_BAND[1],
                 side=side_name, side_probability=float(side[k, s]) if side_name else None,
                 location=None if location == "unspecified" else location, location_from_record=from_record,
-                size_mm=(sizes or {}).get(name),
+                size_mm=(sizes or {}).get(name), detector=DETECTOR_LABELS.get(name) if name in fused else None,
             ))
         return rows
 

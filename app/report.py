@@ -69,6 +69,7 @@ class FindingRow:
     threshold: float = PRESENT_THRESHOLD  # the operating point ``present`` was decided at
     location_from_record: bool = False  # the location is the one the patient's record states (a lobectomy's lobe)
     size_mm: float | None = None  # automatic measurement (data.nodule_measure) the decoder read, if any
+    detector: str | None = None  # the classical detector whose evidence the probability fuses (heads.evidence_fusion)
 
     def to_dict(self) -> dict:
         return {
@@ -77,6 +78,7 @@ class FindingRow:
             "side_probability": None if self.side_probability is None else round(self.side_probability, 4),
             "location": self.location, "location_source": "record" if self.location_from_record else "image",
             "size_mm": self.size_mm, "size_source": "automatic measurement" if self.size_mm is not None else None,
+            "probability_source": f"finding heads + {self.detector}" if self.detector else "finding heads",
             "key_slices": [k.to_dict() for k in self.key_slices],
         }
 

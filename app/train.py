@@ -344,9 +344,21 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     if cfg.grad_checkpoint:
         base["decoder"]["grad_checkpoint"] = True
     try:
-        return ModelConfig.from_dict(base)
+        mcfg = ModelConfig.from_dict(base)
     except (TypeError, ValueError, KeyError) as exc:
         raise ConfigError(f"model overrides give an invalid model: {exc}") from None
+    check_detector_evidence(mcfg)
+    return mcfg
+
+
+def check_detector_evidence(mcfg: ModelConfig) -> None:
+    """``heads.detector_evidence`` may name only findings that a detector of data.detectors reads."""
+    from data.detectors import DETECTOR_FINDINGS
+
+    unknown = [f for f in mcfg.heads.detector_evidence if f not in DETECTOR_FINDINGS or f not in mcfg.heads.finding_names]
+    if unknown:
+        raise ConfigError(f"heads.detector_evidence names {unknown}; the detectors (data.detectors) read "
+                          f"{', '.join(DETECTOR_FINDINGS)}: name some of those, or none")
 
 
 # ============================================================================ schedule, RNG, dist
@@ -1095,9 +1107,10 @@ def ranks_identical(model: nn.Module, d: Dist) -> bool:
 
 
 def calibrate_heads(model: ReportModel, val_ds: ReportDataset, cfg: TrainConfig, device) -> dict:
-    """Fit the finding heads' temperature and then each finding's operating point on held-out
-    studies (at most ``cfg.eval.calibration_studies``; heads only, the decoder does not change the
-    fit), in the model; returns the metrics to log."""
+    """Fit the finding heads' temperature, then the fusion with the detector's evidence
+    (``heads.detector_evidence``; ``fit_detector_fusion``), then each finding's operating point on
+    held-out studies (at most ``cfg.eval.calibration_studies``; heads only, the decoder does not
+    change the fit), in the model; returns the metrics to log."""
     from multimodal.heads import expected_calibration_error, fit_temperature
 
     cfg_cal = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_studies=cfg.eval.calibration_studies))
@@ -1106,14 +1119,52 @@ def calibrate_heads(model: ReportModel, val_ds: ReportDataset, cfg: TrainConfig,
     temp = fit_temperature(lg, lb)
     model.heads.temperature.fill_(temp)
     p_before = 1 / (1 + np.exp(-lg))
-    p_after = 1 / (1 + np.exp(-lg / temp))
+    z_after = lg / temp
     out = dict(m)
+    if model.cfg.heads.detector_evidence:
+        z_after, fusion_log = fit_detector_fusion(model, val_ds, z_after, lb)
+        out.update(fusion_log)
+    p_after = 1 / (1 + np.exp(-z_after))
     out.update(temperature=temp, val_ece_before=expected_calibration_error(p_before, lb),
                val_ece=expected_calibration_error(p_after, lb), calibration_studies=int(lg.shape[0]))
     out.update(fit_operating_points(model, p_after, lb))
     log.info("finding-head temperature %.3f (val ECE %.4f -> %.4f, %d studies)", temp, out["val_ece_before"],
              out["val_ece"], lg.shape[0])
     return out
+
+
+def fit_detector_fusion(model: ReportModel, val_ds: ReportDataset, z_NK: np.ndarray,
+                        labels_NK: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Fit, for each finding in ``heads.detector_evidence``, the logistic fusion of its calibrated
+    logit (``z_NK``: logits / T of the first N studies of ``val_ds``) with its detector's evidence
+    on the same studies (data.detectors, read through a detecting study cache beside
+    ``val_ds``'s), store it in ``heads.evidence_fusion`` and return (the fused logits [N, K], what
+    to log)."""
+    from app.train_data import study_evidence
+    from multimodal.heads import fit_evidence_fusion
+
+    check_detector_evidence(model.cfg)
+    names = list(model.finding_names)
+    n = z_NK.shape[0]
+    root = val_ds.cache.dir.parent if val_ds.cache.dir is not None else None
+    cache = StudyCache(root, dataclasses.replace(val_ds.cache.pre, run_detectors=True))
+    evidence = [study_evidence(cache.arrays(e)) or {} for e in val_ds.entries[:n]]
+    rows, z_out, log_out = [], z_NK.copy(), {}
+    for name in model.cfg.heads.detector_evidence:
+        k = names.index(name)
+        ev_N = np.asarray([ev.get(name, np.nan) for ev in evidence])
+        w_z, w_e, b = fit_evidence_fusion(z_NK[:, k], ev_N, labels_NK[:, k])
+        rows.append((name, round(w_z, 6), round(w_e, 6), round(b, 6)))
+        has = ~np.isnan(ev_N)
+        z_out[has, k] = w_z * z_NK[has, k] + w_e * ev_N[has] + b
+        auc_heads, auc_fused = roc_auc(z_NK[:, k], labels_NK[:, k] > 0), roc_auc(z_out[:, k], labels_NK[:, k] > 0)
+        log_out[f"val_{name}_auc_heads"], log_out[f"val_{name}_auc_fused"] = auc_heads, auc_fused
+        log.info("%s: fused with the detector's evidence on %d val studies (w_logit %.3f, w_evidence %.3f, bias %.3f): "
+                 "val AUC %.3f -> %.3f", name, int(has.sum()), w_z, w_e, b, auc_heads or float("nan"),
+                 auc_fused or float("nan"))
+    model.cfg.heads.evidence_fusion = tuple(rows)
+    log_out["evidence_fusion"] = [list(r) for r in rows]
+    return z_out, log_out
 
 
 def _finish(model: ReportModel, tok, val_ds: ReportDataset, cfg: TrainConfig, run_dir: Path, d: Dist) -> Path:
@@ -1148,7 +1199,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                    no_repeat_ngram_size: int = 0, strategy: str = "greedy", num_beams: int = 4,
                    length_penalty: float = 1.0, nonempty_items: bool = False, complete_sections: bool = True,
                    consistent_with_calls: bool = False, consistent_with_acquisition: bool = True,
-                   consistent_measurements: bool = True) -> dict:
+                   consistent_measurements: bool = True, cache_dir: str | Path | None = None) -> dict:
     """Generate reports (greedy unless ``strategy``) for a split and score them (no manifest facts
     are used to crop).
 
@@ -1156,7 +1207,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     finding micro-/macro-F1 at p >= 0.5 with ``below_resolution`` findings reported apart, the
     expected calibration error of the (calibrated) finding probabilities, text-finding
     consistency (labeller reading of the generated text vs the heads' decisions), and the share
-    of planted history facts whose expected phrase appears in the report."""
+    of planted history facts whose expected phrase appears in the report. ``cache_dir``: a
+    decoded-study cache to read and fill (default none: every study decoded and measured anew)."""
     from tqdm.auto import tqdm
 
     from app.evaluate import evaluate_reports
@@ -1173,9 +1225,9 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     if not entries:
         raise TrainDataError(f"{manifest} has no '{split}' studies to evaluate")
     pre = PreprocessConfig.from_model(model.cfg)
-    if model.cfg.nodule_size_prompt:  # the nodule call carries the measured size, as the product does
-        pre = dataclasses.replace(pre, measure_nodules=True)
-    ds = ReportDataset(entries, model.tokenizer, model.cfg, StudyCache(None, pre), max_history_tokens=max_history_tokens,
+    if model.cfg.runs_detectors:  # the measured size in the call, the detectors' evidence: as the product does
+        pre = dataclasses.replace(pre, run_detectors=True)
+    ds = ReportDataset(entries, model.tokenizer, model.cfg, StudyCache(cache_dir, pre), max_history_tokens=max_history_tokens,
                        crop="tail")
     names = list(model.finding_names)
     device = next(model.parameters()).device

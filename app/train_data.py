@@ -47,6 +47,14 @@ log = logging.getLogger(__name__)
 # that the decoder also learns to write a technique section without one (NIfTI, PNG, silent headers).
 ACQUISITION_DROPOUT = 0.1
 NODULE_SIZE_KEYS = ("any", "left", "right")  # the order of a cached "nodule_mm" array
+
+
+def study_evidence(arrays: dict[str, np.ndarray]) -> dict[str, float] | None:
+    """The detector evidence of a study's cached arrays ({finding: score}, data.detectors; None
+    when the detectors did not run or found nothing to read)."""
+    from data.detectors import evidence_dict
+
+    return evidence_dict(arrays["evidence"]) if "evidence" in arrays else None
 CACHE_VERSION = 3  # 2: the study's spacing and volume shape are cached too (token targets); 3: its acquisition line
 
 
@@ -114,9 +122,11 @@ class PreprocessConfig:
     n_mels: int
     audio: bool = True  # False: ignore dictations (image + history only)
     mip_windows: tuple[str, ...] = ()  # extra MIP channels (ImageEncoderConfig.mip_windows)
-    # also measure the study's lung nodules (data.nodule_measure; ~0.5 s a demo study): evaluation
-    # of a model.nodule_size_prompt model, not training (whose calls carry the labelled sizes)
-    measure_nodules: bool = False
+    # also run the classical detectors (data.detectors: lung nodules measured, the vertebral
+    # bodies' attenuation; ~0.6 s a demo study): evaluation and calibration of a model whose
+    # nodule call carries its size (model.nodule_size_prompt) or whose heads fuse the detectors'
+    # evidence (heads.detector_evidence); not training (whose calls carry the labelled sizes)
+    run_detectors: bool = False
 
     @classmethod
     def from_model(cls, cfg: ModelConfig, audio: bool = True) -> "PreprocessConfig":
@@ -124,7 +134,7 @@ class PreprocessConfig:
 
     def key(self) -> str:
         mip = "-mip_" + "_".join(self.mip_windows) if self.mip_windows else ""
-        nm = "-nm" if self.measure_nodules else ""
+        nm = "-det1" if self.run_detectors else ""  # det1: nodule sizes and data.detectors' evidence
         return f"v{CACHE_VERSION}-s{self.n_slabs}-i{self.image_size}-m{self.n_mels}{mip}{nm}"
 
 
@@ -182,11 +192,12 @@ class StudyCache:
             # data.finding_prompt.study_acquisition: contrast and slice thickness from the header
             "acquisition": np.asarray(study_acquisition(study)),
         }
-        if self.pre.measure_nodules:  # [any, left, right] whole mm, NaN where nothing was measured
-            from data.nodule_measure import study_nodule_sizes
+        if self.pre.run_detectors:  # nodule_mm: [any, left, right] whole mm, NaN where nothing was measured
+            from data.detectors import evidence_array, read_study
 
-            sizes = study_nodule_sizes(study)
-            out["nodule_mm"] = np.asarray([sizes.get(k, np.nan) for k in NODULE_SIZE_KEYS], dtype=np.float32)
+            reading = read_study(study)
+            out["nodule_mm"] = np.asarray([reading.sizes_mm.get(k, np.nan) for k in NODULE_SIZE_KEYS], dtype=np.float32)
+            out["evidence"] = evidence_array(reading.evidence)  # [len(DETECTOR_FINDINGS)], NaN = none
         if self.pre.audio and entry.audio:
             from data.audio import AudioConfig, load_audio, log_mel
 
@@ -533,6 +544,7 @@ class ReportDataset(torch.utils.data.Dataset):
             prior_nodule_mm=parts[4] if parts else None,
             nodule_mm={k: float(v) for k, v in zip(NODULE_SIZE_KEYS, a["nodule_mm"]) if np.isfinite(v)} or None
             if "nodule_mm" in a else None,
+            evidence=study_evidence(a),
         )
 
     def __getitem__(self, i: int) -> Example:

@@ -231,6 +231,8 @@ def findings_table(report: Any) -> list[list]:
             where += " (from the record)"
         if getattr(f, "size_mm", None) is not None:
             where += f", {f.size_mm:g} mm (auto-measured)"
+        if getattr(f, "detector", None):
+            call += f" (with the {f.detector})"
         rows.append([f.display, round(float(f.probability), 2), call, where,
                      ", ".join(str(k.z) for k in f.key_slices)])
     return rows

@@ -3,6 +3,9 @@
 A shared trunk over the fused tokens gives, per finding, a presence logit, side logits
 (``SIDES``) and coarse-location logits (``HeadsConfig.locations``). Presence probabilities are
 calibrated by one temperature (``fit_temperature`` on validation logits, stored in the heads).
+A finding may also read a detector's evidence (a classical measurement on the image, e.g. the
+lung-nodule detector of ``data.nodule_measure``): its calibrated logit and the evidence are
+combined by a logistic fit on validation studies (``fit_evidence_fusion``, stored in the config).
 
 Shape legend: B batch, F fused tokens, K findings, D width, L locations.
 """
@@ -120,6 +123,17 @@ class HeadsConfig:
     # needs: the decoder writes what is called, and on the demo test split a missed finding cost
     # BLEU-4 two to three times what a false call did (session 13, docs/training.md).
     operating_beta: float = 1.0
+    # Detector evidence (late fusion with a classical detector on the image, as CAD systems are
+    # combined with a reader): ``detector_evidence`` names the findings whose presence also reads
+    # a per-study evidence score (``ModelInputs.evidence``, data.detectors: "nodule", the log of
+    # the best ball-shaped candidate's score; "fracture" and "bone_lesion", the vertebral bodies'
+    # sclerosis and lytic share). ``evidence_fusion`` holds, per such
+    # finding, (name, w_logit, w_evidence, bias), fitted on the validation split after training
+    # (``fit_evidence_fusion``): where a study has the evidence, the finding's calibrated logit
+    # z / T becomes w_logit * z / T + w_evidence * evidence + bias. Empty = not fitted, the heads
+    # alone (session 23, docs/training.md).
+    detector_evidence: tuple[str, ...] = ()
+    evidence_fusion: tuple[tuple[str, float, float, float], ...] = ()
 
     @property
     def num_findings(self) -> int:
@@ -133,6 +147,17 @@ class HeadsConfig:
             raise ValueError(f"decision_thresholds has {len(self.decision_thresholds)} values for "
                              f"{self.num_findings} findings; refit them (fit_decision_thresholds) or leave them empty")
         return np.asarray(self.decision_thresholds, dtype=np.float64)
+
+    def fusion_table(self) -> np.ndarray:
+        """[K, 3] (w_logit, w_evidence, bias) per finding; (1, 0, 0), the identity, where none is fitted."""
+        W = np.tile(np.asarray([1.0, 0.0, 0.0]), (self.num_findings, 1))
+        for row in self.evidence_fusion:
+            name, *w = row
+            if name not in self.finding_names:
+                raise ValueError(f"heads.evidence_fusion names {name!r}, which is not a finding of this model; "
+                                 "refit the fusion (medreport calibrate) or remove the row")
+            W[self.finding_names.index(name)] = w
+        return W
 
 
 @dataclass
@@ -178,11 +203,25 @@ class HeadsOutput:
     side_logits_BK4: torch.Tensor
     location_logits_BKL: torch.Tensor
     temperature: torch.Tensor = field(default_factory=lambda: torch.tensor(1.0))
+    evidence_BK: torch.Tensor | None = None  # detector evidence, NaN where a study has none
+    fusion_K3: torch.Tensor | None = None  # (w_logit, w_evidence, bias) per finding (HeadsConfig.fusion_table)
+
+    @property
+    def calibrated_logits_BK(self) -> torch.Tensor:
+        """Temperature-scaled presence logits [B, K], fused with the detector evidence where a
+        study has it and a fusion is fitted."""
+        z_BK = self.presence_logits_BK / self.temperature
+        if self.evidence_BK is None or self.fusion_K3 is None:
+            return z_BK
+        e_BK = self.evidence_BK.to(z_BK)
+        W_K3 = self.fusion_K3.to(z_BK)
+        fused_BK = W_K3[:, 0] * z_BK + W_K3[:, 1] * torch.nan_to_num(e_BK) + W_K3[:, 2]
+        return torch.where(torch.isnan(e_BK), z_BK, fused_BK)
 
     @property
     def presence_probs(self) -> torch.Tensor:
         """Calibrated presence probabilities [B, K]."""
-        return torch.sigmoid(self.presence_logits_BK / self.temperature)
+        return torch.sigmoid(self.calibrated_logits_BK)
 
 
 class FindingHeads(nn.Module):
@@ -346,10 +385,25 @@ class FindingHeads(nn.Module):
         loc_BKL = torch.einsum("bkp,kpl->bkl", desc_BKP, self.where_location)
         return side_BK4, loc_BKL
 
+    def evidence_tensor(self, evidence, batch: int, device=None) -> torch.Tensor | None:
+        """Per-study evidence dicts ({finding: score}) -> [B, K] float, NaN where a study has no
+        score for a finding or the finding is not in ``cfg.detector_evidence``; None when no study has any."""
+        if not evidence or not self.cfg.detector_evidence:
+            return None
+        names = self.cfg.finding_names
+        e_BK = torch.full((batch, len(names)), float("nan"), device=device)
+        for b, ev in enumerate(evidence):
+            for name, v in (ev or {}).items():
+                if name in self.cfg.detector_evidence and name in names and v is not None:
+                    e_BK[b, names.index(name)] = float(v)
+        return e_BK
+
     def forward(self, fused_BFD: torch.Tensor, mask_BF: torch.Tensor,
-                image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None) -> HeadsOutput:
+                image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+                evidence=None) -> HeadsOutput:
         """image_tokens: the image encoder's (tokens [B, N, D_img], mask [B, N]), read when
-        ``token_presence`` is on."""
+        ``token_presence`` is on. evidence: per study, a detector's scores ({finding: score} or
+        None; ``cfg.detector_evidence``), fused into the calibrated probabilities where fitted."""
         B = fused_BFD.shape[0]
         K = self.cfg.num_findings
         m = mask_BF.bool()[..., None]  # [B, F, 1]
@@ -368,7 +422,11 @@ class FindingHeads(nn.Module):
             if self.cfg.where_from_tokens:  # needs token_presence (checked in __init__)
                 w_side, w_loc = self.where_logits(lg_BNK, mask_BN)
                 side_BK4, loc_BKL = side_BK4 + w_side.to(side_BK4.dtype), loc_BKL + w_loc.to(loc_BKL.dtype)
-        return HeadsOutput(presence_BK, side_BK4, loc_BKL, self.temperature)
+        e_BK = self.evidence_tensor(evidence, B, presence_BK.device)
+        W_K3 = None
+        if e_BK is not None and self.cfg.evidence_fusion:
+            W_K3 = torch.as_tensor(self.cfg.fusion_table(), dtype=torch.float32, device=presence_BK.device)
+        return HeadsOutput(presence_BK, side_BK4, loc_BKL, self.temperature, e_BK, W_K3)
 
 
 def heads_loss(out: HeadsOutput, labels: FindingLabels, cfg: HeadsConfig) -> dict[str, torch.Tensor]:
@@ -417,6 +475,41 @@ def fit_temperature(logits, labels, max_iter: int = 100) -> float:
 
     opt.step(closure)
     return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def fit_evidence_fusion(z, evidence, labels, l2: float = 1e-3, max_iter: int = 200) -> tuple[float, float, float]:
+    """Logistic regression of a finding's labels on its calibrated logit ``z`` (= logit / T) and a
+    detector's ``evidence`` (1-D arrays over held-out studies; labels 1/0, negative = unknown, and
+    NaN evidence are left out): returns (w_logit, w_evidence, bias), fitted by L-BFGS on the
+    mean BCE with an L2 penalty on the (standardised) weights, not the bias. Both weights are kept
+    >= 0 (softplus): more evidence, or a higher logit, never lowers the probability, even where a
+    few val studies would say so (a detector that separates them perfectly otherwise lets the fit
+    trade the heads' sign for nothing; the L2 keeps such a fit finite). Returns the identity
+    (1, 0, 0) when the data hold fewer than 5 positives or 5 negatives."""
+    z_N = torch.as_tensor(np.asarray(z, dtype=np.float64))
+    e_N = torch.as_tensor(np.asarray(evidence, dtype=np.float64))
+    y_N = torch.as_tensor(np.asarray(labels, dtype=np.float64))
+    keep = (y_N >= 0) & ~torch.isnan(e_N) & ~torch.isnan(z_N)
+    z_N, e_N, y_N = z_N[keep], e_N[keep], y_N[keep]
+    if int((y_N == 1).sum()) < 5 or int((y_N == 0).sum()) < 5:
+        return 1.0, 0.0, 0.0
+    X_N2 = torch.stack([z_N, e_N], 1)  # [N, 2]
+    mu, sd = X_N2.mean(0), X_N2.std(0).clamp_min(1e-6)  # standardised for a well-conditioned fit
+    Xs_N2 = (X_N2 - mu) / sd
+    u = torch.zeros(3, dtype=torch.float64, requires_grad=True)  # softplus^-1 of (w_z, w_e), then b; standardised features
+    opt = torch.optim.LBFGS([u], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        w2 = F.softplus(u[:2])
+        loss = F.binary_cross_entropy_with_logits(Xs_N2 @ w2 + u[2], y_N) + l2 * (w2 ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w_raw = F.softplus(u.detach()[:2]) / sd  # back to the raw features
+    bias = u.detach()[2] - (w_raw * mu).sum()
+    return float(w_raw[0]), float(w_raw[1]), float(bias)
 
 
 def fit_decision_thresholds(probs, labels, min_positives: int = 10, min_gain: float = 0.002,

@@ -69,12 +69,15 @@ class StudyInputs:
     # where the patient's record locates a finding (data.finding_prompt.record_locations, e.g. the
     # lobe of a lobectomy); a call of that finding takes this location at inference
     record_locations: dict[str, str] | None = None
-    # measured nodule sizes, mm ({"any"|"left"|"right": size}; data.nodule_measure.study_nodule_sizes),
+    # measured nodule sizes, mm ({"any"|"left"|"right": size}; data.nodule_measure.read_study_nodules),
     # for a model whose nodule call carries its size (cfg.nodule_size_prompt); None = not measured
     nodule_mm: dict[str, float] | None = None
     # the lung nodule's size on a prior study as the record states it (data.finding_prompt.
     # record_prior_nodule_mm); read by the decoding veto only (data.report_consistency.MeasurementVeto)
     prior_nodule_mm: float | None = None
+    # a classical detector's evidence per finding ({"nodule": log score}; data.nodule_measure),
+    # read by the heads where the model fuses it (heads.detector_evidence); None = not run
+    evidence: dict[str, float] | None = None
 
     @classmethod
     def from_slabs(cls, slabs, mel: np.ndarray | None = None, history_ids: Sequence[int] | None = None) -> "StudyInputs":
@@ -107,6 +110,7 @@ class ModelInputs:
     acquisition: list[str | None] | None = None  # per study, its acquisition line (cfg.acquisition_prompt)
     record_locations: list[dict[str, str] | None] | None = None  # per study, StudyInputs.record_locations
     nodule_mm: list[dict[str, float] | None] | None = None  # per study, StudyInputs.nodule_mm
+    evidence: list[dict[str, float] | None] | None = None  # per study, StudyInputs.evidence
 
     @property
     def batch_size(self) -> int:
@@ -173,8 +177,9 @@ def collate(studies: Sequence[StudyInputs]) -> ModelInputs:
     acq = [s.acquisition for s in studies] if any(s.acquisition for s in studies) else None
     rec = [s.record_locations for s in studies] if any(s.record_locations for s in studies) else None
     nod = [s.nodule_mm for s in studies] if any(s.nodule_mm for s in studies) else None
+    ev = [s.evidence for s in studies] if any(s.evidence for s in studies) else None
     return ModelInputs(slabs, slab_mask, z_mm, zr, mel, present, lengths, hist, hmask, history_digest_len=dlen,
-                       acquisition=acq, record_locations=rec, nodule_mm=nod)
+                       acquisition=acq, record_locations=rec, nodule_mm=nod, evidence=ev)
 
 
 def decoder_losses(cfg: ModelConfig, out, x: ModelInputs, canon_V: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -437,7 +442,7 @@ class ReportModel(nn.Module):
     # -- training
     def forward(self, x: ModelInputs) -> ModelOutput:
         enc = self.encode(x)
-        heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
+        heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens, x.evidence)
         zero = enc.fused_BFD.new_zeros(())
         losses: dict[str, torch.Tensor] = {}
         logits = None
@@ -510,7 +515,7 @@ class ReportModel(nn.Module):
         self.eval()
         try:
             enc = self.encode(x)
-            return self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens), enc.gates_BM
+            return self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens, x.evidence), enc.gates_BM
         finally:
             self.train(was)
 
@@ -557,11 +562,11 @@ class ReportModel(nn.Module):
             if evidence and bool(x.slab_mask.any()):
                 with torch.enable_grad():
                     enc = self.encode(x, keep_features=True)
-                    heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
+                    heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens, x.evidence)
             else:
                 with torch.inference_mode():
                     enc = self.encode(x)
-                    heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
+                    heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens, x.evidence)
             x, prefixes = self.with_prompts(x, prefixes, heads)
             with torch.inference_mode():
                 ctx, cmask = self.decoder_context(enc.fused_BFD.detach(), enc.mask_BF, heads)
@@ -618,7 +623,7 @@ class ReportModel(nn.Module):
         try:
             with torch.enable_grad():
                 enc = self.encode(x, keep_features=True)
-                heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
+                heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens, x.evidence)
                 return {n: self._finding_evidence(enc, heads, self.finding_names.index(n), x) for n in findings}
         finally:
             self.train(was)
@@ -639,7 +644,7 @@ class ReportModel(nn.Module):
                 if enc.feats_VChw is None:
                     return []
                 ids_1T = torch.as_tensor([list(ids)], dtype=torch.long, device=x.slabs.device)
-                heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens)
+                heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens, x.evidence)
                 ctx = self.decoder_context(enc.fused_BFD, enc.mask_BF, heads)
                 copy_mask = spans_to_mask(digest_spans(x), ids_1T.shape[1], ids_1T.device) if self.cfg.decoder.copy else None
                 logp = torch.log_softmax(self.decoder(ids_1T, *ctx, copy_mask_BT=copy_mask).logits.float(), -1)

@@ -109,6 +109,13 @@ class ModelConfig:
         )
         return dataclasses.replace(cfg, **overrides)
 
+    @property
+    def runs_detectors(self) -> bool:
+        """Whether the model's inputs include the classical detectors' reading of the CT
+        (data.detectors): the measured size in the nodule call (nodule_size_prompt with the
+        finding prompt) or the detectors' evidence fused into the heads (heads.detector_evidence)."""
+        return (self.nodule_size_prompt and self.finding_prompt) or bool(self.heads.detector_evidence)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["decoder"] = self.decoder.to_dict()
@@ -116,9 +123,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        def tup(v):  # JSON lists back to the config's (nested) tuples
+            return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
         def build(kind, sub: dict):
             names = {f.name for f in dataclasses.fields(kind)}
-            kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in sub.items() if k in names}
+            kw = {k: tup(v) for k, v in sub.items() if k in names}
             return kind(**kw)
 
         return cls(

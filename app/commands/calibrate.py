@@ -1,7 +1,11 @@
 """`medreport calibrate --model DIR --manifest M`: refit a model's finding calibration on held-out
 studies with labels (a hospital's own validation set, or a run's val split): the heads'
-temperature, then each finding's operating point (the probability at which it is called present,
-chosen for the micro-F1 over all findings, or the micro F-beta of ``--beta``). Writes the model back (same weight precision) and prints what changed."""
+temperature, then the fusion of a finding with a classical detector's evidence (``--detector-evidence
+nodule,fracture,bone_lesion``: the lung-nodule detector and the vertebral-body density of
+data.detectors; kept as the model has it unless given),
+then each finding's operating point (the probability at which it is called present, chosen for
+the micro-F1 over all findings, or the micro F-beta of ``--beta``). Writes the model back (same
+weight precision) and prints what changed."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=None,
                         help="choose the operating points for micro F-beta: > 1 weighs a missed finding beta^2 false "
                              "calls (default: the model's heads.operating_beta, 1 = F1); stored in the model")
+    parser.add_argument("--detector-evidence", default=None, metavar="FINDINGS",
+                        help="comma-separated findings whose probability fuses a classical detector's evidence "
+                             "(data.detectors: nodule, fracture, bone_lesion), fitted here on the held-out studies; "
+                             "'none' removes the fusion (default: as the model has it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from app.commands.demo_model import write_shipped_model
-    from app.train import TrainConfig, calibrate_heads
+    from app.train import TrainConfig, calibrate_heads, check_detector_evidence
     from app.train_data import (
         PreprocessConfig, ReportDataset, StudyCache, fill_call_feature_masks, load_manifest_for_training,
     )
@@ -57,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, calibration_studies=args.max_studies))
     if args.beta is not None:
         model.cfg.heads.operating_beta = float(args.beta)
+    if args.detector_evidence is not None:
+        wanted = tuple(f.strip() for f in args.detector_evidence.split(",") if f.strip() and f.strip() != "none")
+        model.cfg.heads.detector_evidence = wanted
+        check_detector_evidence(model.cfg)  # names only findings a detector reads
+    model.cfg.heads.evidence_fusion = ()  # refitted below for the findings in detector_evidence
     before = dict(zip(model.finding_names, model.cfg.heads.thresholds().tolist()))
     out = calibrate_heads(model, ds, cfg, torch.device("cpu"))
     # a model trained before these were recorded: the finding context at inference gets the
@@ -68,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
     dest = args.out or args.model
     write_shipped_model(model.eval(), dest, fp16=fp16)
     moved = {n: (before[n], t) for n, t in out["decision_thresholds"].items() if t != before[n]}
+    def auc(v) -> str:
+        return "n/a (one class)" if v is None else f"{v:.3f}"
+
+    for name, w_z, w_e, b in model.cfg.heads.evidence_fusion:
+        print(f"  {name}: fused with the detector's evidence (w_logit {w_z:.3f}, w_evidence {w_e:.3f}, bias {b:.3f}); "
+              f"val AUC {auc(out[f'val_{name}_auc_heads'])} -> {auc(out[f'val_{name}_auc_fused'])}")
     print(f"calibrated on {out['calibration_studies']} {args.split} studies: temperature {out['temperature']:.3f}, "
           f"val ECE {out['val_ece_before']:.4f} -> {out['val_ece']:.4f}; val finding micro-F1 "
           f"{out['val_finding_micro_f1_at_0.5']:.3f} at 0.5 -> {out['val_finding_micro_f1_at_thresholds']:.3f} "

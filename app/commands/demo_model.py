@@ -270,6 +270,16 @@ def model_card(args, cfg, metrics: dict) -> str:
     decoding += ("The nodule call the decoder reads carries the nodule's size **measured automatically on the CT** "
                  "(`data.nodule_measure`, a classical measurement, not the network): the findings table marks it "
                  "\"auto-measured\"; check it on the images.\n" if cfg.model.get("nodule_size_prompt") else "")
+    detectors = (cfg.model.get("heads") or {}).get("detector_evidence") or ()
+    if detectors:
+        decoding += ("The probabilities of " + ", ".join(d.replace("_", " ") for d in detectors) + " fuse the evidence of "
+                     "**classical image detectors** (`data.detectors`: a lung-nodule detector, the vertebral bodies' "
+                     "attenuation) with the finding heads, by weights fitted on the validation split "
+                     "(`heads.evidence_fusion`); the findings table names the detector beside such a probability.\n")
+    recal = metrics.get("calibration_command")
+    if recal:
+        decoding += (f"After training, the calibration (temperature, detector fusion, operating points; not the weights) "
+                     f"was refit on the validation split: `{recal}`.\n")
     pv = f" --phantom-version {args.phantom_version}" if getattr(args, "phantom_version", 1) != 1 else ""
     n_tiny = getattr(args, "tiny_studies", 0)
     tiny = (f"\nPlus {n_tiny} training studies of the tiny geometry (16 x 64 x 64, 10 mm slices, as the bundled examples were until session 21): "

@@ -402,7 +402,7 @@ def test_a_nodule_size_model_reads_the_measured_size(pipe, tmp_path, monkeypatch
     nodule call in the decoder's prompt carries the size measured on the called side, and the
     findings table shows the same size as an automatic measurement."""
     from data.finding_prompt import finding_prompt
-    from data.nodule_measure import study_nodule_sizes
+    from data.nodule_measure import read_study_nodules
     from data.study import load_study
 
     from data.report_consistency import MeasurementVeto
@@ -414,7 +414,7 @@ def test_a_nodule_size_model_reads_the_measured_size(pipe, tmp_path, monkeypatch
                                   nodule_size_prompt=True, history_text=history,
                                   pipeline={"consistent_measurements": True})
     row = next(f for f in rep.findings if f.name == "nodule")
-    sizes = study_nodule_sizes(load_study(STUDIES / "syn00003"))
+    sizes = read_study_nodules(load_study(STUDIES / "syn00003")).sizes_mm
     size = sizes.get(row.side) if row.side in ("left", "right") else sizes.get("any")
     assert row.size_mm == size
     d = row.to_dict()
@@ -454,3 +454,37 @@ def test_acquisition_line_in_the_pipeline_equals_the_training_one(pipe, tmp_path
     acq = ds.study_inputs(entry).acquisition
     assert config_prompt_ids(tok, cfg, calls, acq) == line
     assert text.endswith(finding_prompt(calls))
+
+
+def test_the_nodule_probability_fuses_the_detector_evidence(pipe, tmp_path, monkeypatch):
+    """heads.detector_evidence + a fitted heads.evidence_fusion: the pipeline runs the lung-nodule
+    detector on the CT and the nodule's probability in the findings table is the fused one
+    (here w_logit 0, w_evidence 1, bias 0: exactly sigmoid(evidence)); the other findings keep
+    the heads' own probabilities."""
+    import dataclasses
+
+    from data.detectors import read_study
+    from data.study import load_study
+    from multimodal.heads import HeadsConfig
+
+    heads = dataclasses.replace(HeadsConfig(), detector_evidence=("nodule",),
+                                evidence_fusion=(("nodule", 0.0, 1.0, 0.0),))
+    rep, _, _ = _serve_calling(pipe, tmp_path, monkeypatch, (), heads=heads)
+    ev = read_study(load_study(STUDIES / "syn00003")).evidence["nodule"]
+    probs = {f.name: f.probability for f in rep.findings}
+    assert probs["nodule"] == pytest.approx(1 / (1 + np.exp(-ev)), abs=1e-4)
+    # without the fusion the same tiny model (same seed) gives the heads' own nodule probability
+    heads0 = dataclasses.replace(HeadsConfig(), detector_evidence=("nodule",))
+    rep0, _, _ = _serve_calling(pipe, tmp_path / "plain", monkeypatch, (), heads=heads0)
+    probs0 = {f.name: f.probability for f in rep0.findings}
+    assert probs0["nodule"] != pytest.approx(probs["nodule"], abs=1e-3)
+    assert all(probs0[n] == pytest.approx(probs[n], abs=1e-5) for n in probs if n != "nodule")
+    # the findings table says where the probability comes from (report.json and the UI)
+    from app.ui import findings_table
+
+    row = next(f for f in rep.findings if f.name == "nodule")
+    assert row.to_dict()["probability_source"] == "finding heads + lung-nodule detector"
+    assert all(f.to_dict()["probability_source"] == "finding heads" for f in rep.findings if f.name != "nodule")
+    assert next(f for f in rep0.findings if f.name == "nodule").detector is None  # no fusion fitted
+    ui_row = next(r for r in findings_table(rep) if r[0] == row.display)
+    assert "(with the lung-nodule detector)" in ui_row[2]

@@ -490,6 +490,37 @@ def test_calibrate_command_refits_operating_points_on_val(shared, repo_root, tmp
     assert "leak" in capsys.readouterr().err
     assert main(["calibrate", "--model", str(final), "--manifest", str(shared["manifest"]), "--beta", "0"]) == 2
     assert "--beta must be > 0" in capsys.readouterr().err
+    # the nodule detector's evidence: a fusion row is fitted (the identity on so few val studies)
+    # and stored; its val AUCs are logged; a finding without a detector is refused
+    fused = tmp_path / "fused"
+    assert main(["calibrate", "--model", str(final), "--manifest", str(shared["manifest"]), "--out", str(fused),
+                 "--cache-dir", str(shared["cache"]), "--max-history-tokens", "64", "--detector-evidence", "nodule"]) == 0
+    m2 = ReportModel.from_pretrained(fused)
+    assert m2.cfg.heads.detector_evidence == ("nodule",) and [r[0] for r in m2.cfg.heads.evidence_fusion] == ["nodule"]
+    cal2 = json.loads((fused / "calibration.json").read_text())
+    assert cal2["evidence_fusion"][0][0] == "nodule" and "val_nodule_auc_heads" in cal2
+    assert "fused with the detector's evidence" in capsys.readouterr().out
+    assert main(["calibrate", "--model", str(fused), "--manifest", str(shared["manifest"]), "--out", str(tmp_path / "none"),
+                 "--cache-dir", str(shared["cache"]), "--max-history-tokens", "64", "--detector-evidence", "none"]) == 0
+    m3 = ReportModel.from_pretrained(tmp_path / "none")
+    assert m3.cfg.heads.detector_evidence == () and m3.cfg.heads.evidence_fusion == ()
+    assert main(["calibrate", "--model", str(final), "--manifest", str(shared["manifest"]), "--detector-evidence", "mass"]) == 2
+    assert "the detectors (data.detectors) read nodule, fracture, bone_lesion" in capsys.readouterr().err
+
+
+def test_training_fits_the_detector_fusion_with_the_calibration(shared, repo_root, tmp_path):
+    """heads.detector_evidence in a recipe: the run's calibration (after the last step) fits one
+    fusion row per named finding on the val split, saved in the final model and its metrics; a
+    finding no detector reads is refused when the config is read, before any step."""
+    cfg = _cfg(shared, repo_root, "stages.0.steps=1", 'model.heads.detector_evidence=["nodule","fracture","bone_lesion"]')
+    final = train(shared["manifest"], tmp_path / "run", cfg, progress=False)
+    m = ReportModel.from_pretrained(final)
+    assert [r[0] for r in m.cfg.heads.evidence_fusion] == ["nodule", "fracture", "bone_lesion"]
+    assert all(r[1] >= 0 and r[2] >= 0 for r in m.cfg.heads.evidence_fusion)  # never inverted
+    fm = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert fm["evidence_fusion"] == [list(r) for r in m.cfg.heads.evidence_fusion]
+    with pytest.raises(ConfigError, match="data.detectors"):  # when the recipe is read
+        _cfg(shared, repo_root, "stages.0.steps=1", 'model.heads.detector_evidence=["mass"]')
 
 
 def test_finding_prompt_in_training_comes_from_the_labels(shared, repo_root):
@@ -1060,14 +1091,14 @@ def test_nodule_size_prompt_trains_on_labelled_sizes_with_dropout():
 
 def test_evaluation_of_a_nodule_size_model_measures_the_studies(repo_root):
     """evaluate_split's studies for a nodule-size model carry the CT's nodule measurements
-    (PreprocessConfig.measure_nodules; not in training caches), and the calls pass them on."""
+    (PreprocessConfig.run_detectors; not in training caches), and the calls pass them on."""
     import dataclasses
 
     import torch
 
     from app.train_data import PreprocessConfig, ReportDataset, StudyCache
     from data.datasets import read_manifest
-    from data.nodule_measure import study_nodule_sizes
+    from data.nodule_measure import read_study_nodules
     from data.study import load_study
     from data.tokenizer import ReportTokenizer
     from multimodal.model import ReportModel, collate
@@ -1080,13 +1111,17 @@ def test_evaluation_of_a_nodule_size_model_measures_the_studies(repo_root):
                               nodule_size_prompt=True)
     cfg.heads.decision_thresholds = tuple(0.0 if n == "nodule" else 1.0 for n in cfg.heads.finding_names)
     pre = PreprocessConfig.from_model(cfg)
-    assert not pre.measure_nodules  # training caches stay as they were
-    pre = dataclasses.replace(pre, measure_nodules=True)
+    assert not pre.run_detectors  # training caches stay as they were
+    pre = dataclasses.replace(pre, run_detectors=True)
     assert pre.key() != PreprocessConfig.from_model(cfg).key()
     ds = ReportDataset([entries["syn00001"]], tok, cfg, StudyCache(None, pre))
     s = ds.study_inputs(entries["syn00001"])
-    expected = {k: float(v) for k, v in study_nodule_sizes(load_study(entries["syn00001"].study_path)).items()}
+    expected = {k: float(v) for k, v in read_study_nodules(load_study(entries["syn00001"].study_path)).sizes_mm.items()}
     assert s.nodule_mm == expected and s.nodule_mm["right"] == 9.0
+    from data.detectors import DETECTOR_FINDINGS, read_study
+
+    ev = read_study(load_study(entries["syn00001"].study_path)).evidence  # every detector's evidence, cached as float32
+    assert set(s.evidence) == set(ev) == set(DETECTOR_FINDINGS) and s.evidence == pytest.approx(ev, rel=1e-5)
     torch.manual_seed(0)
     model = ReportModel(cfg, tokenizer=tok).eval()
     x = collate([s])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data.nodule_measure import (axial_diameter_mm, largest_axial_diameter, lung_mask, measure_by_side, measure_nodule,
-                                 nodule_candidates, study_nodule_sizes)
+                                 nodule_candidates, read_study_nodules)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SPACING = (5.0, 2.5, 2.5)  # z, y, x mm
@@ -83,7 +83,7 @@ def test_bundled_follow_up_study_measures_its_nodule():
 
     entry = next(json.loads(line) for line in open(EXAMPLES / "manifest.jsonl") if '"syn00001"' in line)
     label = next(lab for lab in entry["labels"] if lab["finding"] == "nodule" and lab["present"])
-    sizes = study_nodule_sizes(load_study(EXAMPLES / "studies" / "syn00001"))
+    sizes = read_study_nodules(load_study(EXAMPLES / "studies" / "syn00001")).sizes_mm
     assert sizes[label["side"]] == label["size_mm"]
 
 
@@ -95,4 +95,19 @@ def test_a_radiograph_is_not_measured(tmp_path):
     img = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "chest.png")
     study = load_study(tmp_path / "chest.png")
-    assert study.kind == "radiograph" and study_nodule_sizes(study) == {}
+    assert study.kind == "radiograph" and read_study_nodules(study).sizes_mm == {}
+    assert read_study_nodules(study).evidence is None  # no detector evidence: the heads alone
+
+
+def test_detector_evidence_is_higher_with_a_nodule_than_with_vessels_alone():
+    """The evidence the heads fuse (data.nodule_measure.detector_evidence): the same chest with a
+    12 mm ball scores well above the one with only its tubes, and an empty lung gets the floor."""
+    from data.nodule_measure import EVIDENCE_FLOOR, detector_evidence
+
+    with_ball, _ = _chest(12.0)
+    without, _ = _chest(0.0)
+    e1 = detector_evidence(nodule_candidates(with_ball, SPACING))
+    e0 = detector_evidence(nodule_candidates(without, SPACING))
+    assert e1 > e0 + 1.0
+    flat = np.full((8, 32, 32), -850.0, np.float32)
+    assert detector_evidence(nodule_candidates(flat, SPACING)) == pytest.approx(np.log(EVIDENCE_FLOOR))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -356,3 +357,62 @@ def test_where_heads_read_side_and_location_from_where_the_finding_tokens_are():
     # no image tokens at all: nothing added
     none = heads(fused, fmask, (tok[:1], torch.zeros(1, S * G * G, dtype=torch.bool)))
     torch.testing.assert_close(none.side_logits_BK4, heads(fused, fmask).side_logits_BK4)
+
+
+def test_fit_evidence_fusion_recovers_a_logistic_combination():
+    """Labels drawn from sigmoid(0.5 z + 2 e - 1): the fit recovers the weights; unknown labels
+    (-1) and studies without evidence (NaN) are left out; too few positives give the identity."""
+    from multimodal.heads import fit_evidence_fusion
+
+    rng = np.random.default_rng(0)
+    z, e = rng.normal(0, 2, 20_000), rng.normal(0, 1, 20_000)
+    y = (rng.random(z.shape) < 1 / (1 + np.exp(-(0.5 * z + 2.0 * e - 1.0)))).astype(float)
+    w_z, w_e, b = fit_evidence_fusion(z, e, y)
+    assert w_z == pytest.approx(0.5, abs=0.07) and w_e == pytest.approx(2.0, abs=0.15) and b == pytest.approx(-1.0, abs=0.12)
+    y2, e2 = y.copy(), e.copy()
+    y2[:500], e2[500:1000] = -1, np.nan  # ignored, not read as negatives or as zero evidence
+    assert fit_evidence_fusion(z, e2, y2) == pytest.approx((w_z, w_e, b), abs=0.08)
+    # a logit pointing the wrong way on these studies is not turned round: both weights stay >= 0
+    w_z2, w_e2, _ = fit_evidence_fusion(-z, e, y)
+    assert 0.0 <= w_z2 < 0.05 and w_e2 > 1.0
+    few = np.zeros(50)
+    few[:3] = 1
+    assert fit_evidence_fusion(z[:50], e[:50], few) == (1.0, 0.0, 0.0)
+
+
+def test_fused_probabilities_read_the_evidence_only_where_a_study_has_it():
+    """HeadsOutput.presence_probs: sigmoid(w_logit z / T + w_evidence e + bias) for the fused
+    finding of a study with evidence; the temperature-scaled heads elsewhere (NaN evidence, other
+    findings, no fusion fitted). A fusion row naming an unknown finding is refused."""
+    import dataclasses
+
+    cfg = dataclasses.replace(HeadsConfig(), detector_evidence=("nodule",), evidence_fusion=(("nodule", 0.5, 2.0, -1.0),))
+    heads = FindingHeads(cfg, 16)
+    heads.temperature.fill_(2.0)
+    x, m = torch.randn(3, 4, 16), torch.ones(3, 4, dtype=torch.bool)
+    with torch.no_grad():
+        out = heads(x, m, evidence=[{"nodule": 1.5}, None, {"nodule": -3.0, "mass": 9.0}])
+    k, k_mass = cfg.finding_names.index("nodule"), cfg.finding_names.index("mass")
+    z = out.presence_logits_BK / 2.0
+    p = out.presence_probs
+    assert p[0, k] == pytest.approx(torch.sigmoid(0.5 * z[0, k] + 2.0 * 1.5 - 1.0).item(), abs=1e-6)
+    assert p[2, k] == pytest.approx(torch.sigmoid(0.5 * z[2, k] - 6.0 - 1.0).item(), abs=1e-6)
+    assert p[1, k] == pytest.approx(torch.sigmoid(z[1, k]).item(), abs=1e-6)  # no evidence: the heads alone
+    assert p[2, k_mass] == pytest.approx(torch.sigmoid(z[2, k_mass]).item(), abs=1e-6)  # not a detector finding
+    plain = FindingHeads(dataclasses.replace(cfg, evidence_fusion=()), 16)
+    plain.load_state_dict(heads.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(plain(x, m, evidence=[{"nodule": 1.5}] * 3).presence_probs, torch.sigmoid(z), atol=1e-6)
+    with pytest.raises(ValueError, match="not a finding"):
+        dataclasses.replace(cfg, evidence_fusion=(("tumour", 1.0, 1.0, 0.0),)).fusion_table()
+
+
+def test_evidence_fusion_survives_the_config_round_trip():
+    from multimodal.presets import ModelConfig
+
+    cfg = ModelConfig.preset("tiny")
+    cfg.heads.detector_evidence = ("nodule",)
+    cfg.heads.evidence_fusion = (("nodule", 0.7, 3.1, -7.2),)
+    back = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back.heads.evidence_fusion == (("nodule", 0.7, 3.1, -7.2),) and back.heads.detector_evidence == ("nodule",)
+    assert back.runs_detectors and not ModelConfig.preset("tiny").runs_detectors
