@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("decoding chosen on %d val studies: %s", args.tune_studies, decoding)
     metrics = evaluate_split(model, manifest, "test", max_studies=args.eval_studies,
                              max_history_tokens=args.eval_history_tokens, batch_size=cfg.data.batch_size,
-                             predictions=args.run / "test_predictions.jsonl", progress=not args.no_progress, **decoding)
+                             predictions=args.run / "test_predictions.jsonl", progress=not args.no_progress,
+                             cache_dir=cfg.data.cache_dir or None, **decoding)
     metrics["decoding_table_val"] = table
     metrics["train_wall_seconds_this_invocation"] = round(train_wall, 1)
     metrics["preprocess_seconds_this_invocation"] = round(prep_s, 1)
@@ -275,7 +276,9 @@ def model_card(args, cfg, metrics: dict) -> str:
         decoding += ("The probabilities of " + ", ".join(d.replace("_", " ") for d in detectors) + " fuse the evidence of "
                      "**classical image detectors** (`data.detectors`: a lung-nodule detector, the vertebral bodies' "
                      "attenuation) with the finding heads, by weights fitted on the validation split "
-                     "(`heads.evidence_fusion`); the findings table names the detector beside such a probability.\n")
+                     "(`heads.evidence_fusion`); the findings table names the detector beside such a probability. The "
+                     "detectors were built and checked on synthetic phantoms only: on real studies refit the fusion "
+                     "on labelled local studies (`medreport calibrate --detector-evidence ...`) before relying on it.\n")
     recal = metrics.get("calibration_command")
     if recal:
         decoding += (f"After training, the calibration (temperature, detector fusion, operating points; not the weights) "
