@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 # that the decoder also learns to write a technique section without one (NIfTI, PNG, silent headers).
 ACQUISITION_DROPOUT = 0.1
 NODULE_SIZE_KEYS = ("any", "left", "right")  # the order of a cached "nodule_mm" array
+CACHE_VERSION = 3  # 2: the study's spacing and volume shape are cached too (token targets); 3: its acquisition line
 
 
 def study_evidence(arrays: dict[str, np.ndarray]) -> dict[str, float] | None:
@@ -55,7 +56,6 @@ def study_evidence(arrays: dict[str, np.ndarray]) -> dict[str, float] | None:
     from data.detectors import evidence_dict
 
     return evidence_dict(arrays["evidence"]) if "evidence" in arrays else None
-CACHE_VERSION = 3  # 2: the study's spacing and volume shape are cached too (token targets); 3: its acquisition line
 
 
 class TrainDataError(MedreportError):

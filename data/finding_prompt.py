@@ -210,7 +210,7 @@ def measured_size(calls: Sequence[tuple], name: str = "nodule") -> float | None:
 
 def with_measurements(calls: Sequence[tuple], sizes_mm: Mapping[str, float] | None) -> list[tuple]:
     """The calls with the measured size appended to a called nodule: the measurement on the called
-    side, else the best in either lung (``sizes_mm``: ``data.nodule_measure.read_study_nodules``).
+    side, else the best in either lung (``sizes_mm``: ``data.detectors.read_study``).
     A call without a measurement stays as it was (three fields)."""
     if not sizes_mm:
         return list(calls)

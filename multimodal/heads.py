@@ -4,7 +4,7 @@ A shared trunk over the fused tokens gives, per finding, a presence logit, side 
 (``SIDES``) and coarse-location logits (``HeadsConfig.locations``). Presence probabilities are
 calibrated by one temperature (``fit_temperature`` on validation logits, stored in the heads).
 A finding may also read a detector's evidence (a classical measurement on the image, e.g. the
-lung-nodule detector of ``data.nodule_measure``): its calibrated logit and the evidence are
+lung-nodule detector of ``data.detectors``): its calibrated logit and the evidence are
 combined by a logistic fit on validation studies (``fit_evidence_fusion``, stored in the config).
 
 Shape legend: B batch, F fused tokens, K findings, D width, L locations.

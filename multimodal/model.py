@@ -69,13 +69,14 @@ class StudyInputs:
     # where the patient's record locates a finding (data.finding_prompt.record_locations, e.g. the
     # lobe of a lobectomy); a call of that finding takes this location at inference
     record_locations: dict[str, str] | None = None
-    # measured nodule sizes, mm ({"any"|"left"|"right": size}; data.nodule_measure.read_study_nodules),
+    # measured nodule sizes, mm ({"any"|"left"|"right": size}; data.detectors.read_study),
     # for a model whose nodule call carries its size (cfg.nodule_size_prompt); None = not measured
     nodule_mm: dict[str, float] | None = None
     # the lung nodule's size on a prior study as the record states it (data.finding_prompt.
     # record_prior_nodule_mm); read by the decoding veto only (data.report_consistency.MeasurementVeto)
     prior_nodule_mm: float | None = None
-    # a classical detector's evidence per finding ({"nodule": log score}; data.nodule_measure),
+    # the classical detectors' evidence per finding ({"nodule": log score, "fracture": HU, ...};
+    # data.detectors),
     # read by the heads where the model fuses it (heads.detector_evidence); None = not run
     evidence: dict[str, float] | None = None
 

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     dest = args.out or args.model
     write_shipped_model(model.eval(), dest, fp16=fp16)
     moved = {n: (before[n], t) for n, t in out["decision_thresholds"].items() if t != before[n]}
+
     def auc(v) -> str:
         return "n/a (one class)" if v is None else f"{v:.3f}"
 
