@@ -67,7 +67,7 @@ class FindingRow:
     location: str | None = None  # coarse location, None = unspecified
     key_slices: list[KeySlice] = field(default_factory=list)
     threshold: float = PRESENT_THRESHOLD  # the operating point ``present`` was decided at
-    location_from_record: bool = False  # the location is the one the patient's record states (a lobectomy's lobe)
+    location_from_record: bool = False  # the location is the one the patient's record states (a lobectomy's, a known nodule's lobe)
     size_mm: float | None = None  # automatic measurement (data.nodule_measure) the decoder read, if any
     detector: str | None = None  # the classical detector whose evidence the probability fuses (heads.evidence_fusion)
 

@@ -142,14 +142,31 @@ _NEGATED = re.compile(r"\b(no|not|denies|without|never|declined|considered for|c
 
 def record_locations(text: str | None) -> dict[str, str]:
     """Where the patient's record locates a finding the image heads may call, as ``{finding:
-    location}`` in vocabulary words. Today: the lobe of a lobectomy ("Surgical history: right upper
-    lobectomy in 2015" -> ``{"lobectomy": "right upper lobe"}``). The operative history is the
-    authority on which lobe was resected; the heads see the staple line and guess the lobe from where
-    it lies (session 21's demo heads called the lower lobe for 9 of 22 right upper lobectomies).
+    location}`` in vocabulary words:
 
-    Nothing is returned when the record names two different lobes, or only in a negated or planned
-    mention ("no prior lobectomy", "scheduled for left lower lobectomy"): the heads' own location
-    stands then. Pure text rules; no patient data leaves this function."""
+    * the lobe of a lobectomy ("Surgical history: right upper lobectomy in 2015" ->
+      ``{"lobectomy": "right upper lobe"}``). The operative history is the authority on which lobe
+      was resected; the heads see the staple line and guess the lobe from where it lies (session
+      21's demo heads called the lower lobe for 9 of 22 right upper lobectomies);
+    * the lobe of a known lung nodule (a prior CT: "There is a 9 mm solid nodule in the left lower
+      lobe." -> ``{"nodule": "left lower lobe"}``; :func:`record_nodule_lobe`). A follow-up report
+      describes that nodule where it was; the heads named the wrong lobe for 27 of 66 test
+      follow-ups (session 23).
+
+    Nothing is returned for a finding when the record names two different lobes, or only in a
+    negated or planned mention ("no prior lobectomy", "scheduled for left lower lobectomy"): the
+    heads' own location stands then. Pure text rules; no patient data leaves this function."""
+    out = {}
+    lobectomy = _record_lobectomy_lobe(text)
+    if lobectomy:
+        out["lobectomy"] = lobectomy
+    nodule = record_nodule_lobe(text)
+    if nodule:
+        out["nodule"] = nodule
+    return out
+
+
+def _record_lobectomy_lobe(text: str | None) -> str | None:
     found: set[str] = set()
     for m in _LOBECTOMY.finditer(text or ""):
         line_start = max(text.rfind("\n", 0, m.start()), text.rfind(".", 0, m.start())) + 1
@@ -161,7 +178,40 @@ def record_locations(text: str | None) -> dict[str, str]:
             side, part = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
             found.add(f"{side.lower()} {part.lower()} lobe")
     found = {lobe for lobe in found if not (lobe.startswith("left") and " middle " in lobe)}  # no left middle lobe
-    return {"lobectomy": found.pop()} if len(found) == 1 else {}
+    return found.pop() if len(found) == 1 else None
+
+
+# A lobe named in a sentence ("right upper lobe", "RUL"; not "right upper lobectomy"), and a denied
+# nodule ("no pulmonary nodules", "without nodularity").
+_LOBE = re.compile(r"\b(?:(right|left)\s+(upper|middle|lower)\s+lobe|(RUL|RML|RLL|LUL|LLL))\b", re.I)
+_NO_NODULE = re.compile(r"\b(no|without|negative\s+for|resolved)\b[^.\n]{0,30}\bnodul", re.I)
+_SIZE_MM = re.compile(r"(\d+(?:\.\d+)?)\s*mm\b", re.I)
+_LUNG_WORDS = re.compile(r"\b(lobe|lobes|lung|lungs|pulmonary|lingula\w*|RUL|RML|RLL|LUL|LLL)\b", re.I)
+_NOT_LUNG = re.compile(r"\b(thyroid|liver|hepatic|renal|kidney|adrenal|breast|skin|cutaneous|parotid|pancrea\w*)\b", re.I)
+
+
+def _lung_nodule_sentences(text: str | None) -> list[str]:
+    """The record's sentences about a lung nodule: "nodule" with a lobe, lung, "pulmonary" or a lobe
+    abbreviation, not a thyroid, liver, skin... nodule."""
+    from data.labeler import split_sentences
+
+    return [s for s in split_sentences(text or "")
+            if "nodul" in s.lower() and _LUNG_WORDS.search(s) and not _NOT_LUNG.search(s)]
+
+
+def record_nodule_lobe(text: str | None) -> str | None:
+    """The lobe of the lung nodule the record describes: the one lobe named in its sentences about a
+    pulmonary nodule (the sentences :func:`record_prior_nodule_mm` reads: a "nodule" with a lobe,
+    lung or "pulmonary", not a thyroid, liver or skin nodule; a sentence that denies a nodule is
+    skipped). None when no such sentence names a lobe, or they name more than one."""
+    found: set[str] = set()
+    for sent in _lung_nodule_sentences(text):
+        if _NO_NODULE.search(sent):
+            continue
+        for m in _LOBE.finditer(sent):
+            found.add(_LOBE_ABBR[m.group(3).lower()] if m.group(3) else f"{m.group(1).lower()} {m.group(2).lower()} lobe")
+    found.discard("left middle lobe")
+    return found.pop() if len(found) == 1 else None
 
 
 def with_record_locations(calls: Sequence[tuple[str, str | None, str | None]],
@@ -179,23 +229,14 @@ def with_record_locations(calls: Sequence[tuple[str, str | None, str | None]],
     return out
 
 
-_SIZE_MM = re.compile(r"(\d+(?:\.\d+)?)\s*mm\b", re.I)
-_LUNG_WORDS = re.compile(r"\b(lobe|lobes|lung|lungs|pulmonary|lingula\w*)\b", re.I)
-_NOT_LUNG = re.compile(r"\b(thyroid|liver|hepatic|renal|kidney|adrenal|breast|skin|cutaneous|parotid|pancrea\w*)\b", re.I)
-
-
 def record_prior_nodule_mm(text: str | None) -> float | None:
     """The size of the lung nodule the record describes (a prior CT: "There is a 9 mm solid nodule
     in the right lower lobe."): the one size stated in the record's sentences about a pulmonary
     nodule (a "nodule" with a lobe, lung or "pulmonary", not a thyroid, liver or skin nodule).
     None when the record states none or more than one (two nodules, or a size that changed
     between priors): then nothing is assumed."""
-    from data.labeler import split_sentences
-
     sizes = set()
-    for sent in split_sentences(text or ""):
-        if "nodul" not in sent.lower() or not _LUNG_WORDS.search(sent) or _NOT_LUNG.search(sent):
-            continue
+    for sent in _lung_nodule_sentences(text):
         sizes.update(float(m) for m in _SIZE_MM.findall(sent) if 2.0 <= float(m) <= 30.0)
     return sizes.pop() if len(sizes) == 1 else None
 

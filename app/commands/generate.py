@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="refuse a nodule change that contradicts its own numbers (\"increased from 12 mm to 10 mm\") "
                         "or a size the report already stated (default: on)")
     p.add_argument("--locations-from-record", action=argparse.BooleanOptionalAction, default=None,
-                   help="a lobectomy call takes the lobe the patient's record names (default: on)")
+                   help="a lobectomy or nodule call takes the lobe the patient's record names (the resected lobe, "
+                        "the known nodule's lobe on a prior CT; default: on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -414,6 +414,9 @@ def test_a_nodule_size_model_reads_the_measured_size(pipe, tmp_path, monkeypatch
                                   nodule_size_prompt=True, history_text=history,
                                   pipeline={"consistent_measurements": True})
     row = next(f for f in rep.findings if f.name == "nodule")
+    # the record's prior CT places the known nodule: the call takes its lobe and is measured on its side
+    assert row.location == "right lower lobe" and row.side == "right" and row.location_from_record
+    assert row.to_dict()["location_source"] == "record"
     sizes = read_study_nodules(load_study(STUDIES / "syn00003")).sizes_mm
     size = sizes.get(row.side) if row.side in ("left", "right") else sizes.get("any")
     assert row.size_mm == size

@@ -127,6 +127,46 @@ def test_record_locations_reads_the_lobe_of_a_lobectomy(text, expected):
     assert record_locations(text) == ({"lobectomy": expected} if expected else {})
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("PRIOR CT (2021)\nThere is a 9 mm solid nodule in the left lower lobe.\n"
+     "Impression: 9 mm left lower lobe nodule. Follow-up CT recommended.", "left lower lobe"),
+    ("Stable 6 mm RUL nodule.", "right upper lobe"),
+    ("Pulmonary nodule, right middle lobe, 5 mm. Status post left upper lobectomy.", "right middle lobe"),
+    # not a lung nodule, denied, two lobes, or no lobe: nothing
+    ("Thyroid nodule in the right lobe.", None),
+    ("No pulmonary nodules in the right upper lobe.", None),
+    ("A 5 mm RUL nodule. A 4 mm nodule in the left lower lobe.", None),
+    ("Reason for exam: follow-up of pulmonary nodule.", None),
+    (None, None),
+])
+def test_record_locations_reads_the_lobe_of_a_known_nodule(text, expected):
+    from data.finding_prompt import record_locations, record_nodule_lobe
+
+    assert record_nodule_lobe(text) == expected
+    assert record_locations(text).get("nodule") == expected
+
+
+def test_record_locations_on_the_synthetic_follow_ups():
+    """Every test-split follow-up record of a fresh synthetic sample states its prior nodule's
+    lobe, and record_locations reads exactly the labelled lobe (the histories' distractors, e.g. a
+    thyroid nodule, are not read)."""
+    import numpy as np
+
+    from data.finding_prompt import record_locations
+    from data.synthetic.findings import sample_case
+    from data.synthetic.histories import write_history
+
+    n = 0
+    for seed in range(40):
+        case = sample_case(np.random.default_rng(seed), f"f{seed}", seed, "test", "tiny",
+                           force={"prior_nodule": True, "has_history": True})
+        text = write_history(case, np.random.default_rng(seed), 3000)[0]
+        lab = next(x for x in case.labels if x.finding == "nodule")
+        assert record_locations(text).get("nodule") == lab.location
+        n += 1
+    assert n == 40
+
+
 def test_with_record_locations_moves_a_called_lobectomy_to_the_recorded_lobe():
     from data.finding_prompt import finding_prompt, with_record_locations
 
