@@ -114,9 +114,12 @@ _CHANGE_TAIL = re.compile(rf"\b(increased|decreased)\s+(?:in size\s+)?from\s+{_N
 # a completed change phrase anywhere ("decreased from 12 mm to 9 mm")
 _CHANGE_DONE = re.compile(rf"\b(increased|decreased)\s+(?:in size\s+)?from\s+{_NUM}\s*mm\s+to\s+{_NUM}\s*mm", re.I)
 _SIZE = re.compile(rf"{_NUM}\s*mm\b", re.I)
-# the direction word of a change, just completed, and the directions of completed changes
-_DIRECTION_WORDS = ("increased", "decreased", "unchanged")
-_DIRECTION_TAIL = re.compile(r"\b(increased|decreased|unchanged)$", re.I)
+# the direction word of a change, just completed, and the directions of completed changes. "remained"
+# ("has remained unchanged at 9 mm", "has remained stable") says "unchanged" one word early: judged
+# only at "unchanged", a decoder that had written "remained" where the size changed was left with
+# nothing it could write and looped ("has remained remained remained ...", session 23).
+_DIRECTION_WORDS = ("increased", "decreased", "unchanged", "remained")
+_DIRECTION_TAIL = re.compile(r"\b(increased|decreased|unchanged|remained)$", re.I)
 _DIRECTION_DONE = re.compile(_CHANGE_DONE.pattern + rf"|\b(unchanged)\s+(?:in size\s+)?at\s+{_NUM}\s*mm", re.I)
 
 
@@ -136,8 +139,9 @@ class MeasurementVeto(CallsVeto):
     * an earlier sentence of the report already stated the change from the same prior size to
       another new size (the Findings say "to 12", the Impression may not say "to 10").
 
-    and the word that gives a change's direction ("increased", "decreased", "unchanged") is
-    refused when an earlier sentence stated the nodule's change the other way.
+    and the word that gives a change's direction ("increased", "decreased", "unchanged", or
+    "remained", which says "unchanged") is refused when an earlier sentence stated the nodule's
+    change the other way.
 
     Given the nodule's size on the prior study, as the record states it (``prior_mm``;
     ``data.finding_prompt.record_prior_nodule_mm``), and today's, as measured and read by the
@@ -174,7 +178,7 @@ class MeasurementVeto(CallsVeto):
             sentence = self.current_sentence(tokens)
             d = _DIRECTION_TAIL.search(sentence or "")
             if d is not None:
-                word = d.group(1).lower()
+                word = d.group(1).lower().replace("remained", "unchanged")
                 if self.direction is not None and "nodul" in sentence.lower():
                     bad = word != self.direction
                 else:

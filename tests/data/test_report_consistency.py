@@ -132,6 +132,8 @@ def _refused(veto, tok, sections: dict, continuation: str) -> bool:
       "impression": "1. Left upper lobe solid nodule, 8 mm,"}, " increased from", False),
     ({"findings": "The nodule has remained unchanged at 9 mm since 2019.", "impression": "1. Nodule has"},
      " increased from", True),
+    ({"findings": "The nodule has decreased from 9 mm to 7 mm since 2019.", "impression": "1. Nodule has"},
+     " remained", True),
     ({"impression": "1. Nodule has"}, " increased from", False),
     ({"technique": "increased from 12 mm to"}, " 10 mm", False),  # outside Findings and Impression
     ({"findings": "The nodule has increased from 9 mm to 12 mm"}, " since", False),
@@ -152,6 +154,10 @@ def test_measurement_veto_keeps_a_nodule_change_to_its_own_numbers(tok, sections
     ({"findings": "The solid nodule in the right upper lobe has"}, " decreased from", 12, 5, False),
     ({"findings": "The solid nodule in the right upper lobe has"}, " increased from", 9, 9, True),
     ({"findings": "The solid nodule in the right upper lobe has remained"}, " unchanged at", 9, 9, False),
+    # "remained" already says "unchanged": refused where the size changed, before the decoder is stuck
+    ({"findings": "The solid nodule in the right upper lobe has"}, " remained", 18, 16, True),
+    ({"findings": "The solid nodule in the right upper lobe has"}, " remained", 9, 9, False),
+    ({"findings": "The solid nodule in the right upper lobe has"}, " decreased", 18, 16, False),
     ({"findings": "The solid nodule in the right upper lobe has decreased from 12 mm to"}, " 8 mm", 12, 5, True),
     ({"findings": "The solid nodule in the right upper lobe has decreased from 12 mm to"}, " 5 mm", 12, 5, False),
     ({"findings": "The solid nodule in the right upper lobe has increased from 9 mm to"}, " 13 mm", 9, 12, True),
