@@ -36,6 +36,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from data.nodule_measure import coarse_grid
+
 TRABECULAR_HU = (150.0, 450.0)  # marrow of a vertebral body: above soft tissue and discs, below cortex
 LYTIC_HU = 45.0  # below a disc (~85 HU), far below marrow: fluid or soft tissue in the bone
 MIN_BODY_MM2 = 100.0  # a vertebral body's marrow in one axial image is several cm^2
@@ -73,7 +75,7 @@ def vertebral_body_mask(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, flo
 def spine_evidence(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float]) -> dict[str, float]:
     """``{"fracture": sclerosis HU, "bone_lesion": lytic share}`` (the module's scores); ``{}``
     when no vertebral body is found (then the heads decide alone)."""
-    hu = np.asarray(hu_ZYX, dtype=np.float32)
+    hu, spacing_zyx, _ = coarse_grid(hu_ZYX, spacing_zyx)  # a fine CT is read on 2-2.5 mm blocks
     body_YX = vertebral_body_mask(hu, spacing_zyx)
     if body_YX is None:
         return {}
