@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.nodule_measure import read_study_nodules
+from data.nodule_measure import detector_evidence, measure_by_side, nodule_candidates
 from data.spine_measure import spine_evidence
 
 DETECTOR_FINDINGS = ("nodule", "fracture", "bone_lesion")  # the findings a detector gives evidence for
@@ -38,13 +38,17 @@ class DetectorReading:
 
 
 def read_study(study) -> DetectorReading:
-    """Run every detector on a loaded ``data.study.Study`` (~0.6 s a demo-size CT on one core)."""
-    nod = read_study_nodules(study)
-    if nod.evidence is None:  # not a CT volume
+    """Run every detector on a loaded ``data.study.Study`` (~0.6 s a demo-size CT on one core): CT
+    volumes only. The column direction (LPS x) says which side is the patient's left."""
+    if study.kind != "volume" or str(study.modality).upper() not in ("CT", ""):
         return DetectorReading({}, {})
-    evidence = {"nodule": nod.evidence}
-    evidence.update(spine_evidence(np.asarray(study.volume, dtype=np.float32), study.spacing_mm))
-    return DetectorReading(dict(nod.sizes_mm), evidence)
+    hu = np.asarray(study.volume, dtype=np.float32)
+    if hu.ndim != 3 or hu.shape[0] < 3:
+        return DetectorReading({}, {})
+    left_high = bool(np.asarray(study.direction)[0, 0] >= 0)
+    cands = nodule_candidates(hu, study.spacing_mm)
+    sizes = {k: m.size_mm for k, m in measure_by_side(hu, study.spacing_mm, left_high, cands=cands).items()}
+    return DetectorReading(sizes, {"nodule": detector_evidence(cands), **spine_evidence(hu, study.spacing_mm)})
 
 
 def evidence_array(evidence: dict[str, float]) -> np.ndarray:

@@ -303,27 +303,3 @@ def detector_evidence(cands: list[tuple[tuple[int, int, int], float]]) -> float:
     with their own logit (``multimodal.heads.fit_evidence_fusion``). On the demo val split it
     separated studies with and without a nodule at AUC 0.81 alone, 0.86 with the heads (0.78)."""
     return float(np.log((cands[0][1] if cands else 0.0) + EVIDENCE_FLOOR))
-
-
-@dataclass(frozen=True)
-class NoduleReading:
-    """What the detector gives a study: measured sizes (whole mm; keys "any", "left", "right")
-    and the evidence score (``detector_evidence``; None when the study is not a CT volume)."""
-
-    sizes_mm: dict[str, int]
-    evidence: float | None
-
-
-def read_study_nodules(study) -> NoduleReading:
-    """Detect and measure lung nodules in a loaded ``data.study.Study``: CT volumes only (a
-    radiograph or an MR gives no sizes and no evidence). The column direction (LPS x) says which
-    side is the patient's left."""
-    if study.kind != "volume" or str(study.modality).upper() not in ("CT", ""):
-        return NoduleReading({}, None)
-    hu = np.asarray(study.volume, dtype=np.float32)
-    if hu.ndim != 3 or hu.shape[0] < 3:
-        return NoduleReading({}, None)
-    left_high = bool(np.asarray(study.direction)[0, 0] >= 0)
-    cands = nodule_candidates(hu, study.spacing_mm)
-    sizes = {k: m.size_mm for k, m in measure_by_side(hu, study.spacing_mm, left_high, cands=cands).items()}
-    return NoduleReading(sizes, detector_evidence(cands))

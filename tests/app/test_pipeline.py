@@ -402,7 +402,7 @@ def test_a_nodule_size_model_reads_the_measured_size(pipe, tmp_path, monkeypatch
     nodule call in the decoder's prompt carries the size measured on the called side, and the
     findings table shows the same size as an automatic measurement."""
     from data.finding_prompt import finding_prompt
-    from data.nodule_measure import read_study_nodules
+    from data.detectors import read_study
     from data.study import load_study
 
     from data.report_consistency import MeasurementVeto
@@ -417,7 +417,7 @@ def test_a_nodule_size_model_reads_the_measured_size(pipe, tmp_path, monkeypatch
     # the record's prior CT places the known nodule: the call takes its lobe and is measured on its side
     assert row.location == "right lower lobe" and row.side == "right" and row.location_from_record
     assert row.to_dict()["location_source"] == "record"
-    sizes = read_study_nodules(load_study(STUDIES / "syn00003")).sizes_mm
+    sizes = read_study(load_study(STUDIES / "syn00003")).sizes_mm
     size = sizes.get(row.side) if row.side in ("left", "right") else sizes.get("any")
     assert row.size_mm == size
     d = row.to_dict()

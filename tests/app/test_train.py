@@ -1098,7 +1098,7 @@ def test_evaluation_of_a_nodule_size_model_measures_the_studies(repo_root):
 
     from app.train_data import PreprocessConfig, ReportDataset, StudyCache
     from data.datasets import read_manifest
-    from data.nodule_measure import read_study_nodules
+    from data.detectors import read_study
     from data.study import load_study
     from data.tokenizer import ReportTokenizer
     from multimodal.model import ReportModel, collate
@@ -1116,7 +1116,7 @@ def test_evaluation_of_a_nodule_size_model_measures_the_studies(repo_root):
     assert pre.key() != PreprocessConfig.from_model(cfg).key()
     ds = ReportDataset([entries["syn00001"]], tok, cfg, StudyCache(None, pre))
     s = ds.study_inputs(entries["syn00001"])
-    expected = {k: float(v) for k, v in read_study_nodules(load_study(entries["syn00001"].study_path)).sizes_mm.items()}
+    expected = {k: float(v) for k, v in read_study(load_study(entries["syn00001"].study_path)).sizes_mm.items()}
     assert s.nodule_mm == expected and s.nodule_mm["right"] == 9.0
     from data.detectors import DETECTOR_FINDINGS, read_study
 

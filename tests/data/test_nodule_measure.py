@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data.detectors import read_study
 from data.nodule_measure import (axial_diameter_mm, largest_axial_diameter, lung_mask, measure_by_side, measure_nodule,
-                                 nodule_candidates, read_study_nodules)
+                                 nodule_candidates)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SPACING = (5.0, 2.5, 2.5)  # z, y, x mm
@@ -83,7 +84,7 @@ def test_bundled_follow_up_study_measures_its_nodule():
 
     entry = next(json.loads(line) for line in open(EXAMPLES / "manifest.jsonl") if '"syn00001"' in line)
     label = next(lab for lab in entry["labels"] if lab["finding"] == "nodule" and lab["present"])
-    sizes = read_study_nodules(load_study(EXAMPLES / "studies" / "syn00001")).sizes_mm
+    sizes = read_study(load_study(EXAMPLES / "studies" / "syn00001")).sizes_mm
     assert sizes[label["side"]] == label["size_mm"]
 
 
@@ -95,8 +96,8 @@ def test_a_radiograph_is_not_measured(tmp_path):
     img = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "chest.png")
     study = load_study(tmp_path / "chest.png")
-    assert study.kind == "radiograph" and read_study_nodules(study).sizes_mm == {}
-    assert read_study_nodules(study).evidence is None  # no detector evidence: the heads alone
+    assert study.kind == "radiograph" and read_study(study).sizes_mm == {}
+    assert read_study(study).evidence == {}  # no detector evidence: the heads alone
 
 
 def test_detector_evidence_is_higher_with_a_nodule_than_with_vessels_alone():
