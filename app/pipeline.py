@@ -42,6 +42,7 @@ from data.finding_prompt import record_locations, record_prior_nodule_mm, study_
 from data.detectors import DETECTOR_LABELS, read_study
 from data.history_digest import digest_ids
 from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
+from data.report_outline import OutlineVeto
 from data.study import COMPANION_SUFFIXES, Study, StudyFiles, find_study_files, load_study
 from multimodal.fusion import MODALITIES
 from multimodal.model import WEIGHTS_FILE, ReportModel, StudyInputs, collate, digest_spans, uses_prompt
@@ -102,6 +103,10 @@ class PipelineConfig:
     # given, a Technique sentence stating the opposite is refused. Session 21's demo model wrote
     # a contrast sentence for 8 of 39 contrast-allergic test patients without it (0 with it).
     consistent_with_acquisition: bool = True
+    # With it, the Technique must also *state* the contrast the header gives (AcquisitionVeto.require):
+    # its first sentence may not end, nor the section close, before it does ("CT chest." is
+    # refused for a non-contrast scan, so the decoder goes on to "without intravenous contrast").
+    technique_states_contrast: bool = False
     # A lobectomy call takes the lobe the patient's record names ("right upper lobectomy in 2015"),
     # and a nodule call the lobe of the known nodule a prior CT in the record describes ("a 9 mm
     # solid nodule in the left lower lobe"; data.finding_prompt.record_locations), in the prompt
@@ -113,6 +118,11 @@ class PipelineConfig:
     # "increased from 12 mm to 10 mm" is refused at the "10". Session 21's demo model contradicted
     # itself in 60 of the 113 change phrases it wrote on the test split.
     consistent_measurements: bool = True
+    # Keep the report to the product's outline (data.report_outline.OutlineVeto): every Findings
+    # line opens with the next organ-system heading, no heading elsewhere, one line for the
+    # clinical information / technique / comparison, impression items numbered 1., 2., ... each
+    # with text. Session 23's demo model broke the outline in 28 of 310 test reports.
+    report_outline: bool = True
 
     def generation(self, tokenizer) -> GenerationConfig:
         return GenerationConfig(
@@ -406,9 +416,11 @@ class ReportPipeline:
             cmask = torch.nn.utils.rnn.pad_sequence(masks, batch_first=True)  # [B,F] False on padding
             spans = digest_spans(x) if model.cfg.decoder.copy else None
             per_item = [[CallsVeto(tok, it.called) if self.config.consistent_with_calls else None,
-                         acquisition_veto(tok, it.inputs.acquisition) if self.config.consistent_with_acquisition else None,
+                         acquisition_veto(tok, it.inputs.acquisition, require=self.config.technique_states_contrast)
+                         if self.config.consistent_with_acquisition else None,
                          MeasurementVeto(tok, it.inputs.prior_nodule_mm, it.sizes.get("nodule"))
-                         if self.config.consistent_measurements else None]
+                         if self.config.consistent_measurements else None,
+                         OutlineVeto(tok) if self.config.report_outline else None]
                         for it in items]
             vetoes = [any_veto(v) for v in per_item]
             vetoes = vetoes if any(v is not None for v in vetoes) else None
@@ -523,7 +535,10 @@ class ReportPipeline:
                            "complete_report": cfg.complete_sections,
                            "consistent_with_calls": cfg.consistent_with_calls,
                            "consistent_with_acquisition": cfg.consistent_with_acquisition and bool(inputs.acquisition),
+                           "technique_states_contrast": (cfg.consistent_with_acquisition and cfg.technique_states_contrast
+                                                         and bool(inputs.acquisition)),
                            "consistent_measurements": cfg.consistent_measurements,
+                           "report_outline": cfg.report_outline,
                            "locations_from_record": sorted(inputs.record_locations or {}),
                            "no_repeat_ngram_size": cfg.no_repeat_ngram_size},
             "timings_s": dict(timings),

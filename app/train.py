@@ -1199,7 +1199,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                    no_repeat_ngram_size: int = 0, strategy: str = "greedy", num_beams: int = 4,
                    length_penalty: float = 1.0, nonempty_items: bool = False, complete_sections: bool = True,
                    consistent_with_calls: bool = False, consistent_with_acquisition: bool = True,
-                   consistent_measurements: bool = True, cache_dir: str | Path | None = None) -> dict:
+                   consistent_measurements: bool = True, report_outline: bool = True,
+                   technique_states_contrast: bool = False, cache_dir: str | Path | None = None) -> dict:
     """Generate reports (greedy unless ``strategy``) for a split and score them (no manifest facts
     are used to crop).
 
@@ -1254,7 +1255,9 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     entries = sorted(entries, key=_hist_size)
     vetoes_for = None  # one findings-table veto per study, from its calls (consistent_with_calls)
     from data.finding_prompt import measured_size
+    from core.generate import any_veto
     from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
+    from data.report_outline import OutlineVeto
 
     if consistent_with_calls:
         vetoes_for = lambda names: CallsVeto(tok, names)  # noqa: E731
@@ -1265,11 +1268,14 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         studies = [ds.study_inputs(e) for e in chunk]
         prefixes = [[tok.bos_id, *(s.history_ids or []), tok.report_id] for s in studies]
         # the Technique kept to the acquisition line the decoder reads (as the product runs)
-        row_vetoes = [acquisition_veto(tok, s.acquisition) for s in studies] if consistent_with_acquisition else None
+        row_vetoes = ([acquisition_veto(tok, s.acquisition, require=technique_states_contrast) for s in studies]
+                      if consistent_with_acquisition else None)
         # and a nodule's stated change to its own numbers, the record's prior size and the measured one
         by_calls = None
         if consistent_measurements:
             by_calls = lambda b, row, st=studies: MeasurementVeto(tok, st[b].prior_nodule_mm, measured_size(row))  # noqa: E731
+        if report_outline:  # and the report to the product's outline (as the product runs)
+            row_vetoes = [any_veto([v, OutlineVeto(tok)]) for v in (row_vetoes or [None] * len(studies))]
         preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False, vetoes_for=vetoes_for,
                                       row_vetoes=row_vetoes, vetoes_for_calls=by_calls)
         for e, p in zip(chunk, preds):
@@ -1293,7 +1299,9 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                                         "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
                                         "complete_report": complete_sections, "consistent_with_calls": consistent_with_calls,
                                         "consistent_with_acquisition": consistent_with_acquisition,
-                                        "consistent_measurements": consistent_measurements}}
+                                        "consistent_measurements": consistent_measurements,
+                                        "report_outline": report_outline,
+                                        "technique_states_contrast": technique_states_contrast}}
     out.update({k: ev.scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "length_ratio",
                                           "brevity_penalty") if k in ev.scores})
     from data.report_consistency import change_contradictions

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Mapping, Sequence
 
-from data.vocab import BY_NAME, FINDING_NAMES
+from data.vocab import BY_NAME, FINDING_NAMES, SYSTEMS
 
 LEAD = "Calls:"
 NONE = "none"
@@ -52,12 +52,29 @@ def _located_phrase(name: str, side: str | None, location: str | None) -> str:
     return word
 
 
-def finding_prompt(calls: Sequence[tuple[str, str | None, str | None]]) -> str:
+def finding_prompt(calls: Sequence[tuple[str, str | None, str | None]], by_system: bool = False) -> str:
     """``[(name, side, location), ...]`` (findings called present) -> the prompt line, findings
-    in vocabulary order: "Calls: cardiomegaly; right lower lobe nodule." / "Calls: none."."""
+    in vocabulary order: "Calls: cardiomegaly; right lower lobe nodule." / "Calls: none.".
+
+    ``by_system``: the calls grouped under the Findings' organ-system headings, in report order,
+    every system named ("Calls: Lungs and airways: right lower lobe nodule. Pleura: none. Heart
+    and mediastinum: cardiomegaly. Bones: none. Upper abdomen: none."), so that the decoder
+    writing a system's line finds that system's calls under the same heading it is writing
+    (``ModelConfig.finding_prompt_by_system``). A finding outside the vocabulary goes last, under
+    no heading."""
     order = {n: i for i, n in enumerate(FINDING_NAMES)}
-    phrases = [finding_phrase(*c) for c in sorted(calls, key=lambda c: order.get(c[0], len(order)))]
-    return f"{LEAD} {'; '.join(phrases) if phrases else NONE}."
+    ranked = sorted(calls, key=lambda c: order.get(c[0], len(order)))
+    if not by_system:
+        phrases = [finding_phrase(*c) for c in ranked]
+        return f"{LEAD} {'; '.join(phrases) if phrases else NONE}."
+    parts = []
+    for key, heading in SYSTEMS:
+        phrases = [finding_phrase(*c) for c in ranked if c[0] in BY_NAME and BY_NAME[c[0]].system == key]
+        parts.append(f"{heading}: {'; '.join(phrases) if phrases else NONE}.")
+    other = [finding_phrase(*c) for c in ranked if c[0] not in BY_NAME]
+    if other:
+        parts.append(f"{'; '.join(other)}.")
+    return f"{LEAD} {' '.join(parts)}"
 
 
 ACQ_LEAD = "Acquisition:"

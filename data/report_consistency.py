@@ -96,9 +96,10 @@ class AcquisitionVeto(CallsVeto):
     decoder writes the text and takes its next choice where a word is refused; a veto never stops
     a report."""
 
-    def __init__(self, tokenizer, contrast: bool):
+    def __init__(self, tokenizer, contrast: bool, require: bool = False):
         super().__init__(tokenizer, (), sections=("technique",))
         self.contrast = bool(contrast)
+        self.require = require
 
     def contradicts(self, sentence: str) -> bool:
         if self.contrast:
@@ -106,6 +107,35 @@ class AcquisitionVeto(CallsVeto):
         if _EXAM_WITH.search(sentence.rstrip()):
             return True
         return bool(_STATES_CONTRAST.search(sentence)) and not _STATES_NONE.search(sentence)
+
+    def states(self, text: str) -> bool:
+        """Whether ``text`` (the Technique so far) states the header's contrast."""
+        if self.contrast:
+            return bool(_STATES_CONTRAST.search(text)) and not _STATES_NONE.search(text)
+        return bool(_STATES_NONE.search(text))
+
+    def __call__(self, tokens: list[int]) -> bool:
+        if self.require and self._closes_unstated(tokens):
+            self.refused += 1
+            return True
+        return super().__call__(tokens)
+
+    def _closes_unstated(self, tokens: list[int]) -> bool:
+        """``require``: the Technique's first sentence may not end, nor the section close, before
+        it has stated whether IV contrast was given (as the header says). "CT chest." for a
+        contrast-allergic patient's non-contrast scan is refused at the ".", so the decoder goes on
+        to "without intravenous contrast" while the sentence is open."""
+        marks = [i for i, t in enumerate(tokens) if t in self.section_of]
+        if not marks:
+            return False
+        closing = tokens[-1] in self.section_of or tokens[-1] == self.tok.eos_id
+        at = marks[-2] if tokens[-1] in self.section_of and len(marks) >= 2 else marks[-1]
+        if self.section_of[tokens[at]] != "technique":
+            return False
+        text = self.tok.decode(tokens[at + 1: len(tokens) - closing])
+        if self.states(text) or not text.strip():
+            return False
+        return closing or bool(re.search(r"[.;\n]\s*$", text)) and len(split_sentences(text)) <= 1
 
 
 _NUM = r"(\d+(?:\.\d+)?)"
@@ -262,9 +292,10 @@ def change_contradictions(report: str) -> tuple[int, int]:
     return bad, len(done)
 
 
-def acquisition_veto(tokenizer, line: str | None) -> AcquisitionVeto | None:
+def acquisition_veto(tokenizer, line: str | None, require: bool = False) -> AcquisitionVeto | None:
     """The veto for a study whose decoder reads acquisition ``line`` ("Acquisition: no IV
-    contrast."); None when the line does not say whether contrast was given (or there is none)."""
+    contrast."); None when the line does not say whether contrast was given (or there is none).
+    ``require``: the Technique must also state it (``AcquisitionVeto.require``)."""
     contrast = contrast_of_line(line)
-    return None if contrast is None else AcquisitionVeto(tokenizer, contrast)
+    return None if contrast is None else AcquisitionVeto(tokenizer, contrast, require=require)
 

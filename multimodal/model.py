@@ -226,7 +226,7 @@ def config_prompt_ids(tokenizer, cfg: ModelConfig, calls: Sequence[tuple[str, st
         line = acquisition or acquisition_phrase(None, None)
         parts.append(line if cfg.acquisition_thickness else without_thickness(line))
     if cfg.finding_prompt and with_calls:  # with_calls=False: training's finding_prompt_dropout
-        parts.append(finding_prompt(calls))
+        parts.append(finding_prompt(calls, by_system=cfg.finding_prompt_by_system))
     if not parts:
         return []
     return list(tokenizer.tk.encode(" ".join(parts), add_special_tokens=False).ids)

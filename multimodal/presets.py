@@ -69,6 +69,10 @@ class ModelConfig:
     # history and [REPORT] ("Calls: cardiomegaly; right lower lobe nodule."), from the heads at
     # inference and from the labels in training; a copy source with the digest. False = off.
     finding_prompt: bool = False
+    # The calls grouped under the Findings' organ-system headings, every system named ("Calls:
+    # Lungs and airways: right lower lobe nodule. Pleura: none. ..."; data.finding_prompt), so that
+    # each Findings line has its own calls under the heading it starts with. False: one list.
+    finding_prompt_by_system: bool = False
     # Acquisition line (data.finding_prompt.acquisition_phrase) before the calls: IV contrast or
     # not and the slice thickness, from the study's header in training and at inference
     # ("Acquisition: no IV contrast, 5 mm slices."), for the technique section. False = off.
@@ -138,7 +142,7 @@ class ModelConfig:
             decoder=_decoder_from_dict(d.get("decoder", {})),
             heads=build(HeadsConfig, d.get("heads", {})),
             **{k: d[k] for k in ("lm_weight", "heads_weight", "aux_weight", "copy_weight", "copy_ngram", "fact_weight", "finding_weight", "name", "use_image", "use_audio",
-                                      "history_digest_words", "finding_prompt", "acquisition_prompt", "acquisition_thickness", "finding_prompt_dropout", "context_dropout",
+                                      "history_digest_words", "finding_prompt", "finding_prompt_by_system", "acquisition_prompt", "acquisition_thickness", "finding_prompt_dropout", "context_dropout",
                                       "nodule_size_prompt", "nodule_size_dropout") if k in d},
         )
 

@@ -268,6 +268,9 @@ def model_card(args, cfg, metrics: dict) -> str:
     decoding += ("A nodule's change is kept to its own numbers (`PipelineConfig.consistent_measurements`, on by "
                  "default): with the record's prior size and the size measured on the CT, \"increased from 12 mm to "
                  "10 mm\" cannot be written.\n" if (metrics.get("decoding") or {}).get("consistent_measurements") else "")
+    decoding += ("The report keeps the product's outline (`PipelineConfig.report_outline`, on by default): each "
+                 "Findings line opens with the next organ-system heading, no heading appears elsewhere, impression "
+                 "items are numbered 1., 2., ... in order.\n" if (metrics.get("decoding") or {}).get("report_outline") else "")
     decoding += ("The nodule call the decoder reads carries the nodule's size **measured automatically on the CT** "
                  "(`data.nodule_measure`, a classical measurement, not the network): the findings table marks it "
                  "\"auto-measured\"; check it on the images.\n" if cfg.model.get("nodule_size_prompt") else "")

@@ -40,9 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--consistent-with-acquisition", action=argparse.BooleanOptionalAction, default=None,
                    help="for a model that reads the acquisition line: refuse a Technique sentence that contradicts "
                         "the header's IV contrast (default: on)")
+    p.add_argument("--technique-states-contrast", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --consistent-with-acquisition: the Technique must state the header's IV contrast before "
+                        "its first sentence ends")
     p.add_argument("--consistent-measurements", action=argparse.BooleanOptionalAction, default=None,
                    help="refuse a nodule change that contradicts its own numbers (\"increased from 12 mm to 10 mm\") "
                         "or a size the report already stated (default: on)")
+    p.add_argument("--report-outline", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the report to the product's outline: each Findings line opens with the next organ-system "
+                        "heading, impression items numbered 1., 2., ... (default: on)")
     p.add_argument("--locations-from-record", action=argparse.BooleanOptionalAction, default=None,
                    help="a lobectomy or nodule call takes the lobe the patient's record names (the resected lobe, "
                         "the known nodule's lobe on a prior CT; default: on)")
@@ -85,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
                                        ("length_penalty", args.length_penalty),
                                        ("consistent_with_calls", args.consistent_with_calls)) if v is not None})
     cfg = PipelineConfig(quantize=args.quantize, evidence=not args.no_evidence, **validate_decoding(decoding, "flags"))
-    for flag in ("consistent_with_acquisition", "consistent_measurements", "locations_from_record"):
+    for flag in ("consistent_with_acquisition", "technique_states_contrast", "consistent_measurements", "report_outline",
+                 "locations_from_record"):
         if getattr(args, flag) is not None:
             cfg = dataclasses.replace(cfg, **{flag: getattr(args, flag)})
     if args.max_new_tokens is not None:

@@ -43,3 +43,11 @@ def test_shipped_model_writes_a_report_for_an_example(demo_dir):
     assert NOT_FOR_CLINICAL_USE in rep.to_text()
     assert rep.history.get("given")  # the example's record was read
     assert len(rep.findings) == 15
+    # the product's outline (PipelineConfig.report_outline, on by default): one line per organ
+    # system, each under its heading, in report order (session 23's model, without the veto, wrote
+    # "Heart enlarged mediastinal or pneumothorax." for this study's heart line)
+    from data.vocab import SYSTEMS
+
+    lines = [ln for ln in rep.sections["findings"].split("\n") if ln.strip()]
+    assert [ln.split(":")[0] for ln in lines] == [h for _, h in SYSTEMS], lines
+    assert rep.provenance["generation"]["report_outline"] is True

@@ -262,11 +262,11 @@ def test_digest_counts_inside_the_history_budget(pipe, tmp_path):
 def _serve_calling(pipe, tmp_path, monkeypatch, called: tuple[str, ...], pipeline: dict | None = None,
                    history_text: str | None = None, **overrides):
     """A tiny model (``overrides`` on the tiny preset) that calls exactly ``called``, served by
-    the pipeline (``pipeline``: PipelineConfig overrides; the measurement veto off unless named
-    there, so that each veto test sees its own veto alone) on the bundled study syn00003 (no
+    the pipeline (``pipeline``: PipelineConfig overrides; the measurement and outline vetoes off
+    unless named there, so that each veto test sees its own veto alone) on the bundled study syn00003 (no
     history unless ``history_text``) -> (report, config, what the decoder's generate was given:
     prefixes and keywords)."""
-    pipeline = {"consistent_measurements": False, **(pipeline or {})}
+    pipeline = {"consistent_measurements": False, "report_outline": False, **(pipeline or {})}
     import dataclasses
 
     import torch
@@ -355,6 +355,21 @@ def test_acquisition_veto_follows_the_header(pipe, tmp_path, monkeypatch, on):
     if on:
         contrast = "ContrastBolusAgent" in pydicom.dcmread(STUDIES / "syn00003" / "IM0001.dcm", stop_before_pixels=True)
         assert isinstance(veto, AcquisitionVeto) and veto.contrast is contrast
+        assert veto.require is False and rep.provenance["generation"]["technique_states_contrast"] is False
+
+
+def test_technique_states_contrast_makes_the_acquisition_veto_require_it(pipe, tmp_path, monkeypatch):
+    """technique_states_contrast (off by default): the acquisition veto also requires the
+    Technique to state the header's contrast, and the provenance says so."""
+    from app.pipeline import PipelineConfig
+    from data.report_consistency import AcquisitionVeto
+
+    assert PipelineConfig().technique_states_contrast is False
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), finding_prompt=True,
+                                  acquisition_prompt=True, pipeline={"technique_states_contrast": True})
+    veto = _served_veto(rep, seen, "consistent_with_acquisition", True)
+    assert isinstance(veto, AcquisitionVeto) and veto.require is True
+    assert rep.provenance["generation"]["technique_states_contrast"] is True
 
 
 @pytest.mark.parametrize("on", [True, False])
@@ -368,6 +383,19 @@ def test_measurement_veto_is_on_by_default(pipe, tmp_path, monkeypatch, on):
     rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("nodule",), pipeline={"consistent_measurements": on})
     veto = _served_veto(rep, seen, "consistent_measurements", on)
     assert veto is None or isinstance(veto, MeasurementVeto)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_outline_veto_is_on_by_default(pipe, tmp_path, monkeypatch, on):
+    """report_outline (on by default in PipelineConfig): the decoder gets an OutlineVeto for every
+    study, the provenance says so, and the served report keeps the outline; off, no veto."""
+    from app.pipeline import PipelineConfig
+    from data.report_outline import OutlineVeto
+
+    assert PipelineConfig().report_outline is True
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), pipeline={"report_outline": on})
+    veto = _served_veto(rep, seen, "report_outline", on)
+    assert veto is None or isinstance(veto, OutlineVeto)
 
 
 @pytest.mark.parametrize("from_record", [True, False])

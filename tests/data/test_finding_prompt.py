@@ -27,6 +27,32 @@ def test_prompt_orders_calls_as_the_vocabulary_and_says_none():
     assert finding_prompt([]) == "Calls: none."
 
 
+def test_prompt_by_system_gives_each_findings_line_its_calls():
+    """ModelConfig.finding_prompt_by_system: the calls under the organ-system headings in report
+    order, every system named; the training and inference prompts (config_prompt_ids) agree."""
+    from multimodal.model import config_prompt_ids
+    from multimodal.presets import ModelConfig
+
+    calls = [("hiatal_hernia", None, None), ("lobectomy", "left", "left upper lobe"), ("cardiomegaly", None, None),
+             ("nodule", "right", "right lower lobe", 12.0), ("fracture", "right", "T7")]
+    assert finding_prompt(calls, by_system=True) == (
+        "Calls: Lungs and airways: right lower lobe nodule 12 mm; left upper lobectomy. Pleura: none. "
+        "Heart and mediastinum: cardiomegaly. Bones: T7 fracture. Upper abdomen: hiatal hernia.")
+    assert finding_prompt([], by_system=True) == ("Calls: Lungs and airways: none. Pleura: none. "
+                                                  "Heart and mediastinum: none. Bones: none. Upper abdomen: none.")
+    assert finding_prompt([("goitre", None, None)], by_system=True).endswith("Upper abdomen: none. goitre.")
+
+    class Tok:  # the prompt's text, one "id" per character
+        class tk:
+            @staticmethod
+            def encode(text, add_special_tokens=False):
+                return type("E", (), {"ids": [ord(c) for c in text]})
+
+    cfg = ModelConfig(finding_prompt=True, finding_prompt_by_system=True)
+    assert "".join(map(chr, config_prompt_ids(Tok, cfg, calls[:1], None))) == finding_prompt(calls[:1], by_system=True)
+    assert ModelConfig.from_dict(cfg.to_dict()).finding_prompt_by_system is True
+
+
 def test_contrast_from_the_header_then_the_study_description():
     from data.finding_prompt import contrast_from_metadata
 

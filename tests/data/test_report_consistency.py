@@ -5,6 +5,7 @@ import pytest
 
 from data.datasets import read_manifest
 from data.report_consistency import CallsVeto
+from data.report_format import SECTION_KEYS
 from data.tokenizer import ReportTokenizer
 
 from pathlib import Path
@@ -92,6 +93,40 @@ def test_acquisition_veto_keeps_the_technique_to_the_header(tok):
     assert acquisition_veto(tok, "Acquisition: unknown.") is None
     assert acquisition_veto(tok, "Acquisition: 1.5 mm slices.") is None
     assert acquisition_veto(tok, None) is None
+
+
+def test_acquisition_veto_can_require_the_technique_to_state_the_contrast(tok):
+    """AcquisitionVeto(require=True): the Technique's first sentence may not end, nor the section
+    close, before it states the header's contrast; once stated, or from the second sentence on,
+    it may; and every reference wording of the right kind passes whole."""
+    from data.labeler import split_sentences
+    from data.report_consistency import AcquisitionVeto, acquisition_veto
+    from data.synthetic.reports import T
+
+    comparison = tok.section_ids[SECTION_KEYS.index("comparison")]
+    none = AcquisitionVeto(tok, contrast=False, require=True)
+    given = AcquisitionVeto(tok, contrast=True, require=True)
+    for veto in (none, given):
+        assert veto(_ids(tok, technique="CT chest."))  # the sentence ends unstated
+        assert veto(_ids(tok, technique="CT chest;"))
+        assert veto(_ids(tok, technique="CT chest") + [comparison])  # the section closes unstated
+        assert not veto(_ids(tok, technique="CT chest"))  # still open
+    assert not none(_ids(tok, technique="CT of the chest without intravenous contrast."))
+    assert not none(_ids(tok, technique="CT of the chest without intravenous contrast.") + [comparison])
+    assert not given(_ids(tok, technique="CT chest with IV contrast; 5 mm axial images.") + [comparison])
+    assert given(_ids(tok, technique="CT of the chest without intravenous contrast."))  # contradicts
+    # without require, the unstated sentence passes (the veto only refuses contradictions)
+    assert not AcquisitionVeto(tok, contrast=False)(_ids(tok, technique="CT chest.") + [comparison])
+    assert acquisition_veto(tok, "Acquisition: no IV contrast.", require=True).require is True
+    # a reference wording of the right kind: require refuses none of its prefixes that the plain
+    # veto lets through (with this small tokenizer "with|out" is judged at "with" by both), and
+    # the section may close after it
+    for key, ok, plain in (("technique_contrast", given, AcquisitionVeto(tok, True)),
+                           ("technique_noncontrast", none, AcquisitionVeto(tok, False))):
+        for variant in T[key]:
+            ids = _ids(tok, technique=variant.format(thk=5))
+            assert [ok(ids[:i]) for i in range(1, len(ids) + 1)] == [plain(ids[:i]) for i in range(1, len(ids) + 1)], variant
+            assert not ok(ids + [comparison]), variant
 
 
 def test_any_veto_refuses_what_either_refuses():
