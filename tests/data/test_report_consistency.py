@@ -1,34 +1,21 @@
 """CallsVeto: a report may not deny a finding its table calls, nor assert one it does not."""
 from __future__ import annotations
 
-import pytest
-
-from data.datasets import read_manifest
-from data.report_consistency import CallsVeto
-from data.report_format import SECTION_KEYS
-from data.tokenizer import ReportTokenizer
-
+import sys
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report_ids import examples_tokenizer, report_ids as _ids  # noqa: E402
+
+from data.report_consistency import CallsVeto  # noqa: E402
+from data.report_format import SECTION_KEYS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tok():
-    entries = read_manifest(EXAMPLES / "manifest.jsonl")
-    return ReportTokenizer.train([e.report for e in entries], vocab_size=400, min_frequency=1)
-
-
-def _ids(tok, **sections):
-    """Report ids up to the end of the last given section (no later markers)."""
-    from data.report_format import SECTION_KEYS
-
-    ids = []
-    for key, sid in zip(SECTION_KEYS, tok.section_ids):
-        if key in sections:
-            ids.append(sid)
-            ids += tok.encode(sections[key])
-    return ids
+    return examples_tokenizer()
 
 
 def test_denying_a_called_finding_or_asserting_an_uncalled_one_is_refused(tok):

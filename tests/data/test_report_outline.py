@@ -2,37 +2,28 @@
 numbered impression items)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from core.generate import GenerationConfig, generate
-from data.datasets import read_manifest
-from data.report_format import SECTION_KEYS, format_report, parse_report
-from data.report_outline import OutlineVeto
-from data.tokenizer import ReportTokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report_ids import EXAMPLES, examples_tokenizer, report_ids as _ids  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+from core.generate import GenerationConfig, generate  # noqa: E402
+from data.datasets import read_manifest  # noqa: E402
+from data.report_format import SECTION_KEYS, format_report, parse_report  # noqa: E402
+from data.report_outline import OutlineVeto  # noqa: E402
+
 FINDINGS = ("Lungs and airways: Clear lungs.\nPleura: No effusion.\nHeart and mediastinum: Normal heart size.\n"
             "Bones: No fracture.\nUpper abdomen: Unremarkable.")
 
 
 @pytest.fixture(scope="module")
 def tok():
-    entries = read_manifest(EXAMPLES / "manifest.jsonl")
-    return ReportTokenizer.train([e.report for e in entries], vocab_size=400, min_frequency=1)
-
-
-def _ids(tok, **sections):
-    """Report ids up to the end of the last given section (no later markers)."""
-    ids = []
-    for key, sid in zip(SECTION_KEYS, tok.section_ids):
-        if key in sections:
-            ids.append(sid)
-            ids += tok.encode(sections[key])
-    return ids
+    return examples_tokenizer()
 
 
 def _first_refusal(tok, ids):
