@@ -1200,7 +1200,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                    length_penalty: float = 1.0, nonempty_items: bool = False, complete_sections: bool = True,
                    consistent_with_calls: bool = False, consistent_with_acquisition: bool = True,
                    consistent_measurements: bool = True, report_outline: bool = True,
-                   technique_states_contrast: bool = False, cache_dir: str | Path | None = None) -> dict:
+                   technique_states_contrast: bool = False, calls_covered: bool = False,
+                   calls_guidance: float = 0.0, cache_dir: str | Path | None = None) -> dict:
     """Generate reports (greedy unless ``strategy``) for a split and score them (no manifest facts
     are used to crop).
 
@@ -1257,10 +1258,12 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     from data.finding_prompt import measured_size
     from core.generate import any_veto
     from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
+    from data.report_coverage import CoverageVeto
     from data.report_outline import OutlineVeto
 
-    if consistent_with_calls:
-        vetoes_for = lambda names: CallsVeto(tok, names)  # noqa: E731
+    if consistent_with_calls or calls_covered:  # from the calls, as the product runs
+        vetoes_for = lambda names: any_veto([CallsVeto(tok, names) if consistent_with_calls else None,  # noqa: E731
+                                             CoverageVeto(tok, names) if calls_covered else None])
     thr_k = dict(zip(names, model.cfg.heads.thresholds()))
     t0 = time.perf_counter()
     for a in range(0, len(entries), batch_size):
@@ -1277,7 +1280,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         if report_outline:  # and the report to the product's outline (as the product runs)
             row_vetoes = [any_veto([v, OutlineVeto(tok)]) for v in (row_vetoes or [None] * len(studies))]
         preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False, vetoes_for=vetoes_for,
-                                      row_vetoes=row_vetoes, vetoes_for_calls=by_calls)
+                                      row_vetoes=row_vetoes, vetoes_for_calls=by_calls, calls_guidance=calls_guidance)
         for e, p in zip(chunk, preds):
             hyp[e.id] = format_report(tok.decode_report(p.token_ids))
             found[e.id] = {n: {"p": round(p.finding_probs[n], 5), "present": bool(p.finding_probs[n] >= thr_k[n]),
@@ -1300,7 +1303,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                                         "complete_report": complete_sections, "consistent_with_calls": consistent_with_calls,
                                         "consistent_with_acquisition": consistent_with_acquisition,
                                         "consistent_measurements": consistent_measurements,
-                                        "report_outline": report_outline,
+                                        "report_outline": report_outline, "calls_covered": calls_covered,
+                                        "calls_guidance": calls_guidance,
                                         "technique_states_contrast": technique_states_contrast}}
     out.update({k: ev.scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "length_ratio",
                                           "brevity_penalty") if k in ev.scores})

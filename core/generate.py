@@ -12,6 +12,7 @@ Legend: B prefixes, W beams, V vocab.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -165,6 +166,49 @@ def _nucleus(logits_BV: torch.Tensor, top_p: float, temperature: float, gen: tor
 Veto = Callable[[list[int]], bool]
 
 
+@dataclass
+class Guidance:
+    """Contrastive (classifier-free) guidance of greedy decoding or sampling (Sanchez et al. 2023,
+    "Stay on topic with classifier-free guidance"): each row is decoded beside a twin that reads
+    a *counterfactual* prefix and context (e.g. the same study with no findings called), and the
+    next token is chosen from ``lp + weight * (lp - lp_twin)`` of the two rows' log-probabilities.
+    Tokens the two rows agree on (the report's set phrases) are left as they are; tokens that only
+    the real prefix makes likely (the called findings' words) are raised. The twin is fed the
+    row's own choices. ``prefixes`` / ``context_BFD`` / ``context_mask_BF`` / ``copy_spans``: one
+    per row, as for the rows themselves.
+
+    Unchecked, guidance over-steers: a word the twin finds near impossible gains so much that the
+    row repeats it ("centrilobular emphysema centrilobular emphysema ..."). So, as in contrastive
+    decoding (Li et al. 2023), only *plausible* tokens may win by it: those whose own probability
+    is at least ``plausibility`` times the row's most likely token's; the rest keep their own
+    score, below every plausible one. And it starts only once the row has written one of
+    ``start_ids`` (e.g. the Findings marker: the sections before it do not depend on the calls)."""
+
+    prefixes: list[list[int]]
+    context_BFD: torch.Tensor | None = None
+    context_mask_BF: torch.Tensor | None = None
+    copy_spans: list[tuple[int, int] | None] | None = None
+    weight: float = 1.0
+    plausibility: float = 0.1
+    start_ids: tuple[int, ...] = ()
+
+
+def _pad_cat(a: torch.Tensor | None, b: torch.Tensor | None, fill) -> torch.Tensor | None:
+    """Rows of ``a`` then ``b`` ([B, F, ...] each), padded with ``fill`` to the longer F."""
+    if a is None and b is None:
+        return None
+    if a is None or b is None:
+        raise ValueError("the guidance twin needs a context exactly when the rows have one")
+    F = max(a.shape[1], b.shape[1])
+
+    def pad(t):
+        if t.shape[1] == F:
+            return t
+        extra = t.new_full((t.shape[0], F - t.shape[1], *t.shape[2:]), fill)
+        return torch.cat([t, extra], 1)
+    return torch.cat([pad(a), pad(b)], 0)
+
+
 def any_veto(vetoes: Sequence[Veto | None]) -> Veto | None:
     """One veto that refuses what any of ``vetoes`` refuses (None entries skipped; None if none left)."""
     vs = [v for v in vetoes if v is not None]
@@ -177,11 +221,13 @@ def any_veto(vetoes: Sequence[Veto | None]) -> Veto | None:
 def generate(dec: Decoder, prefixes: list[list[int]], context_BFD: torch.Tensor | None = None,
              context_mask_BF: torch.Tensor | None = None, cfg: GenerationConfig | None = None,
              copy_spans: list[tuple[int, int] | None] | None = None,
-             vetoes: Sequence[Veto | None] | None = None) -> list[list[int]]:
+             vetoes: Sequence[Veto | None] | None = None, guidance: Guidance | None = None) -> list[list[int]]:
     """New tokens per prefix (EOS included when emitted).  Prefixes may differ in length.
     ``copy_spans``: per prefix, the ``[start, end)`` positions the decoder's copy head may copy
     from (the history digest), or None. ``vetoes``: per prefix, a function of the generated
-    tokens (candidate last) that refuses a continuation, or None (module docstring)."""
+    tokens (candidate last) that refuses a continuation, or None (module docstring).
+    ``guidance``: contrastive guidance by a counterfactual twin of each row (:class:`Guidance`;
+    greedy and sampling only)."""
     cfg = cfg or GenerationConfig()
     if not prefixes or any(len(p) == 0 for p in prefixes):
         raise ValueError("every prefix needs at least one token (e.g. [BOS])")
@@ -191,12 +237,19 @@ def generate(dec: Decoder, prefixes: list[list[int]], context_BFD: torch.Tensor 
         raise ValueError("give one veto (or None) per prefix")
     if cfg.veto_topk < 1:
         raise ValueError("veto_topk must be >= 1")
+    if guidance is not None:
+        if cfg.strategy == "beam":
+            raise ValueError("guidance works with greedy decoding or sampling, not beam search")
+        if len(guidance.prefixes) != len(prefixes) or any(len(p) == 0 for p in guidance.prefixes):
+            raise ValueError("guidance needs one non-empty twin prefix per prefix")
+        if (guidance.copy_spans is None) != (copy_spans is None):
+            raise ValueError("the guidance twin needs copy spans exactly when the rows have them")
     was_training = dec.training
     dec.eval()
     try:
         if cfg.strategy == "beam":
             return _beam(dec, prefixes, context_BFD, context_mask_BF, cfg, copy_spans, vetoes)
-        return _greedy_or_sample(dec, prefixes, context_BFD, context_mask_BF, cfg, copy_spans, vetoes)
+        return _greedy_or_sample(dec, prefixes, context_BFD, context_mask_BF, cfg, copy_spans, vetoes, guidance)
     finally:
         dec.train(was_training)
 
@@ -225,8 +278,39 @@ def _vetted(logits_V: torch.Tensor, first: int, tokens: list[int], veto: Veto, k
     return first
 
 
-def _greedy_or_sample(dec, prefixes, ctx, mask, cfg, copy_spans=None, vetoes=None):
-    logits, cache = _prefill(dec, prefixes, ctx, mask, cfg, copy_spans)
+def _full_mask(mask_BF: torch.Tensor | None, ctx_BFD: torch.Tensor | None) -> torch.Tensor | None:
+    """``mask_BF``, or every context token valid when a context comes without one."""
+    if mask_BF is not None or ctx_BFD is None:
+        return mask_BF
+    return torch.ones(ctx_BFD.shape[:2], dtype=torch.bool, device=ctx_BFD.device)
+
+
+def _guided(logits_2BV: torch.Tensor, g: Guidance, active_B: list[bool]) -> torch.Tensor:
+    """Rows (first B) guided against their twins (last B), :class:`Guidance`: among the row's
+    plausible tokens ``lp + weight * (lp - lp_twin)``, shifted so that it ranks them above every
+    implausible one; elsewhere (and in inactive rows) the row's own log-probabilities."""
+    B = len(active_B)
+    lp = logits_2BV[:B].float().log_softmax(-1)  # [B,V]
+    lu = logits_2BV[B:].float().log_softmax(-1)  # [B,V]
+    ok = torch.isfinite(lp) & torch.isfinite(lu)
+    ok &= lp >= lp.max(-1, keepdim=True).values + math.log(g.plausibility)  # [B,V] plausible tokens
+    ok &= torch.tensor(active_B, device=lp.device)[:, None]
+    out = lp + g.weight * (lp - lu)
+    # plausible tokens stay above the implausible ones: shift them so their minimum is the row's max
+    lift = (lp.max(-1, keepdim=True).values - out.masked_fill(~ok, float("inf")).min(-1, keepdim=True).values).clamp(min=0)
+    return torch.where(ok, out + lift, lp)
+
+
+def _greedy_or_sample(dec, prefixes, ctx, mask, cfg, copy_spans=None, vetoes=None, guidance=None):
+    B = len(prefixes)
+    if guidance is not None:  # rows then their twins, one batch: [2B, ...]
+        spans = None if copy_spans is None else list(copy_spans) + list(guidance.copy_spans)
+        masks = _pad_cat(_full_mask(mask, ctx), _full_mask(guidance.context_mask_BF, guidance.context_BFD), False)
+        logits, cache = _prefill(dec, list(prefixes) + list(guidance.prefixes), _pad_cat(ctx, guidance.context_BFD, 0.0),
+                                 masks, cfg, spans)
+        logits = _guided(logits, guidance, [False] * B if guidance.start_ids else [True] * B)
+    else:
+        logits, cache = _prefill(dec, prefixes, ctx, mask, cfg, copy_spans)
     gen = None
     if cfg.strategy == "sample" and cfg.seed is not None:
         gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
@@ -247,7 +331,11 @@ def _greedy_or_sample(dec, prefixes, ctx, mask, cfg, copy_spans=None, vetoes=Non
                 done[r] = tok == cfg.eos_id
         if all(done):
             break
-        logits = dec.step(nxt, cache)
+        if guidance is not None:
+            active = [not guidance.start_ids or any(t in guidance.start_ids for t in st.tokens) for st in states]
+            logits = _guided(dec.step(torch.cat([nxt, nxt]), cache), guidance, active)  # the twin takes the row's token
+        else:
+            logits = dec.step(nxt, cache)
     return [s.tokens for s in states]
 
 

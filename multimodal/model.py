@@ -28,8 +28,9 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from core.decoder import Decoder, copy_loss, spans_to_mask
-from core.generate import GenerationConfig, any_veto, generate
+from core.generate import GenerationConfig, Guidance, any_veto, generate
 from data.errors import MedreportError
+from data.report_format import SECTION_KEYS
 from data.finding_prompt import (acquisition_phrase, finding_prompt, with_measurements, with_record_locations,
                                  without_thickness)
 from multimodal.audio_encoder import AudioEncoder
@@ -489,6 +490,15 @@ class ReportModel(nn.Module):
                                                         rec[b]), sizes[b])
                 for b in range(len(called))]
 
+    @staticmethod
+    def no_calls(heads: HeadsOutput) -> HeadsOutput:
+        """The same heads output with no finding called (presence far below every operating
+        point, no detector evidence): the counterfactual twin of contrastive calls guidance
+        (``core.generate.Guidance``), whose prompt reads "Calls: none." and whose finding-context
+        tokens say absent, beside the same images, audio and history."""
+        return dataclasses.replace(heads, presence_logits_BK=torch.full_like(heads.presence_logits_BK, -1e4),
+                                   evidence_BK=None)
+
     def prompt_ids(self, calls: Sequence[tuple[str, str | None, str | None]], acquisition: str | None = None) -> list[int]:
         """Token ids of one study's prompt (its acquisition line and/or its calls, as the config
         says; needs the tokenizer)."""
@@ -531,6 +541,7 @@ class ReportModel(nn.Module):
         vetoes_for: Callable[[list[str]], Callable[[list[int]], bool] | None] | None = None,
         row_vetoes: Sequence[Callable[[list[int]], bool] | None] | None = None,
         vetoes_for_calls: Callable[[int, list[tuple]], Callable[[list[int]], bool] | None] | None = None,
+        calls_guidance: float = 0.0,
     ) -> list[ReportPrediction]:
         """Report tokens, calibrated finding probabilities, gates and Grad-CAM evidence per study.
 
@@ -545,6 +556,8 @@ class ReportModel(nn.Module):
         ``data.report_consistency.AcquisitionVeto``); a continuation either refuses is refused.
         ``vetoes_for_calls``: given a study's index and its calls as the decoder reads them (with a
         nodule's measured size), one more veto (e.g. ``data.report_consistency.MeasurementVeto``).
+        ``calls_guidance``: > 0 decodes with contrastive guidance against the same study with no
+        finding called (:meth:`guidance_twin`) at that weight (greedy decoding or sampling).
         """
         if prefixes is None or gen is None:
             if self.tokenizer is None:
@@ -568,9 +581,18 @@ class ReportModel(nn.Module):
                 with torch.inference_mode():
                     enc = self.encode(x)
                     heads = self.heads(enc.fused_BFD, enc.mask_BF, enc.image_tokens, x.evidence)
+            x0, prefixes0 = x, prefixes
             x, prefixes = self.with_prompts(x, prefixes, heads)
             with torch.inference_mode():
                 ctx, cmask = self.decoder_context(enc.fused_BFD.detach(), enc.mask_BF, heads)
+                guide = None
+                if calls_guidance > 0:
+                    xu, pu = self.with_prompts(x0, prefixes0, self.no_calls(heads))
+                    cu, mu = self.decoder_context(enc.fused_BFD.detach(), enc.mask_BF, self.no_calls(heads))
+                    g = gen or GenerationConfig()
+                    start = (g.section_ids[SECTION_KEYS.index("findings")],) if g.section_ids else ()
+                    guide = Guidance(pu, cu, mu, digest_spans(xu) if self.cfg.decoder.copy else None, calls_guidance,
+                                     start_ids=start)
                 vetoes = None
                 if vetoes_for is not None:
                     vetoes = [vetoes_for([c[0] for c in row]) for row in self.calls(heads)]
@@ -583,7 +605,8 @@ class ReportModel(nn.Module):
                     more = [vetoes_for_calls(b, row) for b, row in enumerate(rows)]
                     vetoes = [any_veto([a, c]) for a, c in zip(vetoes or [None] * len(more), more)]
                 token_ids = generate(self.decoder, prefixes, ctx, cmask, gen or GenerationConfig(),
-                                     copy_spans=digest_spans(x) if self.cfg.decoder.copy else None, vetoes=vetoes)
+                                     copy_spans=digest_spans(x) if self.cfg.decoder.copy else None, vetoes=vetoes,
+                                     guidance=guide)
             probs = heads.presence_probs.detach().cpu()
             side = torch.softmax(heads.side_logits_BK4.detach(), -1).cpu()
             loc = heads.location_logits_BKL.detach().argmax(-1).cpu()

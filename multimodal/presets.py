@@ -54,7 +54,9 @@ class ModelConfig:
     # cardiomegaly" in 41 of 41 test reports: teacher-forced on training studies it gave the
     # heart line's "Cardiomegaly" 0.001, less than its share of all heart lines. These sentences
     # are the few tokens that depend on the calls; the rest of a report is the normal template.
-    # Training only. 1 = off.
+    # Training only. 1 = off. The demo recipe uses 3 since session 25: retrained with it, the
+    # decoder wrote 58 % of the test studies' present findings in their own organ-system line
+    # (43 % without), at the same BLEU-4.
     finding_weight: float = 1.0
     name: str = "custom"
     # Inputs the model reads. False makes a model blind to that modality everywhere (training,

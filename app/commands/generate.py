@@ -49,6 +49,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-outline", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the report to the product's outline: each Findings line opens with the next organ-system "
                         "heading, impression items numbered 1., 2., ... (default: on)")
+    p.add_argument("--calls-covered", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep every called finding in the report: an organ-system line may not end without the "
+                        "findings called in that system, none is written under another system, and the impression "
+                        "names each (default: off: it measured worse with the demo model, docs/training.md session 25)")
+    p.add_argument("--calls-guidance", type=float, default=None, metavar="W",
+                   help="contrastive calls guidance at weight W (> 0; greedy or sampling): among the decoder's plausible "
+                        "tokens, those the calls make more likely than a twin with no finding called win (default: 0, off)")
     p.add_argument("--locations-from-record", action=argparse.BooleanOptionalAction, default=None,
                    help="a lobectomy or nodule call takes the lobe the patient's record names (the resected lobe, "
                         "the known nodule's lobe on a prior CT; default: on)")
@@ -92,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                                        ("consistent_with_calls", args.consistent_with_calls)) if v is not None})
     cfg = PipelineConfig(quantize=args.quantize, evidence=not args.no_evidence, **validate_decoding(decoding, "flags"))
     for flag in ("consistent_with_acquisition", "technique_states_contrast", "consistent_measurements", "report_outline",
-                 "locations_from_record"):
+                 "calls_covered", "calls_guidance", "locations_from_record"):
         if getattr(args, flag) is not None:
             cfg = dataclasses.replace(cfg, **{flag: getattr(args, flag)})
     if args.max_new_tokens is not None:

@@ -276,14 +276,14 @@ def _serve_calling(pipe, tmp_path, monkeypatch, called: tuple[str, ...], pipelin
     from multimodal.presets import ModelConfig
 
     cfg = ModelConfig.preset("tiny", vocab_size=pipe.tokenizer.vocab_size, **overrides)
-    cfg.heads.decision_thresholds = tuple(0.0 if n in called else 1.0 for n in cfg.heads.finding_names)
+    cfg.heads.decision_thresholds = tuple(1e-9 if n in called else 1.0 for n in cfg.heads.finding_names)
     torch.manual_seed(0)
     ReportModel(cfg, tokenizer=pipe.tokenizer).save_pretrained(tmp_path / "m", pipe.tokenizer)
     seen = {}
     real = ap.generate
 
     def spy(decoder, prefixes, *a, **kw):
-        seen.update(prefixes=prefixes, **kw)
+        seen.update(prefixes=prefixes, args=a, **kw)
         return real(decoder, prefixes, *a, **kw)
 
     monkeypatch.setattr(ap, "generate", spy)
@@ -398,6 +398,60 @@ def test_outline_veto_is_on_by_default(pipe, tmp_path, monkeypatch, on):
     assert veto is None or isinstance(veto, OutlineVeto)
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_coverage_veto_follows_the_findings_table(pipe, tmp_path, monkeypatch, on):
+    """calls_covered (off by default): the decoder gets one CoverageVeto built from the findings
+    the report's table calls present, and the provenance says so; off, no veto."""
+    from app.pipeline import PipelineConfig
+    from data.report_coverage import CoverageVeto
+
+    assert PipelineConfig().calls_covered is False
+    called = ("cardiomegaly", "hiatal_hernia")
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, called, pipeline={"calls_covered": on})
+    veto = _served_veto(rep, seen, "calls_covered", on)
+    if on:
+        assert isinstance(veto, CoverageVeto)
+        assert veto.called == {f.name for f in rep.findings if f.present} == set(called)
+
+
+def test_calls_guidance_decodes_beside_a_twin_with_no_calls(pipe, tmp_path, monkeypatch):
+    """calls_guidance > 0: generate gets a Guidance whose twin prefix is the study's own with the
+    calls line reading "Calls: none.", whose finding-context tokens say absent, that starts at
+    the Findings marker, at the configured weight; the provenance records it. Off (the default)
+    no guidance is passed; beam search with it is refused with the fix."""
+    from app.pipeline import PipelineConfig
+    from core.generate import Guidance
+    from data.finding_prompt import finding_prompt
+    from data.report_format import SECTION_KEYS
+
+    tok = pipe.tokenizer
+    assert PipelineConfig().calls_guidance == 0.0
+    import torch
+
+    from multimodal.heads import HeadsConfig
+
+    rep, cfg, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), pipeline={"calls_guidance": 1.5},
+                                    finding_prompt=True, heads=HeadsConfig(finding_context=True, context_mode="calls"))
+    g = seen["guidance"]
+    assert isinstance(g, Guidance) and g.weight == 1.5
+    assert g.start_ids == (tok.section_ids[SECTION_KEYS.index("findings")],)
+    none = tok.tk.encode(finding_prompt([]), add_special_tokens=False).ids
+    assert "none" in finding_prompt([]).lower()
+    assert g.prefixes == [[tok.bos_id, *none, tok.report_id]] and seen["prefixes"][0] != g.prefixes[0]
+    # the twin's finding-context tokens differ from the row's (absent instead of cardiomegaly), the
+    # fused image tokens before them are the same
+    ctx, ctx_u, K = seen["args"][0], g.context_BFD, cfg.heads.num_findings
+    assert ctx.shape == ctx_u.shape and ctx.shape[1] > K
+    assert torch.equal(ctx[:, :-K], ctx_u[:, :-K]) and not torch.equal(ctx[:, -K:], ctx_u[:, -K:])
+    assert rep.provenance["generation"]["calls_guidance"] == 1.5
+    _, _, seen_off = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), finding_prompt=True)
+    assert seen_off["guidance"] is None
+    with pytest.raises(ValueError, match="greedy"):
+        PipelineConfig(strategy="beam", calls_guidance=1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        PipelineConfig(calls_guidance=-1.0)
+
+
 @pytest.mark.parametrize("from_record", [True, False])
 def test_a_lobectomy_call_takes_the_lobe_the_record_names(pipe, tmp_path, monkeypatch, from_record):
     """locations_from_record (on by default): the heads call a lobectomy; the record says which lobe
@@ -496,6 +550,8 @@ def test_the_nodule_probability_fuses_the_detector_evidence(pipe, tmp_path, monk
 
     from data.detectors import read_study
     from data.study import load_study
+    import torch
+
     from multimodal.heads import HeadsConfig
 
     heads = dataclasses.replace(HeadsConfig(), detector_evidence=("nodule",),

@@ -6,11 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report_ids import EXAMPLES, examples_tokenizer, report_ids as _ids  # noqa: E402
+from _report_ids import EXAMPLES, TwoScripts, examples_tokenizer, report_ids as _ids  # noqa: E402
 
 from core.generate import GenerationConfig, generate  # noqa: E402
 from data.datasets import read_manifest  # noqa: E402
@@ -107,36 +104,6 @@ def test_items_need_text_and_the_findings_every_heading(tok):
         OutlineVeto(tok, headings=())
 
 
-class _TwoScripts(nn.Module):
-    """Fake decoder (one row) that prefers the next token of ``bad`` while what it wrote is a prefix
-    of ``bad``, and the next token of ``good`` second: greedy decoding writes ``bad`` unless a
-    veto refuses its first break, after which ``good`` is the prefix being continued."""
-
-    def __init__(self, V: int, bad: list[int], good: list[int]):
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(V, 4)
-        self.V, self.bad, self.good, self.out = V, bad, good, []
-
-    def _logits(self):
-        lg = torch.zeros(1, self.V)
-        n = len(self.out)
-        for script, score in ((self.good, 4.0), (self.bad, 5.0)):
-            if self.out == script[:n] and n < len(script):
-                lg[0, script[n]] = score
-        return lg
-
-    def prefill(self, ids, lengths, ctx, mask, capacity, copy_mask_BT=None):
-        class C:
-            def reorder(self, idx, shared_prefix=0):
-                pass
-        self.out = []
-        return self._logits(), C()
-
-    def step(self, ids, cache):
-        self.out.append(int(ids[0]))
-        return self._logits()
-
-
 def test_greedy_decoding_with_the_veto_writes_the_outline(tok):
     """Through core.generate: the decoder's first choice skips an organ system (the Bones line
     after the Pleura), its second keeps the outline; with the veto the report comes out whole,
@@ -146,7 +113,7 @@ def test_greedy_decoding_with_the_veto_writes_the_outline(tok):
     g = tok.encode_report(good) + [tok.eos_id]
     b = tok.encode_report(bad) + [tok.eos_id]
     cfg = GenerationConfig(max_new_tokens=len(g) + 5, eos_id=tok.eos_id)
-    dec = _TwoScripts(tok.vocab_size, b, g)
+    dec = TwoScripts(tok.vocab_size, b, g)
     assert generate(dec, [[tok.bos_id]], None, None, cfg) == [b]
     assert generate(dec, [[tok.bos_id]], None, None, cfg, vetoes=[OutlineVeto(tok)]) == [g]
     text = format_report(tok.decode_report(g))

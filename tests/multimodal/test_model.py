@@ -496,7 +496,7 @@ def test_finding_prompt_from_the_heads_calls_goes_before_report(monkeypatch):
     m = ReportModel(cfg, tokenizer=tok).eval()
     seen = {}
 
-    def spy(decoder, prefixes, ctx, cmask, gen, copy_spans=None, vetoes=None):
+    def spy(decoder, prefixes, ctx, cmask, gen, copy_spans=None, vetoes=None, guidance=None):
         seen.update(prefixes=prefixes, spans=copy_spans, vetoes=vetoes)
         return [[tok.eos_id] for _ in prefixes]
 
@@ -565,3 +565,45 @@ def test_digest_tokens_off_is_the_plain_summary():
     ref, ref_m = m.history_summary(m.decoder.tok_embeddings(x.history_ids), x.history_mask)
     torch.testing.assert_close(toks, ref)
     assert torch.equal(mask, ref_m)
+
+
+def test_calls_guidance_twin_reads_no_calls(monkeypatch):
+    """calls_guidance > 0: generate_report hands generate a Guidance twin per study: the same
+    history with the prompt "Calls: none." (its own copy span), the heads' output with nothing
+    called (model.no_calls), starting at the Findings marker, at the given weight."""
+    import multimodal.model as mm
+    from core.generate import Guidance
+    from data.finding_prompt import finding_prompt
+    from data.report_format import SECTION_KEYS
+    from data.tokenizer import ReportTokenizer
+
+    tok = ReportTokenizer.train(["Calls: cardiomegaly; none.", "FINDINGS: normal."] * 3, vocab_size=200, min_frequency=1)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, finding_prompt=True)
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, copy=True))
+    k = cfg.heads.finding_names.index("cardiomegaly")
+    cfg.heads.decision_thresholds = tuple(1e-9 if i == k else 1.0 for i in range(cfg.heads.num_findings))
+    m = ReportModel(cfg, tokenizer=tok).eval()
+    seen = {}
+
+    def spy(decoder, prefixes, ctx, cmask, gen, copy_spans=None, vetoes=None, guidance=None):
+        seen.update(prefixes=prefixes, spans=copy_spans, guidance=guidance)
+        return [[tok.eos_id] for _ in prefixes]
+
+    monkeypatch.setattr(mm, "generate", spy)
+    x = collate([_study(np.random.default_rng(3))])
+    h = x.history_ids[0][x.history_mask[0]].tolist()
+    gen = GenerationConfig(max_new_tokens=2, eos_id=tok.eos_id, section_ids=list(tok.section_ids))
+    m.generate_report(x, [[tok.bos_id, *h, tok.report_id]], gen, evidence=False)
+    assert seen["guidance"] is None  # off by default
+    m.generate_report(x, [[tok.bos_id, *h, tok.report_id]], gen, evidence=False, calls_guidance=0.7)
+    g = seen["guidance"]
+    none = tok.tk.encode(finding_prompt([]), add_special_tokens=False).ids
+    called = tok.tk.encode(finding_prompt([("cardiomegaly", "none", "unspecified")]), add_special_tokens=False).ids
+    assert isinstance(g, Guidance) and g.weight == 0.7
+    assert seen["prefixes"] == [[tok.bos_id, *h, *called, tok.report_id]]
+    assert g.prefixes == [[tok.bos_id, *h, *none, tok.report_id]]
+    assert g.copy_spans == [(1 + len(h), 1 + len(h) + len(none))]
+    assert g.start_ids == (tok.section_ids[SECTION_KEYS.index("findings")],)
+    heads = m.predict_findings(x)[0]
+    assert [c[0] for c in m.calls(heads)[0]] == ["cardiomegaly"] and m.calls(m.no_calls(heads)) == [[]]

@@ -1,0 +1,128 @@
+"""A decoding veto that keeps every called finding in the report, under its own organ system.
+
+Why. The demo decoder, trained for under an hour on a CPU, reads the findings table (the calls
+line before ``[REPORT]`` and the finding-context tokens) but often writes the normal line of an
+organ system that has a finding, or files a finding under the wrong system. Session 24 replaced
+the heads' calls with the labels (oracle calls) and still read reports such as:
+
+* "Upper abdomen: The visualized upper abdomen is unremarkable." with a hiatal hernia called;
+* "Lungs and airways: No focal consolidation, mass or suspicious nodule." with emphysema called
+  (the impression then said "Severe emphysema": the findings left it out);
+* "Lungs and airways: There is a right paratracheal lymph node ..." (a mediastinal finding).
+
+What :class:`CoverageVeto` refuses (as with ``data.report_consistency`` and
+``data.report_outline``, the decoder writes the text; the veto only refuses, the decoder then
+takes its next most likely token, and when every candidate is refused the generator keeps the
+unconstrained one, so a veto never stops a report):
+
+* **Findings, a line may not end without its calls**: the line break (or the next section's
+  marker) that ends an organ-system line is refused while a finding the table calls present in
+  that system is not mentioned in the line (asserted or hedged, as the labeller
+  ``data.labeler`` reads it). The decoder then goes on writing that line.
+* **Findings, a finding under its own system**: a sentence of an organ-system line may not
+  assert a finding of another system ("Pleura: There is a small pericardial effusion.").
+* **Impression, no called finding left out**: the report may not end while a called finding
+  is not mentioned in the Impression.
+
+Each is given up for a line (or the impression) once it has ``max_words`` words: a decoder that
+cannot find the words should not run on to the token limit.
+
+Which finding belongs to which system is ``data.vocab.FINDINGS[..].system``; the synthetic
+reports (``data.synthetic.reports``) follow the same map and mention every present finding in
+its system's line and in the impression.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from data.labeler import label_sentence, split_sentences
+from data.report_format import SECTION_KEYS
+from data.vocab import FINDINGS, SYSTEMS
+
+SYSTEM_OF: dict[str, str] = {f.name: f.system for f in FINDINGS}
+_HEADING_RE = re.compile(r"^\s*(" + "|".join(re.escape(h) for _, h in SYSTEMS) + r")\s*:", re.IGNORECASE)
+_SYSTEM_OF_HEADING = {h.lower(): k for k, h in SYSTEMS}
+
+
+def mentioned(text: str) -> set[str]:
+    """Findings a text mentions as present or uncertain (not the ones it denies)."""
+    return {lab.finding for s in split_sentences(text) for lab in label_sentence(s) if lab.present is not False}
+
+
+class CoverageVeto:
+    """``veto(tokens) -> bool`` for one report; ``tokens`` are the generated report ids so far,
+    the candidate last. ``called``: the finding names the report's table calls present (names
+    outside the vocabulary are ignored). ``placement``: also refuse a finding asserted under
+    another organ system."""
+
+    def __init__(self, tokenizer, called: Iterable[str], placement: bool = True, impression: bool = True,
+                 max_words: int = 60):
+        self.tok = tokenizer
+        self.called = frozenset(c for c in called if c in SYSTEM_OF)
+        self.by_system: dict[str, frozenset[str]] = {
+            k: frozenset(c for c in self.called if SYSTEM_OF[c] == k) for k, _ in SYSTEMS}
+        self.placement = placement
+        self.impression = impression
+        self.max_words = max_words
+        self.section_of = {sid: key for key, sid in zip(SECTION_KEYS, tokenizer.section_ids)}
+        self.eos_id = tokenizer.eos_id
+        self.refused = 0  # continuations refused so far (for the report's provenance)
+
+    def __call__(self, tokens: list[int]) -> bool:
+        bad = self.breaks(tokens)
+        self.refused += bad
+        return bad
+
+    # -- the rules ---------------------------------------------------------------------------
+    def breaks(self, tokens: list[int]) -> bool:
+        """Whether the last token of ``tokens`` leaves a called finding out or misplaces one."""
+        if not tokens:
+            return False
+        marks = [i for i, t in enumerate(tokens) if t in self.section_of]
+        last = tokens[-1]
+        if last in self.section_of or last == self.eos_id:  # closes the section being written
+            if len(marks) - (last in self.section_of) < 1:
+                return False
+            m = marks[-2] if last in self.section_of else marks[-1]
+            section = self.section_of[tokens[m]]
+            text = self.tok.decode(tokens[m + 1: len(tokens) - 1])
+            if section == "findings":
+                lines = [ln for ln in text.split("\n") if ln.strip()]
+                return bool(lines) and self._line_uncovered(lines[-1])
+            if section == "impression" and self.impression and last == self.eos_id:
+                return self._short(text) and bool(self.called - mentioned(text))
+            return False
+        if not marks or self.section_of[tokens[marks[-1]]] != "findings":
+            return False
+        before = self.tok.decode(tokens[marks[-1] + 1: -1])
+        after = self.tok.decode(tokens[marks[-1] + 1:])
+        n = before.count("\n")
+        if after.count("\n") > n:  # the candidate ends the line being written (its text included)
+            return self._line_uncovered(after.split("\n")[n])
+        return self.placement and self._misplaced(after.split("\n")[-1])
+
+    def _short(self, text: str) -> bool:
+        return len(text.split()) < self.max_words
+
+    def _system(self, line: str) -> tuple[str | None, str]:
+        m = _HEADING_RE.match(line)
+        if m is None:
+            return None, line
+        return _SYSTEM_OF_HEADING[m.group(1).lower()], line[m.end():]
+
+    def _line_uncovered(self, line: str) -> bool:
+        system, body = self._system(line)
+        if system is None or not self.by_system.get(system) or not self._short(body):
+            return False
+        return bool(self.by_system[system] - mentioned(body))
+
+    def _misplaced(self, line: str) -> bool:
+        system, body = self._system(line)
+        if system is None or not self._short(body):
+            return False
+        sentences = split_sentences(body)
+        if not sentences:
+            return False
+        return any(lab.present is True and SYSTEM_OF.get(lab.finding, system) != system
+                   for lab in label_sentence(sentences[-1]))
