@@ -30,9 +30,9 @@ from torch import nn
 from core.decoder import Decoder, copy_loss, spans_to_mask
 from core.generate import GenerationConfig, Guidance, any_veto, generate
 from data.errors import MedreportError
-from data.report_format import SECTION_KEYS
 from data.finding_prompt import (acquisition_phrase, finding_prompt, with_measurements, with_record_locations,
                                  without_thickness)
+from data.report_format import SECTION_KEYS
 from multimodal.audio_encoder import AudioEncoder
 from multimodal.evidence import Evidence, evidence_from_maps, gradcam_maps
 from multimodal.fusion import MODALITIES, Fusion, HistorySummary
@@ -557,7 +557,7 @@ class ReportModel(nn.Module):
         ``vetoes_for_calls``: given a study's index and its calls as the decoder reads them (with a
         nodule's measured size), one more veto (e.g. ``data.report_consistency.MeasurementVeto``).
         ``calls_guidance``: > 0 decodes with contrastive guidance against the same study with no
-        finding called (:meth:`guidance_twin`) at that weight (greedy decoding or sampling).
+        finding called (:meth:`no_calls`) at that weight (greedy decoding or sampling).
         """
         if prefixes is None or gen is None:
             if self.tokenizer is None:
