@@ -37,7 +37,7 @@ import re
 from collections.abc import Iterable
 
 from data.labeler import label_sentence, split_sentences
-from data.report_format import SECTION_KEYS
+from data.report_veto import ReportVeto
 from data.vocab import FINDINGS, SYSTEMS
 
 SYSTEM_OF: dict[str, str] = {f.name: f.system for f in FINDINGS}
@@ -50,7 +50,7 @@ def mentioned(text: str) -> set[str]:
     return {lab.finding for s in split_sentences(text) for lab in label_sentence(s) if lab.present is not False}
 
 
-class CoverageVeto:
+class CoverageVeto(ReportVeto):
     """``veto(tokens) -> bool`` for one report; ``tokens`` are the generated report ids so far,
     the candidate last. ``called``: the finding names the report's table calls present (names
     outside the vocabulary are ignored). ``placement``: also refuse a finding asserted under
@@ -58,21 +58,13 @@ class CoverageVeto:
 
     def __init__(self, tokenizer, called: Iterable[str], placement: bool = True, impression: bool = True,
                  max_words: int = 60):
-        self.tok = tokenizer
+        super().__init__(tokenizer)
         self.called = frozenset(c for c in called if c in SYSTEM_OF)
         self.by_system: dict[str, frozenset[str]] = {
             k: frozenset(c for c in self.called if SYSTEM_OF[c] == k) for k, _ in SYSTEMS}
         self.placement = placement
         self.impression = impression
         self.max_words = max_words
-        self.section_of = {sid: key for key, sid in zip(SECTION_KEYS, tokenizer.section_ids)}
-        self.eos_id = tokenizer.eos_id
-        self.refused = 0  # continuations refused so far (for the report's provenance)
-
-    def __call__(self, tokens: list[int]) -> bool:
-        bad = self.breaks(tokens)
-        self.refused += bad
-        return bad
 
     # -- the rules ---------------------------------------------------------------------------
     def breaks(self, tokens: list[int]) -> bool:

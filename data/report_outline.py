@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 
-from data.report_format import SECTION_KEYS
+from data.report_veto import ReportVeto
 from data.vocab import SYSTEMS
 
 ONE_LINE_SECTIONS = ("clinical_information", "technique", "comparison")
@@ -43,7 +43,7 @@ _DIGITS = re.compile(r"\d+")
 _BARE_ITEM = re.compile(r"\d+\.?")
 
 
-class OutlineVeto:
+class OutlineVeto(ReportVeto):
     """``veto(tokens) -> bool`` for one report; ``tokens`` are the generated report ids so far, the
     candidate last. ``headings``: the Findings' organ-system headings in report order (without
     the colon); ``every_heading``: the Findings must give each of them, in order (the product's
@@ -52,18 +52,10 @@ class OutlineVeto:
     def __init__(self, tokenizer, headings: tuple[str, ...] = tuple(h for _, h in SYSTEMS), every_heading: bool = True):
         if not headings:
             raise ValueError("OutlineVeto needs at least one organ-system heading")
-        self.tok = tokenizer
-        self.section_of = {sid: key for key, sid in zip(SECTION_KEYS, tokenizer.section_ids)}
-        self.eos_id = tokenizer.eos_id
+        super().__init__(tokenizer)
         self.headings = tuple(h + ":" for h in headings)
         self.every_heading = every_heading
         self._heading_in = re.compile(r"\b(" + "|".join(re.escape(h) for h in headings) + r")\s*:")
-        self.refused = 0  # continuations refused so far (for the report's provenance)
-
-    def __call__(self, tokens: list[int]) -> bool:
-        bad = self.breaks(tokens)
-        self.refused += bad
-        return bad
 
     # -- the rules ---------------------------------------------------------------------------
     def breaks(self, tokens: list[int]) -> bool:

@@ -587,8 +587,9 @@ class ReportModel(nn.Module):
                 ctx, cmask = self.decoder_context(enc.fused_BFD.detach(), enc.mask_BF, heads)
                 guide = None
                 if calls_guidance > 0:
-                    xu, pu = self.with_prompts(x0, prefixes0, self.no_calls(heads))
-                    cu, mu = self.decoder_context(enc.fused_BFD.detach(), enc.mask_BF, self.no_calls(heads))
+                    none = self.no_calls(heads)
+                    xu, pu = self.with_prompts(x0, prefixes0, none)
+                    cu, mu = self.decoder_context(enc.fused_BFD.detach(), enc.mask_BF, none)
                     g = gen or GenerationConfig()
                     start = (g.section_ids[SECTION_KEYS.index("findings")],) if g.section_ids else ()
                     guide = Guidance(pu, cu, mu, digest_spans(xu) if self.cfg.decoder.copy else None, calls_guidance,

@@ -14,7 +14,10 @@ from _model import EXAMPLES, tiny_model_dir  # noqa: E402
 
 from app.pipeline import STAGES, PipelineConfig, ReportPipeline, StudyParts, truncate_history  # noqa: E402
 from app.report import UNCERTAIN_BAND, FindingRow, Report, consistency  # noqa: E402
+from data.report_consistency import MeasurementVeto  # noqa: E402
+from data.report_coverage import CoverageVeto  # noqa: E402
 from data.report_format import SECTION_KEYS  # noqa: E402
+from data.report_outline import OutlineVeto  # noqa: E402
 from data.study import load_study  # noqa: E402
 from data.vocab import FINDING_NAMES  # noqa: E402
 
@@ -373,44 +376,22 @@ def test_technique_states_contrast_makes_the_acquisition_veto_require_it(pipe, t
 
 
 @pytest.mark.parametrize("on", [True, False])
-def test_measurement_veto_is_on_by_default(pipe, tmp_path, monkeypatch, on):
-    """consistent_measurements (on by default in PipelineConfig): the decoder gets a
-    MeasurementVeto for every study, and the provenance says so; off, no veto."""
-    from app.pipeline import PipelineConfig
-    from data.report_consistency import MeasurementVeto
-
-    assert PipelineConfig().consistent_measurements is True
-    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("nodule",), pipeline={"consistent_measurements": on})
-    veto = _served_veto(rep, seen, "consistent_measurements", on)
-    assert veto is None or isinstance(veto, MeasurementVeto)
-
-
-@pytest.mark.parametrize("on", [True, False])
-def test_outline_veto_is_on_by_default(pipe, tmp_path, monkeypatch, on):
-    """report_outline (on by default in PipelineConfig): the decoder gets an OutlineVeto for every
-    study, the provenance says so, and the served report keeps the outline; off, no veto."""
-    from app.pipeline import PipelineConfig
-    from data.report_outline import OutlineVeto
-
-    assert PipelineConfig().report_outline is True
-    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), pipeline={"report_outline": on})
-    veto = _served_veto(rep, seen, "report_outline", on)
-    assert veto is None or isinstance(veto, OutlineVeto)
-
-
-@pytest.mark.parametrize("on", [True, False])
-def test_coverage_veto_follows_the_findings_table(pipe, tmp_path, monkeypatch, on):
-    """calls_covered (off by default): the decoder gets one CoverageVeto built from the findings
-    the report's table calls present, and the provenance says so; off, no veto."""
-    from app.pipeline import PipelineConfig
-    from data.report_coverage import CoverageVeto
-
-    assert PipelineConfig().calls_covered is False
-    called = ("cardiomegaly", "hiatal_hernia")
-    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, called, pipeline={"calls_covered": on})
-    veto = _served_veto(rep, seen, "calls_covered", on)
-    if on:
-        assert isinstance(veto, CoverageVeto)
+@pytest.mark.parametrize("flag, default, called, veto_class", [
+    ("consistent_measurements", True, ("nodule",), MeasurementVeto),
+    ("report_outline", True, ("cardiomegaly",), OutlineVeto),
+    ("calls_covered", False, ("cardiomegaly", "hiatal_hernia"), CoverageVeto),
+])
+def test_each_veto_flag_gives_the_decoder_its_veto(pipe, tmp_path, monkeypatch, on, flag, default, called, veto_class):
+    """Per study, a PipelineConfig veto flag (its default checked) gives the decoder one veto of its
+    class and the provenance says so; off, no veto. consistent_measurements: a nodule's change kept
+    to its numbers (on by default); report_outline: the product's outline (on); calls_covered:
+    every called finding in its line and the impression, built from the findings the report's
+    table calls present (off)."""
+    assert getattr(PipelineConfig(), flag) is default
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, called, pipeline={flag: on})
+    veto = _served_veto(rep, seen, flag, on)
+    assert veto is None or isinstance(veto, veto_class)
+    if on and veto_class is CoverageVeto:  # built from the calls
         assert veto.called == {f.name for f in rep.findings if f.present} == set(called)
 
 

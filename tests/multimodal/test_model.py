@@ -477,12 +477,11 @@ def test_context_dropout_leaves_the_decoder_only_the_finding_tokens_in_training(
     assert (out0[0] - out0[1]).abs().max() > 1e-4  # the test can fail: without it they matter
 
 
-def test_finding_prompt_from_the_heads_calls_goes_before_report(monkeypatch):
-    """cfg.finding_prompt: generate_report writes the heads' calls as text between the history
-    and [REPORT] (a copy source with the digest); what a finding's call is follows its operating
-    point."""
+def _cardiomegaly_prompt_model(monkeypatch):
+    """A tiny finding-prompt model with the copy head whose heads call only cardiomegaly, and a
+    spy in place of generate -> (model, tokenizer, what generate was given: prefixes, spans,
+    vetoes, guidance)."""
     import multimodal.model as mm
-    from data.finding_prompt import finding_prompt
     from data.tokenizer import ReportTokenizer
 
     tok = ReportTokenizer.train(["Calls: right lower lobe nodule; cardiomegaly; none.", "FINDINGS: normal."] * 3,
@@ -490,17 +489,26 @@ def test_finding_prompt_from_the_heads_calls_goes_before_report(monkeypatch):
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, finding_prompt=True)
     cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, copy=True))
-    K = cfg.heads.num_findings
     k = cfg.heads.finding_names.index("cardiomegaly")
-    cfg.heads.decision_thresholds = tuple(0.0 if i == k else 1.0 for i in range(K))  # only cardiomegaly called
+    cfg.heads.decision_thresholds = tuple(1e-9 if i == k else 1.0 for i in range(cfg.heads.num_findings))
     m = ReportModel(cfg, tokenizer=tok).eval()
     seen = {}
 
     def spy(decoder, prefixes, ctx, cmask, gen, copy_spans=None, vetoes=None, guidance=None):
-        seen.update(prefixes=prefixes, spans=copy_spans, vetoes=vetoes)
+        seen.update(prefixes=prefixes, spans=copy_spans, vetoes=vetoes, guidance=guidance)
         return [[tok.eos_id] for _ in prefixes]
 
     monkeypatch.setattr(mm, "generate", spy)
+    return m, tok, seen
+
+
+def test_finding_prompt_from_the_heads_calls_goes_before_report(monkeypatch):
+    """cfg.finding_prompt: generate_report writes the heads' calls as text between the history
+    and [REPORT] (a copy source with the digest); what a finding's call is follows its operating
+    point (only cardiomegaly's lets the heads call it)."""
+    from data.finding_prompt import finding_prompt
+
+    m, tok, seen = _cardiomegaly_prompt_model(monkeypatch)
     rng = np.random.default_rng(3)
     x = collate([_study(rng), _study(rng, history=False)])
     hist = [x.history_ids[0][x.history_mask[0]].tolist(), []]
@@ -571,26 +579,11 @@ def test_calls_guidance_twin_reads_no_calls(monkeypatch):
     """calls_guidance > 0: generate_report hands generate a Guidance twin per study: the same
     history with the prompt "Calls: none." (its own copy span), the heads' output with nothing
     called (model.no_calls), starting at the Findings marker, at the given weight."""
-    import multimodal.model as mm
     from core.generate import Guidance
     from data.finding_prompt import finding_prompt
     from data.report_format import SECTION_KEYS
-    from data.tokenizer import ReportTokenizer
 
-    tok = ReportTokenizer.train(["Calls: cardiomegaly; none.", "FINDINGS: normal."] * 3, vocab_size=200, min_frequency=1)
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size, finding_prompt=True)
-    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, copy=True))
-    k = cfg.heads.finding_names.index("cardiomegaly")
-    cfg.heads.decision_thresholds = tuple(1e-9 if i == k else 1.0 for i in range(cfg.heads.num_findings))
-    m = ReportModel(cfg, tokenizer=tok).eval()
-    seen = {}
-
-    def spy(decoder, prefixes, ctx, cmask, gen, copy_spans=None, vetoes=None, guidance=None):
-        seen.update(prefixes=prefixes, spans=copy_spans, guidance=guidance)
-        return [[tok.eos_id] for _ in prefixes]
-
-    monkeypatch.setattr(mm, "generate", spy)
+    m, tok, seen = _cardiomegaly_prompt_model(monkeypatch)
     x = collate([_study(np.random.default_rng(3))])
     h = x.history_ids[0][x.history_mask[0]].tolist()
     gen = GenerationConfig(max_new_tokens=2, eos_id=tok.eos_id, section_ids=list(tok.section_ids))
