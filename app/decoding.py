@@ -1,4 +1,4 @@
-"""How a model writes its reports: greedy or beam search, chosen on held-out studies.
+"""How a model writes its reports: greedy, beam search or MBR over samples, chosen on held-out studies.
 
 A model folder may hold ``decoding.json`` beside its weights (written by ``medreport
 tune-decoding`` and by ``medreport demo-model``)::
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 DECODING_FILE = "decoding.json"
 # the settings a decoding.json may choose, with their types
 DECODING_KEYS: dict[str, type] = {"strategy": str, "num_beams": int, "length_penalty": float, "no_repeat_ngram_size": int,
-                                  "consistent_with_calls": bool}
+                                  "consistent_with_calls": bool, "num_samples": int, "temperature": float,
+                                  "calls_agreement": float, "record_agreement": float}
 GREEDY = {"strategy": "greedy", "num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
           "consistent_with_calls": False}
 
@@ -55,10 +56,12 @@ def validate_decoding(chosen: dict, where: str = "decoding") -> dict:
             out[k] = DECODING_KEYS[k](v)
         except (TypeError, ValueError):
             raise DecodingError(f"{where}: {k}={v!r} is not a {DECODING_KEYS[k].__name__}") from None
-    if out.get("strategy", "greedy") not in ("greedy", "beam", "sample"):
-        raise DecodingError(f"{where}: strategy must be greedy, beam or sample, not {out['strategy']!r}")
-    if out.get("num_beams", 1) < 1 or out.get("no_repeat_ngram_size", 0) < 0:
-        raise DecodingError(f"{where}: num_beams must be >= 1 and no_repeat_ngram_size >= 0")
+    if out.get("strategy", "greedy") not in ("greedy", "beam", "sample", "mbr"):
+        raise DecodingError(f"{where}: strategy must be greedy, beam, sample or mbr, not {out['strategy']!r}")
+    if out.get("num_beams", 1) < 1 or out.get("no_repeat_ngram_size", 0) < 0 or out.get("num_samples", 1) < 1:
+        raise DecodingError(f"{where}: num_beams and num_samples must be >= 1 and no_repeat_ngram_size >= 0")
+    if out.get("temperature", 1.0) <= 0 or out.get("calls_agreement", 0.0) < 0 or out.get("record_agreement", 0.0) < 0:
+        raise DecodingError(f"{where}: temperature must be > 0, calls_agreement and record_agreement >= 0")
     return out
 
 
@@ -87,15 +90,22 @@ def write_decoding(model_dir: str | Path, chosen: dict, table: list[dict], split
 
 
 def candidates(num_beams: int = 4, length_penalties: tuple[float, ...] = (1.0, 1.5, 2.0),
-               consistency: bool = False) -> list[dict]:
+               consistency: bool = False, mbr_samples: int = 0, temperatures: tuple[float, ...] = (0.7,),
+               calls_agreements: tuple[float, ...] = (1.0,), record_agreement: float = 1.0) -> list[dict]:
     """Greedy first (the cheapest, kept on ties), then beam search at each length penalty; with
-    ``consistency`` each of them again with the findings-table veto (``consistent_with_calls``)."""
+    ``consistency`` each of them again with the findings-table veto (``consistent_with_calls``);
+    with ``mbr_samples`` > 0, MBR over that many samples at each temperature and calls-agreement
+    weight, with ``record_agreement`` (``core.generate``; the most expensive, last)."""
     out = [dict(GREEDY)]
     if num_beams > 1:
         out += [{"strategy": "beam", "num_beams": num_beams, "length_penalty": float(lp), "no_repeat_ngram_size": 0,
                  "consistent_with_calls": False} for lp in length_penalties]
     if consistency:
         out += [{**c, "consistent_with_calls": True} for c in list(out)]
+    if mbr_samples > 0:
+        out += [{"strategy": "mbr", "num_samples": mbr_samples, "temperature": float(t), "calls_agreement": float(w),
+                 "record_agreement": float(record_agreement), "num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "consistent_with_calls": False}
+                for t in temperatures for w in calls_agreements]
     return out
 
 
@@ -109,7 +119,8 @@ def choose(table: list[dict], criterion: str = "bleu4") -> dict:
 
 def tune_decoding(model, manifest: str | Path, split: str = "val", max_studies: int = 120,
                   cands: list[dict] | None = None, max_history_tokens: int = 100_000, batch_size: int = 8,
-                  max_new_tokens: int = 400, progress: bool = True) -> tuple[dict, list[dict]]:
+                  max_new_tokens: int = 400, progress: bool = True,
+                  cache_dir: str | Path | None = None) -> tuple[dict, list[dict]]:
     """Score each candidate decoding on ``split`` (the same studies for all) and return (chosen, table)."""
     from app.train import evaluate_split
 
@@ -119,9 +130,11 @@ def tune_decoding(model, manifest: str | Path, split: str = "val", max_studies: 
     for c in cands or candidates():
         c = validate_decoding(c)
         m = evaluate_split(model, manifest, split, max_studies=max_studies, max_history_tokens=max_history_tokens,
-                           batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, **c)
+                           batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+                           cache_dir=cache_dir, **c)
         row = {**c, **{k: m.get(k) for k in ("n", "bleu1", "bleu4", "rouge_l", "cider", "brevity_penalty", "length_ratio",
-                                             "text_finding_micro_f1", "facts_carried", "seconds_per_study")}}
+                                             "text_finding_micro_f1", "text_finding_consistency", "facts_carried",
+                                             "seconds_per_study")}}
         log.info("decoding %s: %s", c, {k: row[k] for k in ("bleu4", "length_ratio", "facts_carried")})
         table.append(row)
     return choose(table), table
@@ -132,9 +145,11 @@ def format_table(table: list[dict], chosen: dict) -> str:
     head = f"{'decoding':<22} {'BLEU-4':>7} {'len/ref':>7} {'BP':>6} {'facts':>6} {'text F1':>7} {'s/study':>7}"
     lines = [head]
     for r in table:
-        name = "greedy" if r["strategy"] == "greedy" else f"{r['strategy']} {r['num_beams']} lp {r['length_penalty']:g}"
+        name = ("greedy" if r["strategy"] == "greedy" else
+                f"mbr {r['num_samples']} T {r['temperature']:g} agree {r['calls_agreement']:g}/{r.get('record_agreement', 0):g}" if r["strategy"] == "mbr" else
+                f"{r['strategy']} {r['num_beams']} lp {r['length_penalty']:g}")
         name += " +veto" if r.get("consistent_with_calls") else ""
-        mark = " <- chosen" if all(r.get(k, GREEDY[k]) == v for k, v in chosen.items()) else ""
+        mark = " <- chosen" if all(r.get(k, GREEDY.get(k)) == v for k, v in chosen.items() if k in DECODING_KEYS) else ""
         lines.append(f"{name:<22} {r['bleu4']:7.4f} {r['length_ratio']:7.3f} {r['brevity_penalty']:6.3f} "
                      f"{(r.get('facts_carried') or 0):6.3f} {(r.get('text_finding_micro_f1') or 0):7.3f} "
                      f"{(r.get('seconds_per_study') or 0):7.2f}{mark}")

@@ -36,12 +36,12 @@ from torch import nn
 
 from app import __version__
 from app.report import UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
-from core.generate import GenerationConfig, Guidance, any_veto, generate
+from core.generate import GenerationConfig, Guidance, any_veto, generate, sum_reranks
 from data.errors import AudioError, HistoryError, MedreportError
 from data.finding_prompt import record_locations, record_prior_nodule_mm, study_acquisition
 from data.detectors import DETECTOR_LABELS, read_study
-from data.history_digest import digest_ids
-from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
+from data.history_digest import digest_ids, record_facts
+from data.report_consistency import CallsAgreement, CallsVeto, MeasurementVeto, RecordAgreement, acquisition_veto
 from data.report_coverage import CoverageVeto
 from data.report_format import SECTION_KEYS
 from data.report_outline import OutlineVeto
@@ -74,8 +74,21 @@ class PipelineError(MedreportError):
 class PipelineConfig:
     max_history_tokens: int = 100_000  # longer records keep their most recent tokens
     max_new_tokens: int = 320
-    strategy: str = "greedy"  # core.generate: "greedy" | "beam" | "sample"
+    strategy: str = "greedy"  # core.generate: "greedy" | "beam" | "sample" | "mbr"
     num_beams: int = 4
+    # Sampling and MBR (strategy "mbr", core.generate): ``num_samples`` reports are sampled per study
+    # at ``temperature`` / ``top_p`` (seeded with ``seed``) and the one that agrees best with the
+    # others is kept, plus ``calls_agreement`` times the share of findings on which its text agrees
+    # with the findings table (data.report_consistency.CallsAgreement; 0 = off). The report is one
+    # the decoder wrote; MBR only chooses. Costs about num_samples / 2 times greedy decoding's time.
+    num_samples: int = 8
+    temperature: float = 1.0
+    top_p: float = 0.9
+    calls_agreement: float = 1.0
+    # mbr: weight of the record's facts carried (data.report_consistency.RecordAgreement: the share
+    # of the known malignancies and lung resections the record names that a sample's Findings or
+    # Impression names); 0 = off.
+    record_agreement: float = 1.0
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0  # beam search: a hypothesis scores sum log p / length ** length_penalty
     seed: int | None = 0
@@ -145,6 +158,16 @@ class PipelineConfig:
     calls_guidance: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.strategy not in ("greedy", "beam", "sample", "mbr"):
+            raise ValueError(f"strategy must be greedy, beam, sample or mbr, not {self.strategy!r}")
+        if (self.num_samples < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.calls_agreement < 0
+                or self.record_agreement < 0):
+            raise ValueError(f"sampling needs num_samples >= 1, temperature > 0, 0 < top_p <= 1 and calls_agreement, "
+                             f"record_agreement >= 0; got {self.num_samples}, {self.temperature}, {self.top_p}, "
+                             f"{self.calls_agreement}, {self.record_agreement}")
+        if self.calls_guidance > 0 and self.strategy == "mbr":
+            raise ValueError("calls_guidance works with greedy decoding or sampling: use --strategy greedy, "
+                             "or set --calls-guidance 0 for mbr")
         if self.calls_guidance < 0:
             raise ValueError(f"calls_guidance must be >= 0 (0 = off), got {self.calls_guidance}")
         if self.calls_guidance > 0 and self.strategy == "beam":
@@ -155,6 +178,8 @@ class PipelineConfig:
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens, eos_id=tokenizer.eos_id, strategy=self.strategy,
             num_beams=self.num_beams, no_repeat_ngram_size=self.no_repeat_ngram_size, length_penalty=self.length_penalty,
+            num_samples=self.num_samples, temperature=self.temperature, top_p=self.top_p,
+            mbr_from_id=tokenizer.section_ids[SECTION_KEYS.index("findings")],
             section_ids=list(tokenizer.section_ids), seed=self.seed, pad_id=tokenizer.pad_id,
             **tokenizer.report_constraints(self.nonempty_items, self.complete_sections),
         )
@@ -403,6 +428,8 @@ class ReportPipeline:
         if history_kind:
             hist_info["source"] = history_kind
         item = _Item(study, inputs, hist_info, audio_info, warnings)
+        if self.config.strategy == "mbr" and self.config.record_agreement > 0:
+            item.record_facts = record_facts(history if isinstance(history, str) else None)
         item.timings["loading"] = round(time.perf_counter() - t0, 4)
         return item
 
@@ -467,8 +494,16 @@ class ReportPipeline:
                                  torch.nn.utils.rnn.pad_sequence(masks_u, batch_first=True),  # [B,F]
                                  digest_spans(xu) if model.cfg.decoder.copy else None, self.config.calls_guidance,
                                  start_ids=(tok.section_ids[SECTION_KEYS.index("findings")],))
+            rerank = None  # MBR: the sample that says what the findings table says and carries the record's facts
+            if self.config.strategy == "mbr":
+                rerank = [sum_reranks([CallsAgreement(tok, it.called, self.config.calls_agreement)
+                                       if self.config.calls_agreement > 0 else None,
+                                       RecordAgreement(tok, it.record_facts, self.config.record_agreement)
+                                       if self.config.record_agreement > 0 and it.record_facts else None])
+                          for it in items]
+                rerank = rerank if any(r is not None for r in rerank) else None
             token_ids = generate(model.decoder, prefixes, ctx, cmask, self.config.generation(tok), copy_spans=spans,
-                                 vetoes=vetoes, guidance=guide)
+                                 vetoes=vetoes, guidance=guide, rerank=rerank)
         t_gen = round((time.perf_counter() - t0) / n, 4)
         notify("generating", _STAGE_SPAN["generating"][1])
         for b, it in enumerate(items):
@@ -575,6 +610,9 @@ class ReportPipeline:
             "generation": {"strategy": cfg.strategy, "max_new_tokens": cfg.max_new_tokens, "tokens_generated": n_tokens,
                            "num_beams": cfg.num_beams if cfg.strategy == "beam" else None,
                            "length_penalty": cfg.length_penalty if cfg.strategy == "beam" else None,
+                           **({"num_samples": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                               "calls_agreement": cfg.calls_agreement, "record_agreement": cfg.record_agreement,
+                               "seed": cfg.seed} if cfg.strategy == "mbr" else {}),
                            "complete_report": cfg.complete_sections,
                            "consistent_with_calls": cfg.consistent_with_calls,
                            "consistent_with_acquisition": cfg.consistent_with_acquisition and bool(inputs.acquisition),
@@ -616,6 +654,7 @@ class _Item:
     called: list[str] = dataclasses.field(default_factory=list)  # findings the heads call present
     sizes: dict[str, float] = dataclasses.field(default_factory=dict)  # measured sizes in the calls (nodule_size_prompt)
     refused: int | None = None  # continuations the consistency vetoes refused (calls, acquisition)
+    record_facts: tuple[str, ...] = ()  # what the report should carry from the record (MBR's RecordAgreement)
 
 
 def _audio_config(cfg):

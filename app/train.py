@@ -1201,7 +1201,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                    consistent_with_calls: bool = False, consistent_with_acquisition: bool = True,
                    consistent_measurements: bool = True, report_outline: bool = True,
                    technique_states_contrast: bool = False, calls_covered: bool = False,
-                   calls_guidance: float = 0.0, cache_dir: str | Path | None = None) -> dict:
+                   calls_guidance: float = 0.0, num_samples: int = 8, temperature: float = 1.0, top_p: float = 0.9,
+                   calls_agreement: float = 0.0, record_agreement: float = 0.0, cache_dir: str | Path | None = None) -> dict:
     """Generate reports (greedy unless ``strategy``) for a split and score them (no manifest facts
     are used to crop).
 
@@ -1210,7 +1211,11 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     expected calibration error of the (calibrated) finding probabilities, text-finding
     consistency (labeller reading of the generated text vs the heads' decisions), and the share
     of planted history facts whose expected phrase appears in the report. ``cache_dir``: a
-    decoded-study cache to read and fill (default none: every study decoded and measured anew)."""
+    decoded-study cache to read and fill (default none: every study decoded and measured anew).
+    ``strategy="mbr"``: ``num_samples`` reports sampled at ``temperature`` / ``top_p`` per study, the
+    consensus kept, with ``calls_agreement`` weighing the labeller's agreement with the calls
+    (``data.report_consistency.CallsAgreement``) and ``record_agreement`` the record's facts carried
+    (``RecordAgreement``; 0 = off), as the product runs."""
     from tqdm.auto import tqdm
 
     from app.evaluate import evaluate_reports
@@ -1238,13 +1243,15 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     probs, labels, below = [], [], []
     bar = tqdm(total=len(entries), desc=f"evaluate {split}", disable=not progress)
     from core.generate import GenerationConfig
-    from data.report_format import format_report
+    from data.report_format import SECTION_KEYS, format_report
     from multimodal.model import collate
 
     tok = model.tokenizer
     gen = GenerationConfig(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, section_ids=list(tok.section_ids),
                            pad_id=tok.pad_id, no_repeat_ngram_size=no_repeat_ngram_size, strategy=strategy,
-                           num_beams=num_beams, length_penalty=length_penalty,
+                           num_beams=num_beams, length_penalty=length_penalty, num_samples=num_samples,
+                           temperature=temperature, top_p=top_p, seed=0,
+                           mbr_from_id=tok.section_ids[SECTION_KEYS.index("findings")],
                            **tok.report_constraints(nonempty_items, complete_sections))
 
     def _hist_size(e) -> int:  # batch studies of similar record length: less padding in the prefill
@@ -1257,13 +1264,20 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     vetoes_for = None  # one findings-table veto per study, from its calls (consistent_with_calls)
     from data.finding_prompt import measured_size
     from core.generate import any_veto
-    from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
+    from core.generate import sum_reranks
+    from data.history_digest import record_facts
+    from data.report_consistency import CallsAgreement, CallsVeto, MeasurementVeto, RecordAgreement, acquisition_veto
     from data.report_coverage import CoverageVeto
     from data.report_outline import OutlineVeto
 
     if consistent_with_calls or calls_covered:  # from the calls, as the product runs
         vetoes_for = lambda names: any_veto([CallsVeto(tok, names) if consistent_with_calls else None,  # noqa: E731
                                              CoverageVeto(tok, names) if calls_covered else None])
+    def _record_text(e) -> str | None:
+        if e.history:
+            p = e.path(e.history)
+            return p.read_text(encoding="utf-8", errors="replace") if p.is_file() else None
+        return e.history_text
     thr_k = dict(zip(names, model.cfg.heads.thresholds()))
     t0 = time.perf_counter()
     for a in range(0, len(entries), batch_size):
@@ -1279,8 +1293,15 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
             by_calls = lambda b, row, st=studies: MeasurementVeto(tok, st[b].prior_nodule_mm, measured_size(row))  # noqa: E731
         if report_outline:  # and the report to the product's outline (as the product runs)
             row_vetoes = [any_veto([v, OutlineVeto(tok)]) for v in (row_vetoes or [None] * len(studies))]
+        rerank_for = None  # MBR: the sample that says what the table says and carries the record's facts (as the product runs)
+        if strategy == "mbr" and (calls_agreement > 0 or record_agreement > 0):
+            facts = [record_facts(_record_text(e)) if record_agreement > 0 else () for e in chunk]
+            rerank_for = lambda b, names, f=facts: sum_reranks([  # noqa: E731
+                CallsAgreement(tok, names, calls_agreement) if calls_agreement > 0 else None,
+                RecordAgreement(tok, f[b], record_agreement) if f[b] else None])
         preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False, vetoes_for=vetoes_for,
-                                      row_vetoes=row_vetoes, vetoes_for_calls=by_calls, calls_guidance=calls_guidance)
+                                      row_vetoes=row_vetoes, vetoes_for_calls=by_calls, calls_guidance=calls_guidance,
+                                      rerank_for=rerank_for)
         for e, p in zip(chunk, preds):
             hyp[e.id] = format_report(tok.decode_report(p.token_ids))
             found[e.id] = {n: {"p": round(p.finding_probs[n], 5), "present": bool(p.finding_probs[n] >= thr_k[n]),
@@ -1305,7 +1326,10 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                                         "consistent_measurements": consistent_measurements,
                                         "report_outline": report_outline, "calls_covered": calls_covered,
                                         "calls_guidance": calls_guidance,
-                                        "technique_states_contrast": technique_states_contrast}}
+                                        "technique_states_contrast": technique_states_contrast,
+                                        **({"num_samples": num_samples, "temperature": temperature, "top_p": top_p,
+                                            "calls_agreement": calls_agreement, "record_agreement": record_agreement}
+                                           if strategy == "mbr" else {})}}
     out.update({k: ev.scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "length_ratio",
                                           "brevity_penalty") if k in ev.scores})
     from data.report_consistency import change_contradictions

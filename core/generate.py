@@ -1,6 +1,7 @@
-"""Batched generation with the decoder's KV cache: greedy, beam search (n-gram blocking) and nucleus
-sampling, EOS / max length, and optional constraints that keep section markers in order and keep a
-report from ending before its last section has content.
+"""Batched generation with the decoder's KV cache: greedy, beam search (n-gram blocking), nucleus
+sampling and minimum-Bayes-risk selection among samples (``strategy="mbr"``), EOS / max length, and
+optional constraints that keep section markers in order and keep a report from ending before its
+last section has content.
 
 A caller may also pass one *veto* per prefix: a function of the row's generated tokens (the
 candidate last) that returns True to refuse that continuation (the app uses it to keep a report
@@ -8,7 +9,15 @@ from contradicting its own findings table). Greedy and sampling then take the mo
 ``veto_topk`` best tokens that is not refused; beam search drops refused candidates. When every
 candidate is refused the unconstrained choice is kept: a veto never stops a report.
 
-Legend: B prefixes, W beams, V vocab.
+MBR (Kumar & Byrne 2004; Freitag et al. 2022, "High quality rather than high model probability"):
+each prefix is read once, then ``num_samples`` continuations are sampled from it in one batch, and
+the one that agrees best with the others (mean smoothed sentence BLEU-4 on token ids, from
+``mbr_from_id`` on) is returned: the consensus report rather than the single likeliest path. A
+caller may add a per-prefix *rerank* score to that agreement (the app: how well a candidate's text
+agrees with the findings table). The samples draw from a generator seeded with ``seed`` (0 when
+None), so the same inputs in the same batch give the same report.
+
+Legend: B prefixes, W beams, N samples per prefix, V vocab.
 """
 from __future__ import annotations
 
@@ -25,8 +34,10 @@ from core.decoder import Decoder, spans_to_mask
 class GenerationConfig:
     max_new_tokens: int = 256
     eos_id: int | None = None
-    strategy: str = "greedy"  # "greedy" | "beam" | "sample"
+    strategy: str = "greedy"  # "greedy" | "beam" | "sample" | "mbr"
     num_beams: int = 4
+    num_samples: int = 8  # mbr: sampled candidates per prefix
+    mbr_from_id: int | None = None  # mbr: candidates are compared from this token on (None: whole)
     no_repeat_ngram_size: int = 0
     top_p: float = 0.9
     temperature: float = 1.0
@@ -60,8 +71,10 @@ class GenerationConfig:
     veto_topk: int = 8
 
     def __post_init__(self) -> None:
-        if self.strategy not in ("greedy", "beam", "sample"):
-            raise ValueError("strategy must be 'greedy', 'beam' or 'sample'")
+        if self.strategy not in ("greedy", "beam", "sample", "mbr"):
+            raise ValueError("strategy must be 'greedy', 'beam', 'sample' or 'mbr'")
+        if self.strategy == "mbr" and self.num_samples < 1:
+            raise ValueError("num_samples must be >= 1 for mbr decoding")
 
 
 class _RowState:
@@ -164,6 +177,7 @@ def _nucleus(logits_BV: torch.Tensor, top_p: float, temperature: float, gen: tor
 
 
 Veto = Callable[[list[int]], bool]
+Rerank = Callable[[list[int]], float]  # a candidate's generated tokens -> a score added to its MBR agreement
 
 
 @dataclass
@@ -217,17 +231,27 @@ def any_veto(vetoes: Sequence[Veto | None]) -> Veto | None:
     return lambda tokens: any(v(tokens) for v in vs)
 
 
+def sum_reranks(reranks: Sequence[Rerank | None]) -> Rerank | None:
+    """One rerank score that adds up ``reranks`` (None entries skipped; None if none left)."""
+    rs = [r for r in reranks if r is not None]
+    if len(rs) <= 1:
+        return rs[0] if rs else None
+    return lambda tokens: sum(float(r(tokens)) for r in rs)
+
+
 @torch.no_grad()
 def generate(dec: Decoder, prefixes: list[list[int]], context_BFD: torch.Tensor | None = None,
              context_mask_BF: torch.Tensor | None = None, cfg: GenerationConfig | None = None,
              copy_spans: list[tuple[int, int] | None] | None = None,
-             vetoes: Sequence[Veto | None] | None = None, guidance: Guidance | None = None) -> list[list[int]]:
+             vetoes: Sequence[Veto | None] | None = None, guidance: Guidance | None = None,
+             rerank: Sequence[Rerank | None] | None = None) -> list[list[int]]:
     """New tokens per prefix (EOS included when emitted).  Prefixes may differ in length.
     ``copy_spans``: per prefix, the ``[start, end)`` positions the decoder's copy head may copy
     from (the history digest), or None. ``vetoes``: per prefix, a function of the generated
     tokens (candidate last) that refuses a continuation, or None (module docstring).
     ``guidance``: contrastive guidance by a counterfactual twin of each row (:class:`Guidance`;
-    greedy and sampling only)."""
+    greedy and sampling only). ``rerank``: per prefix, a score of a candidate's tokens added to its
+    MBR agreement, or None (``strategy="mbr"`` only)."""
     cfg = cfg or GenerationConfig()
     if not prefixes or any(len(p) == 0 for p in prefixes):
         raise ValueError("every prefix needs at least one token (e.g. [BOS])")
@@ -237,9 +261,11 @@ def generate(dec: Decoder, prefixes: list[list[int]], context_BFD: torch.Tensor 
         raise ValueError("give one veto (or None) per prefix")
     if cfg.veto_topk < 1:
         raise ValueError("veto_topk must be >= 1")
+    if rerank is not None and (cfg.strategy != "mbr" or len(rerank) != len(prefixes)):
+        raise ValueError("rerank needs strategy='mbr' and one scorer (or None) per prefix")
     if guidance is not None:
-        if cfg.strategy == "beam":
-            raise ValueError("guidance works with greedy decoding or sampling, not beam search")
+        if cfg.strategy in ("beam", "mbr"):
+            raise ValueError("guidance works with greedy decoding or sampling, not beam search or mbr")
         if len(guidance.prefixes) != len(prefixes) or any(len(p) == 0 for p in guidance.prefixes):
             raise ValueError("guidance needs one non-empty twin prefix per prefix")
         if (guidance.copy_spans is None) != (copy_spans is None):
@@ -249,6 +275,8 @@ def generate(dec: Decoder, prefixes: list[list[int]], context_BFD: torch.Tensor 
     try:
         if cfg.strategy == "beam":
             return _beam(dec, prefixes, context_BFD, context_mask_BF, cfg, copy_spans, vetoes)
+        if cfg.strategy == "mbr":
+            return _mbr(dec, prefixes, context_BFD, context_mask_BF, cfg, copy_spans, vetoes, rerank)
         return _greedy_or_sample(dec, prefixes, context_BFD, context_mask_BF, cfg, copy_spans, vetoes, guidance)
     finally:
         dec.train(was_training)
@@ -314,18 +342,27 @@ def _greedy_or_sample(dec, prefixes, ctx, mask, cfg, copy_spans=None, vetoes=Non
     gen = None
     if cfg.strategy == "sample" and cfg.seed is not None:
         gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
-    states = [_RowState(cfg) for _ in prefixes]
-    done = [False] * len(prefixes)
+    return _decode(dec, logits, cache, cfg, gen, vetoes, guidance)
+
+
+def _decode(dec, logits, cache, cfg, gen, vetoes=None, guidance=None):
+    """The token loop of greedy decoding / sampling from prefilled ``logits`` [B, V] and ``cache``.
+    Without guidance, finished rows leave the batch (the cache keeps the live ones) once a quarter
+    of it has finished: a batch costs what its live rows cost, not its longest row times B."""
+    states = [_RowState(cfg) for _ in range(logits.shape[0])]
+    done = [False] * len(states)
+    live = list(range(len(states)))  # the row of each cache / logits position
     for _ in range(cfg.max_new_tokens):
-        logits = _mask_banned(logits.float(), states)
-        nxt = _nucleus(logits, cfg.top_p, cfg.temperature, gen) if cfg.strategy == "sample" else logits.argmax(-1)
+        logits = _mask_banned(logits.float(), [states[r] for r in live])  # [L,V]
+        nxt = _nucleus(logits, cfg.top_p, cfg.temperature, gen) if cfg.strategy in ("sample", "mbr") else logits.argmax(-1)
         if vetoes is not None:
             picks = nxt.tolist()
-            for r, veto in enumerate(vetoes):
-                if veto is not None and not done[r]:
-                    picks[r] = _vetted(logits[r], picks[r], states[r].tokens, veto, cfg.veto_topk)
+            for i, r in enumerate(live):
+                if vetoes[r] is not None and not done[r]:
+                    picks[i] = _vetted(logits[i], picks[i], states[r].tokens, vetoes[r], cfg.veto_topk)
             nxt = torch.tensor(picks, dtype=nxt.dtype, device=nxt.device)
-        for r, tok in enumerate(nxt.tolist()):
+        for i, tok in enumerate(nxt.tolist()):
+            r = live[i]
             if not done[r]:
                 states[r].push(tok)
                 done[r] = tok == cfg.eos_id
@@ -334,9 +371,71 @@ def _greedy_or_sample(dec, prefixes, ctx, mask, cfg, copy_spans=None, vetoes=Non
         if guidance is not None:
             active = [not guidance.start_ids or any(t in guidance.start_ids for t in st.tokens) for st in states]
             logits = _guided(dec.step(torch.cat([nxt, nxt]), cache), guidance, active)  # the twin takes the row's token
-        else:
-            logits = dec.step(nxt, cache)
+            continue
+        keep = [i for i, r in enumerate(live) if not done[r]]
+        if len(keep) <= 0.75 * len(live):
+            idx = torch.tensor(keep, device=nxt.device)
+            cache.reorder(idx)
+            nxt = nxt.index_select(0, idx)  # [L',]
+            live = [live[i] for i in keep]
+        logits = dec.step(nxt, cache)
     return [s.tokens for s in states]
+
+
+def _mbr(dec, prefixes, ctx, mask, cfg, copy_spans=None, vetoes=None, rerank=None):
+    """Sample ``num_samples`` continuations per prefix (one prefill, the cache repeated) and keep,
+    per prefix, the one with the highest :func:`mbr_agreement` plus its rerank score."""
+    B, N = len(prefixes), cfg.num_samples
+    logits, cache = _prefill(dec, prefixes, ctx, mask, cfg, copy_spans)  # [B,V]
+    expand = torch.arange(B, device=logits.device).repeat_interleave(N)  # [B*N] row b's samples together
+    cache.reorder(expand)
+    logits = logits.index_select(0, expand)  # [B*N,V]
+    gen = torch.Generator(device=logits.device).manual_seed(cfg.seed if cfg.seed is not None else 0)
+    rows = _decode(dec, logits, cache, cfg, gen, None if vetoes is None else [vetoes[b] for b in expand.tolist()])
+    out = []
+    for b in range(B):
+        cands = rows[b * N: (b + 1) * N]
+        score = mbr_agreement(cands, cfg.mbr_from_id, cfg.eos_id)
+        if rerank is not None and rerank[b] is not None:
+            score = [s + float(rerank[b](c)) for s, c in zip(score, cands)]
+        out.append(cands[max(range(N), key=lambda i: (score[i], -i))])  # ties: the earlier sample
+    return out
+
+
+def _ngram_counts(tokens: Sequence[int], n: int) -> dict[tuple[int, ...], int]:
+    out: dict[tuple[int, ...], int] = {}
+    for i in range(len(tokens) - n + 1):
+        g = tuple(tokens[i: i + n])
+        out[g] = out.get(g, 0) + 1
+    return out
+
+
+def sentence_bleu_ids(hyp: Sequence[int], ref: Sequence[int]) -> float:
+    """BLEU-4 of one token sequence against another, every n-gram precision smoothed by adding one
+    to its matches and its total (so that short candidates are comparable); with the brevity penalty."""
+    if not hyp:
+        return 0.0
+    log_p = 0.0
+    for n in range(1, 5):
+        h, r = _ngram_counts(hyp, n), _ngram_counts(ref, n)
+        match = sum(min(c, r.get(g, 0)) for g, c in h.items())
+        log_p += 0.25 * math.log((match + 1) / (sum(h.values()) + 1))
+    bp = 1.0 if len(hyp) > len(ref) else math.exp(1 - len(ref) / len(hyp))
+    return bp * math.exp(log_p)
+
+
+def mbr_agreement(cands: Sequence[Sequence[int]], from_id: int | None = None, eos_id: int | None = None) -> list[float]:
+    """Per candidate, its mean :func:`sentence_bleu_ids` against every other candidate (the MBR
+    expected utility with the samples as pseudo-references), on the tokens from the first
+    ``from_id`` on (the whole candidate when it has none) without ``eos_id``. One candidate: [0.0]."""
+    def part(c: Sequence[int]) -> list[int]:
+        c = [t for t in c if t != eos_id]
+        return c[c.index(from_id):] if from_id is not None and from_id in c else c
+    toks = [part(c) for c in cands]
+    n = len(toks)
+    if n == 1:
+        return [0.0]
+    return [sum(sentence_bleu_ids(toks[i], toks[j]) for j in range(n) if j != i) / (n - 1) for i in range(n)]
 
 
 def _beam(dec, prefixes, ctx, mask, cfg, copy_spans=None, vetoes=None):

@@ -138,3 +138,36 @@ def digest_ids(tokenizer, text: str | None, max_words: int) -> list[int]:
     ``data.tokenizer.ReportTokenizer``."""
     d = digest(text, max_words)
     return tokenizer.encode(d) if d else []
+
+
+# What a chest CT report should carry from the record (data.report_consistency.RecordAgreement):
+# a known malignancy and a prior lung resection.
+_CANCER = re.compile(r"\b(?:([a-z]+) )?(cancer|carcinoma|adenocarcinoma|lymphoma|melanoma|myeloma|sarcoma|mesothelioma|"
+                     r"leuka?emia)\b", re.I)
+_RESECTION = re.compile(r"\b(?:right|left) (?:(?:upper|middle|lower) lobectomy|pneumonectomy)\b", re.I)
+_NOT_A_NAME = frozenset("a an the of with and or for from no known history prior metastatic recurrent suspected "
+                        "possible family screening".split())
+_NOT_RELEVANT = re.compile(r"\b(basal cell|skin|screening|family history|mother|father|brother|sister)\b", re.I)
+
+
+def record_facts(text: str | None) -> tuple[str, ...]:
+    """The facts of a patient record that a chest CT report should carry, as lower-case phrases to
+    look for in it: each malignancy an oncology sentence names (the cancer word with the word before
+    it when that is part of the name: "prostate cancer", "cell carcinoma", "melanoma"), and each
+    prior lung resection a surgery sentence names ("right upper lobectomy"). Left out: a sentence
+    about screening, a relative or a skin cancer. Rule-based like the digest; ``()`` when none."""
+    if not text:
+        return ()
+    out: dict[str, None] = {}
+    for s in relevant_sentences(text):
+        if _NOT_RELEVANT.search(s.text):
+            continue
+        if s.category == "oncology":
+            for m in _CANCER.finditer(s.text):
+                before = (m.group(1) or "").lower()
+                name = m.group(2).lower()
+                out[f"{before} {name}" if before and before not in _NOT_A_NAME else name] = None
+        if s.category in ("surgery", "oncology"):
+            for m in _RESECTION.finditer(s.text):
+                out[m.group(0).lower()] = None
+    return tuple(out)

@@ -17,8 +17,9 @@ import re
 from typing import Iterable
 
 from data.finding_prompt import contrast_of_line
-from data.labeler import label_sentence, split_sentences
-from data.report_format import SECTION_KEYS
+from data.labeler import label_report, label_sentence, presence, split_sentences
+from data.report_format import SECTION_KEYS, findings_impression, format_report, parse_report
+from data.vocab import FINDING_NAMES
 
 CHECKED_SECTIONS = ("findings", "impression")
 
@@ -299,3 +300,54 @@ def acquisition_veto(tokenizer, line: str | None, require: bool = False) -> Acqu
     contrast = contrast_of_line(line)
     return None if contrast is None else AcquisitionVeto(tokenizer, contrast, require=require)
 
+
+
+class CallsAgreement:
+    """A rerank score for MBR decoding (``core.generate``, ``strategy="mbr"``): ``weight`` times
+    the share of the vocabulary's findings on which the labeller's reading of a candidate report
+    (Findings and Impression) agrees with the findings table: stated present where it is called,
+    absent or unmentioned where it is not (a hedge counts as not stated). Among sampled reports that
+    agree about equally with each other, the one that says what the table says wins. Unlike
+    :class:`CallsVeto` it never changes a word: it only chooses between whole reports the decoder
+    wrote."""
+
+    def __init__(self, tokenizer, called: Iterable[str], weight: float = 1.0):
+        self.tok = tokenizer
+        self.called = frozenset(called)
+        unknown = self.called - set(FINDING_NAMES)
+        if unknown:
+            raise ValueError(f"unknown finding name(s) {sorted(unknown)}; use names from data.vocab.FINDING_NAMES")
+        self.names = FINDING_NAMES
+        self.weight = float(weight)
+
+    def agreement(self, text: str) -> float:
+        """The share of findings on which ``text`` (a formatted report) agrees with the table."""
+        said = presence(label_report(text))
+        return sum(bool(said.get(n)) == (n in self.called) for n in self.names) / len(self.names)
+
+    def __call__(self, tokens: list[int]) -> float:
+        return self.weight * self.agreement(format_report(self.tok.decode_report(tokens)))
+
+
+class RecordAgreement:
+    """A rerank score for MBR decoding: ``weight`` times the share of the record's facts
+    (``data.history_digest.record_facts``: a known malignancy, a prior lung resection) that a
+    candidate report names in its Findings or Impression; 0 for every candidate when the record has
+    none. Among sampled reports, the one that carries the known cancer into the Impression ("no
+    evidence of metastatic disease from the known prostate cancer") and the resection into the
+    Findings wins. Like :class:`CallsAgreement` it only chooses between reports the decoder wrote."""
+
+    def __init__(self, tokenizer, facts: Iterable[str], weight: float = 1.0):
+        self.tok = tokenizer
+        self.facts = tuple(f.lower() for f in facts)
+        self.weight = float(weight)
+
+    def carried(self, text: str) -> float:
+        """The share of the facts that ``text`` (a formatted report) names in its Findings or Impression."""
+        if not self.facts:
+            return 0.0
+        body = findings_impression(parse_report(text)).lower()
+        return sum(f in body for f in self.facts) / len(self.facts)
+
+    def __call__(self, tokens: list[int]) -> float:
+        return self.weight * self.carried(format_report(self.tok.decode_report(tokens))) if self.facts else 0.0

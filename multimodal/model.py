@@ -542,6 +542,7 @@ class ReportModel(nn.Module):
         row_vetoes: Sequence[Callable[[list[int]], bool] | None] | None = None,
         vetoes_for_calls: Callable[[int, list[tuple]], Callable[[list[int]], bool] | None] | None = None,
         calls_guidance: float = 0.0,
+        rerank_for: Callable[[int, list[str]], Callable[[list[int]], float] | None] | None = None,
     ) -> list[ReportPrediction]:
         """Report tokens, calibrated finding probabilities, gates and Grad-CAM evidence per study.
 
@@ -558,6 +559,9 @@ class ReportModel(nn.Module):
         nodule's measured size), one more veto (e.g. ``data.report_consistency.MeasurementVeto``).
         ``calls_guidance``: > 0 decodes with contrastive guidance against the same study with no
         finding called (:meth:`no_calls`) at that weight (greedy decoding or sampling).
+        ``rerank_for``: with ``gen.strategy == "mbr"``, given a study's index and its called finding
+        names, a score of a candidate report's tokens added to its MBR agreement, or None (e.g.
+        ``data.report_consistency.CallsAgreement``).
         """
         if prefixes is None or gen is None:
             if self.tokenizer is None:
@@ -605,9 +609,11 @@ class ReportModel(nn.Module):
                     rows = self.calls(heads, x.record_locations, x.nodule_mm)
                     more = [vetoes_for_calls(b, row) for b, row in enumerate(rows)]
                     vetoes = [any_veto([a, c]) for a, c in zip(vetoes or [None] * len(more), more)]
+                rerank = None if rerank_for is None else [rerank_for(b, [c[0] for c in row])
+                                                          for b, row in enumerate(self.calls(heads))]
                 token_ids = generate(self.decoder, prefixes, ctx, cmask, gen or GenerationConfig(),
                                      copy_spans=digest_spans(x) if self.cfg.decoder.copy else None, vetoes=vetoes,
-                                     guidance=guide)
+                                     guidance=guide, rerank=rerank)
             probs = heads.presence_probs.detach().cpu()
             side = torch.softmax(heads.side_logits_BK4.detach(), -1).cpu()
             loc = heads.location_logits_BKL.detach().argmax(-1).cpu()

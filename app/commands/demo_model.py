@@ -44,6 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="val studies on which to choose the decoding (greedy or beam search and its length "
                              "penalty) by BLEU-4 before the test evaluation (default 0: greedy, as the shipped model; "
                              "120 took 26 min in session 12 and did not raise test BLEU-4, docs/training.md)")
+    parser.add_argument("--tune-num-beams", type=int, default=4,
+                        help="with --tune-studies: beam width of the beam candidates (default 4; 1 = none)")
+    parser.add_argument("--tune-mbr-samples", type=int, default=0,
+                        help="with --tune-studies: also MBR over this many samples per study (default 0 = not)")
+    parser.add_argument("--tune-temperatures", default="0.7", help="with --tune-mbr-samples: comma list (default 0.7)")
+    parser.add_argument("--tune-calls-agreements", default="1.0",
+                        help="with --tune-mbr-samples: comma list of findings-table agreement weights (default 1.0)")
+    parser.add_argument("--tune-record-agreement", type=float, default=0.1,
+                        help="with --tune-mbr-samples: weight of the record's facts carried (default 0.1)")
     parser.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16, to stay under 25 MB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--card-only", action="store_true",
@@ -89,7 +98,7 @@ def _with_tiny_studies(args, manifest: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.decoding import DECODING_FILE, GREEDY, tune_decoding, write_decoding
+    from app.decoding import DECODING_FILE, GREEDY, candidates, tune_decoding, write_decoding
     from app.train import evaluate_split, latest_checkpoint, load_config, read_metrics, train
     from multimodal.model import ReportModel
 
@@ -120,9 +129,14 @@ def run(args: argparse.Namespace) -> int:
     model = ReportModel.from_pretrained(final)
     decoding, table = dict(GREEDY), []
     if args.tune_studies:
-        decoding, table = tune_decoding(model, manifest, "val", max_studies=args.tune_studies,
+        floats = lambda text: tuple(float(x) for x in text.split(",") if x.strip())  # noqa: E731
+        cands = candidates(args.tune_num_beams, mbr_samples=args.tune_mbr_samples,
+                           temperatures=floats(args.tune_temperatures),
+                           calls_agreements=floats(args.tune_calls_agreements),
+                           record_agreement=args.tune_record_agreement)
+        decoding, table = tune_decoding(model, manifest, "val", max_studies=args.tune_studies, cands=cands,
                                         max_history_tokens=args.eval_history_tokens, batch_size=cfg.data.batch_size,
-                                        progress=not args.no_progress)
+                                        progress=not args.no_progress, cache_dir=cfg.data.cache_dir or None)
         log.info("decoding chosen on %d val studies: %s", args.tune_studies, decoding)
     metrics = evaluate_split(model, manifest, "test", max_studies=args.eval_studies,
                              max_history_tokens=args.eval_history_tokens, batch_size=cfg.data.batch_size,

@@ -28,8 +28,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8,
                    help="studies whose reports are generated together, each encoded alone (default 8; 1 = one at a time); "
                         "studies of similar record length are grouped, a 100K-token record runs alone")
-    p.add_argument("--strategy", choices=("greedy", "beam", "sample"), default=None,
-                   help="decoding (default: what the model folder's decoding.json chose on val, else greedy)")
+    p.add_argument("--strategy", choices=("greedy", "beam", "sample", "mbr"), default=None,
+                   help="decoding (default: what the model folder's decoding.json chose on val, else greedy); mbr: "
+                        "sample --num-samples reports per study and keep the one that agrees best with the others "
+                        "and with the findings table")
+    p.add_argument("--num-samples", type=int, default=None, help="reports sampled per study with --strategy mbr")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature with --strategy sample or mbr")
+    p.add_argument("--calls-agreement", type=float, default=None, metavar="W",
+                   help="with --strategy mbr: weight of the labeller's agreement with the findings table in the "
+                        "choice (0 = consensus alone)")
+    p.add_argument("--record-agreement", type=float, default=None, metavar="W",
+                   help="with --strategy mbr: weight of the record's facts carried (a known malignancy, a lung "
+                        "resection) in the choice (0 = off)")
     p.add_argument("--num-beams", type=int, default=None, help="beam width with --strategy beam")
     p.add_argument("--length-penalty", type=float, default=None,
                    help="beam search scores sum log p / length ** L; above 1 favours longer reports")
@@ -95,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(args.model)
     decoding = read_decoding(model_dir)  # the model folder's choice (made on val), then the flags
     decoding.update({k: v for k, v in (("strategy", args.strategy), ("num_beams", args.num_beams),
-                                       ("length_penalty", args.length_penalty),
+                                       ("length_penalty", args.length_penalty), ("num_samples", args.num_samples),
+                                       ("temperature", args.temperature), ("calls_agreement", args.calls_agreement),
+                                       ("record_agreement", args.record_agreement),
                                        ("consistent_with_calls", args.consistent_with_calls)) if v is not None})
     cfg = PipelineConfig(quantize=args.quantize, evidence=not args.no_evidence, **validate_decoding(decoding, "flags"))
     for flag in ("consistent_with_acquisition", "technique_states_contrast", "consistent_measurements", "report_outline",

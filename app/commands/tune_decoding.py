@@ -8,7 +8,7 @@ import argparse
 from app.commands._held_out import add_held_out_arguments
 
 NAME = "tune-decoding"
-HELP = "choose greedy or beam search (and its length penalty) by BLEU-4 on val studies; writes MODEL/decoding.json"
+HELP = "choose greedy, beam search (and its length penalty) or MBR by BLEU-4 on val studies; writes MODEL/decoding.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=400, help="report length cap in tokens (default 400)")
     p.add_argument("--consistency", action="store_true",
                    help="also score each candidate with the findings-table veto (consistent_with_calls): twice the candidates")
+    p.add_argument("--mbr-samples", type=int, default=0,
+                   help="also score MBR decoding over this many samples per study (0 = not; each costs about half "
+                        "as many greedy decodings)")
+    p.add_argument("--temperatures", default="0.7", help="comma list of MBR sampling temperatures (default 0.7)")
+    p.add_argument("--calls-agreements", default="1.0",
+                   help="comma list of MBR weights of the text's agreement with the findings table (default 1.0)")
+    p.add_argument("--record-agreement", type=float, default=1.0,
+                   help="MBR weight of the record's facts carried (known malignancy, lung resection; default 1.0)")
     p.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -28,13 +36,19 @@ def run(args: argparse.Namespace) -> int:
     from app.decoding import DecodingError, candidates, format_table, tune_decoding, write_decoding
     from multimodal.model import ReportModel
 
-    try:
-        lps = tuple(float(x) for x in args.length_penalties.split(",") if x.strip())
-    except ValueError:
-        raise DecodingError(f"--length-penalties {args.length_penalties!r}: give numbers separated by commas, e.g. 1.0,1.5") from None
+    def numbers(flag: str, text: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise DecodingError(f"{flag} {text!r}: give numbers separated by commas, e.g. 1.0,1.5") from None
+
+    lps = numbers("--length-penalties", args.length_penalties)
+    cands = candidates(args.num_beams, lps, args.consistency, args.mbr_samples,
+                       numbers("--temperatures", args.temperatures), numbers("--calls-agreements", args.calls_agreements),
+                       args.record_agreement)
     model = ReportModel.from_pretrained(args.model, device="cpu").float().eval()
     chosen, table = tune_decoding(model, args.manifest, args.split, max_studies=args.max_studies,
-                                  cands=candidates(args.num_beams, lps, args.consistency), max_history_tokens=args.max_history_tokens,
+                                  cands=cands, max_history_tokens=args.max_history_tokens,
                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                   progress=not args.no_progress)
     print(format_table(table, chosen))

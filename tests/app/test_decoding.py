@@ -145,3 +145,27 @@ def test_consistency_veto_is_a_decoding_choice(model_dir, tmp_path):
     assert main(["generate", str(EXAMPLES / "manifest.jsonl"), "--out", str(tmp_path / "b"), *common,
                  "--no-consistent-with-calls"]) == 0
     assert provenance(tmp_path / "b")["consistent_with_calls"] is False
+
+
+def test_tune_decoding_scores_mbr_candidates_and_the_pipeline_decodes_as_chosen(model_dir, capsys):
+    """--mbr-samples adds MBR candidates (each temperature x calls-agreement weight) after greedy;
+    a decoding.json that chose MBR makes the pipeline sample and choose as it says."""
+    rc = main(["tune-decoding", "--model", str(model_dir), "--manifest", str(EXAMPLES / "manifest.jsonl"),
+               "--num-beams", "1", "--mbr-samples", "2", "--temperatures", "0.7", "--calls-agreements", "0,1",
+               "--max-new-tokens", "8", "--no-progress", "--dry-run"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "greedy" in out and "mbr 2 T 0.7 agree 0/1" in out and "mbr 2 T 0.7 agree 1/1" in out
+    assert not (model_dir / DECODING_FILE).exists()  # dry run
+    assert [(c["strategy"], c.get("calls_agreement")) for c in candidates(1, (), False, 2, (0.7,), (0.0, 1.0))] == [
+        ("greedy", None), ("mbr", 0.0), ("mbr", 1.0)]
+    mbr = {"strategy": "mbr", "num_samples": 4, "temperature": 0.5, "calls_agreement": 2.0}
+    write_decoding(model_dir, mbr, [], "val", 1)
+    cfg = ReportPipeline.from_dir(model_dir).config
+    assert (cfg.strategy, cfg.num_samples, cfg.temperature, cfg.calls_agreement) == ("mbr", 4, 0.5, 2.0)
+    for bad in ({"strategy": "mbr", "num_samples": 0}, {"temperature": 0}, {"calls_agreement": -1}):
+        with pytest.raises(DecodingError):
+            validate_decoding(bad)
+    assert main(["tune-decoding", "--model", str(model_dir), "--manifest", str(EXAMPLES / "manifest.jsonl"),
+                 "--temperatures", "hot"]) == 2
+    assert "--temperatures 'hot'" in capsys.readouterr().err

@@ -556,3 +556,49 @@ def test_the_nodule_probability_fuses_the_detector_evidence(pipe, tmp_path, monk
     assert next(f for f in rep0.findings if f.name == "nodule").detector is None  # no fusion fitted
     ui_row = next(r for r in findings_table(rep) if r[0] == row.display)
     assert "(with the lung-nodule detector)" in ui_row[2]
+
+
+def test_mbr_decoding_samples_and_reranks_by_the_findings_table(pipe, tmp_path, monkeypatch):
+    """strategy "mbr": generate gets an mbr GenerationConfig with the pipeline's samples,
+    temperature and seed, comparing candidates from the Findings marker on, and one CallsAgreement
+    per study built from the calls (calls_agreement 0: none); the provenance records it.
+    Bad settings are refused with the fix."""
+    from app.pipeline import PipelineConfig
+    from data.report_consistency import CallsAgreement
+    from data.report_format import SECTION_KEYS
+
+    tok = pipe.tokenizer
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",),
+                                  pipeline={"strategy": "mbr", "num_samples": 3, "temperature": 0.7, "max_new_tokens": 24})
+    g = seen["args"][2]
+    assert (g.strategy, g.num_samples, g.temperature, g.seed) == ("mbr", 3, 0.7, 0)
+    assert g.mbr_from_id == tok.section_ids[SECTION_KEYS.index("findings")]
+    (r,) = seen["rerank"]
+    assert isinstance(r, CallsAgreement) and r.called == {"cardiomegaly"} and r.weight == PipelineConfig().calls_agreement
+    gen = rep.provenance["generation"]
+    assert gen["strategy"] == "mbr" and gen["num_samples"] == 3 and gen["temperature"] == 0.7
+    # with a record naming a cancer: the calls' agreement plus the record's facts carried
+    history = "ONCOLOGY NOTE (2021-03-02)\nPast medical history: prostate cancer, diagnosed in 2019.\n"
+    _, _, rec = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), history_text=history,
+                               pipeline={"strategy": "mbr", "num_samples": 2, "record_agreement": 2.0, "max_new_tokens": 8})
+    (both,) = rec["rerank"]
+
+    def ids(impression):
+        out = []
+        for key, text in (("findings", "Heart and mediastinum: The heart is enlarged."), ("impression", impression)):
+            out += [tok.section_ids[SECTION_KEYS.index(key)], *tok.encode(text)]
+        return out
+
+    carried, not_carried = ids("1. Cardiomegaly. No metastases from the known prostate cancer."), ids("1. Cardiomegaly.")
+    agree = CallsAgreement(tok, ["cardiomegaly"], PipelineConfig().calls_agreement)
+    assert both(carried) == pytest.approx(agree(carried) + 2.0)
+    assert both(not_carried) == pytest.approx(agree(not_carried))
+    _, _, off = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",),
+                               pipeline={"strategy": "mbr", "num_samples": 2, "calls_agreement": 0.0, "max_new_tokens": 8})
+    assert off["rerank"] is None  # no calls weight and no record facts
+    rep_g, _, greedy = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), pipeline={"max_new_tokens": 8})
+    assert greedy["rerank"] is None and "num_samples" not in rep_g.provenance["generation"]
+    for bad in (dict(strategy="mbr", num_samples=0), dict(strategy="mbr", temperature=0.0), dict(strategy="nucleus"),
+                dict(strategy="mbr", calls_guidance=1.0)):
+        with pytest.raises(ValueError):
+            PipelineConfig(**bad)

@@ -317,3 +317,123 @@ def test_guidance_against_a_twin_equals_its_recomputed_definition(dec):
         generate(dec, PREFIXES, ctx, None, cfg, guidance=Guidance(twins[:2], ctx_u, mask_u))
     with pytest.raises(ValueError, match="context"):
         generate(dec, PREFIXES, ctx, None, cfg, guidance=Guidance(twins, None, None))
+
+
+def test_finished_rows_leave_the_batch_and_the_others_decode_as_alone(dec):
+    """Rows that end early leave the batch (the cache keeps the live ones); the rows still running
+    write exactly what they write alone."""
+    ctx = torch.randn(3, 4, 64)
+    alone = [_naive_greedy(dec, p, ctx[n:n + 1], 12, None) for n, p in enumerate(PREFIXES)]
+    eos = alone[1][0]  # row 1 ends at its first token; the others go on (unless they write it too)
+    got = generate(dec, PREFIXES, ctx, None, GenerationConfig(max_new_tokens=12, eos_id=eos))
+    assert got[1] == [eos]
+    for n, p in enumerate(PREFIXES):
+        assert got[n] == _naive_greedy(dec, p, ctx[n:n + 1], 12, eos)
+    assert any(len(g) > 1 for g in got)
+
+
+def test_sentence_bleu_ids_and_mbr_agreement():
+    from core.generate import mbr_agreement, sentence_bleu_ids
+
+    a = [5, 6, 7, 8, 9, 10]
+    assert sentence_bleu_ids(a, a) == pytest.approx(1.0)
+    assert sentence_bleu_ids([], a) == 0.0
+    assert sentence_bleu_ids(a[:3], a) < sentence_bleu_ids(a, a)  # brevity penalty
+    assert sentence_bleu_ids([20, 21, 22, 23], a) < 0.2
+    # two near-copies and an outlier: the near-copies agree most; the outlier least
+    cands = [a + [2], a[:-1] + [11, 2], [20, 21, 22, 23, 24, 2]]
+    u = mbr_agreement(cands, eos_id=2)
+    assert u[2] < min(u[0], u[1])
+    # tokens before ``from_id`` are not compared: two candidates differing only there agree fully
+    v = mbr_agreement([[30, 31, 4, 5, 6, 7, 8], [40, 4, 5, 6, 7, 8]], from_id=4)
+    assert v[0] == pytest.approx(1.0) and v[1] == pytest.approx(1.0)
+    assert mbr_agreement([a]) == [0.0]
+
+
+def test_mbr_keeps_the_consensus_sample_and_the_rerank_moves_the_choice(dec):
+    """MBR samples num_samples continuations per prefix from one prefill and returns, per prefix,
+    the one with the best agreement with its siblings (its definition recomputed here on the same
+    samples); a rerank score adds to that agreement; it is seeded (same inputs, same report)."""
+    import importlib
+
+    cg = importlib.import_module("core.generate")  # the module (core.generate is also the function)
+    N, base = 5, dict(max_new_tokens=10, eos_id=3, temperature=1.5, top_p=0.95, seed=4)
+    seen = {}
+    real = cg.mbr_agreement
+
+    def spy(cands, *a, **kw):
+        seen.setdefault("cands", []).append([list(c) for c in cands])
+        return real(cands, *a, **kw)
+
+    cfg = GenerationConfig(strategy="mbr", num_samples=N, **base)
+    try:
+        cg.mbr_agreement = spy
+        got = generate(dec, PREFIXES, None, None, cfg)
+    finally:
+        cg.mbr_agreement = real
+    assert len(seen["cands"]) == len(PREFIXES)
+    for b, cands in enumerate(seen["cands"]):
+        assert len(cands) == N and len({tuple(c) for c in cands}) > 1  # the samples differ
+        u = real(cands, None, 3)
+        assert got[b] == cands[max(range(N), key=lambda i: (u[i], -i))]
+    assert generate(dec, PREFIXES, None, None, cfg) == got  # seeded
+    # a rerank that pays for the first token being the least agreeing sample's picks that sample
+    cands0 = seen["cands"][0]
+    u0 = real(cands0, None, 3)
+    worst = min(range(N), key=lambda i: u0[i])
+    target = cands0[worst]
+    pick = generate(dec, PREFIXES, None, None, cfg, rerank=[lambda c: 10.0 * (c == target), None, None])
+    assert pick[0] == target and pick[1:] == got[1:]
+    # one sample: MBR is plain sampling from the same generator
+    one = GenerationConfig(strategy="mbr", num_samples=1, **base)
+    assert generate(dec, PREFIXES, None, None, one) == generate(dec, PREFIXES, None, None,
+                                                               GenerationConfig(strategy="sample", **base))
+    with pytest.raises(ValueError, match="rerank needs"):
+        generate(dec, PREFIXES, None, None, GenerationConfig(max_new_tokens=2), rerank=[None] * 3)
+    with pytest.raises(ValueError, match="num_samples"):
+        GenerationConfig(strategy="mbr", num_samples=0)
+    with pytest.raises(ValueError, match="not beam search or mbr"):
+        generate(dec, PREFIXES, None, None, cfg, guidance=Guidance(PREFIXES))
+
+
+def test_mbr_samples_keep_the_vetoes(dec):
+    """Each sample of a prefix keeps that prefix's veto."""
+    plain = generate(dec, PREFIXES, None, None, GenerationConfig(max_new_tokens=8))
+    banned = plain[0][0]
+    cfg = GenerationConfig(strategy="mbr", num_samples=4, max_new_tokens=8, top_p=1e-6, seed=0)  # tiny top_p: greedy
+    out = generate(dec, PREFIXES, None, None, cfg, vetoes=[lambda t: t[-1] == banned, None, None])
+    assert banned not in out[0] and out[1:] == plain[1:]
+
+
+class _Countdown(nn.Module):
+    """Fake decoder with a real per-row cache: row r (prefix ``[1] * n``) writes token 5 + r, n times,
+    then EOS (2); the cache's rows follow ``reorder`` like the decoder's."""
+
+    def __init__(self, V=20):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(V, 4)
+        self.V = V
+
+    def _logits(self, cache):
+        lg = torch.zeros(len(cache.left), self.V)
+        for i, (row, left) in enumerate(zip(cache.row.tolist(), cache.left.tolist())):
+            lg[i, 5 + row if left > 0 else 2] = 1.0
+        return lg
+
+    def prefill(self, ids, lengths, ctx, mask, capacity, copy_mask_BT=None):
+        class Cache:
+            def reorder(self, idx, shared_prefix=0):
+                self.row, self.left = self.row.index_select(0, idx), self.left.index_select(0, idx)
+        c = Cache()
+        c.row, c.left = torch.arange(ids.shape[0]), lengths.clone()
+        return self._logits(c), c
+
+    def step(self, ids, cache):
+        cache.left = cache.left - 1
+        return self._logits(cache)
+
+
+def test_rows_leaving_the_batch_one_after_another_keep_their_own_cache():
+    prefixes = [[1] * n for n in (3, 1, 5, 2, 4)]
+    got = generate(_Countdown(), prefixes, None, None, GenerationConfig(max_new_tokens=10, eos_id=2))
+    assert got == [[5 + r] * len(p) + [2] for r, p in enumerate(prefixes)]

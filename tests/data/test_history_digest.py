@@ -88,3 +88,38 @@ def test_every_planted_fact_of_a_synthetic_record_reaches_the_digest_even_at_100
 def test_sentences_are_split_and_deduplicated():
     s = relevant_sentences("NOTE\nNo pneumothorax. Heart size normal. No pneumothorax.\n")
     assert [x.text for x in s] == ["No pneumothorax."] and s[0].heading == "NOTE"
+
+
+def test_record_facts_name_the_known_malignancies_and_lung_resections():
+    from data.history_digest import record_facts
+
+    record = ("ONCOLOGY NOTE (2021-03-02)\nPast medical history: prostate cancer, diagnosed in 2019. Currently under surveillance.\n\n"
+              "SURGICAL HISTORY\nSurgical history: right upper lobectomy in 2015. Recovery uncomplicated.\n\n"
+              "NOTE (2020-01-01)\nDermatology: basal cell carcinoma of the nose excised with clear margins.\n\n"
+              "CLINIC NOTE (2022-02-02)\nDiscussed colorectal cancer screening options.\n"
+              "Family history: mother had breast cancer.\nHistory of renal cell carcinoma, resected.\n"
+              "Ophthalmology: bilateral cataract surgery, uncomplicated.\n")
+    assert record_facts(record) == ("prostate cancer", "right upper lobectomy", "cell carcinoma")
+    assert record_facts("Known metastatic melanoma.") == ("melanoma",)
+    assert record_facts(None) == () and record_facts("Cough for two weeks.") == ()
+
+
+def test_record_facts_of_synthetic_records_cover_their_planted_malignancy_and_lobectomy():
+    """On generated records: every planted malignancy / lobectomy fact is matched by a record fact;
+    a distractor (skin cancer, other surgery) never is."""
+    from data.history_digest import record_facts
+    from data.synthetic.findings import sample_case
+    from data.synthetic.histories import write_history
+
+    rng = np.random.default_rng(3)
+    seen = 0
+    for i in range(60):
+        case = sample_case(rng, f"r{i}", i, "test", "tiny", force={"has_history": True})
+        text, facts = write_history(case, rng, target_tokens=600)
+        got = record_facts(text)
+        for f in facts:
+            if f.kind in ("malignancy", "lobectomy"):
+                seen += 1
+                assert any(t in f.expect_in_report.lower() for t in got), (f.expect_in_report, got)
+        assert not any("basal" in t or "cataract" in t for t in got)
+    assert seen >= 10

@@ -216,3 +216,44 @@ def test_change_contradictions_counts_what_the_veto_prevents():
     assert change_contradictions("Decreased from 9 mm to 7 mm. Decreased from 9 mm to 7 mm.") == (0, 2)
     assert change_contradictions("Remained unchanged at 9 mm. Decreased from 9 mm to 7 mm.") == (1, 2)
     assert change_contradictions("No nodule.") == (0, 0)
+
+
+def test_calls_agreement_scores_a_candidate_report_by_the_findings_table(tok):
+    """CallsAgreement (the MBR rerank): weight x the share of the 15 findings on which the
+    labeller's reading of a candidate (Findings and Impression) agrees with the calls; a hedge
+    counts as not stated; the clinical information is not read."""
+    from data.report_consistency import CallsAgreement
+    from data.vocab import FINDING_NAMES
+
+    K = len(FINDING_NAMES)
+    score = CallsAgreement(tok, ["cardiomegaly"], weight=2.0)
+    says = _ids(tok, clinical_information="Effusion on the prior radiograph.",
+                findings="Heart and mediastinum: The heart is enlarged.", impression="1. Cardiomegaly.")
+    denies = _ids(tok, findings="Heart and mediastinum: The heart is normal in size.", impression="1. No acute findings.")
+    adds = _ids(tok, findings="Heart and mediastinum: The heart is enlarged. Pleura: There is a small right pleural effusion.",
+                impression="1. Cardiomegaly.")
+    hedges = _ids(tok, findings="Lungs and airways: Cannot exclude a small nodule.", impression="1. Cardiomegaly.")
+    assert score(says) == pytest.approx(2.0)
+    assert score(denies) == pytest.approx(2.0 * (K - 1) / K)
+    assert score(adds) == pytest.approx(2.0 * (K - 1) / K)
+    assert score(hedges) == pytest.approx(2.0)
+    assert CallsAgreement(tok, []).agreement("FINDINGS:\nHeart and mediastinum: The heart is enlarged.") == pytest.approx((K - 1) / K)
+    with pytest.raises(ValueError, match="unknown finding"):
+        CallsAgreement(tok, ["heart_attack"])
+
+
+def test_record_agreement_scores_the_record_facts_a_candidate_carries(tok):
+    """RecordAgreement (the MBR rerank): weight x the share of the record's facts named in the
+    Findings or Impression (the clinical information does not count); 0 without facts."""
+    from data.report_consistency import RecordAgreement
+
+    score = RecordAgreement(tok, ["Prostate cancer", "right upper lobectomy"], weight=3.0)
+    both = _ids(tok, clinical_information="Staging.", findings="Lungs and airways: Changes of prior right upper lobectomy.",
+                impression="1. No metastatic disease from the known prostate cancer.")
+    one = _ids(tok, clinical_information="History of prostate cancer.",
+               findings="Lungs and airways: Changes of prior right upper lobectomy.", impression="1. No acute findings.")
+    none = _ids(tok, findings="Lungs and airways: Clear.", impression="1. No acute findings.")
+    assert score(both) == pytest.approx(3.0)
+    assert score(one) == pytest.approx(1.5)
+    assert score(none) == 0.0
+    assert RecordAgreement(tok, [])(both) == 0.0

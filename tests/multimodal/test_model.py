@@ -494,8 +494,8 @@ def _cardiomegaly_prompt_model(monkeypatch):
     m = ReportModel(cfg, tokenizer=tok).eval()
     seen = {}
 
-    def spy(decoder, prefixes, ctx, cmask, gen, copy_spans=None, vetoes=None, guidance=None):
-        seen.update(prefixes=prefixes, spans=copy_spans, vetoes=vetoes, guidance=guidance)
+    def spy(decoder, prefixes, ctx, cmask, gen, copy_spans=None, vetoes=None, guidance=None, rerank=None):
+        seen.update(prefixes=prefixes, spans=copy_spans, vetoes=vetoes, guidance=guidance, rerank=rerank)
         return [[tok.eos_id] for _ in prefixes]
 
     monkeypatch.setattr(mm, "generate", spy)
@@ -523,6 +523,11 @@ def test_finding_prompt_from_the_heads_calls_goes_before_report(monkeypatch):
     m.generate_report(x, prefixes, GenerationConfig(max_new_tokens=2, eos_id=tok.eos_id), evidence=False,
                       vetoes_for=lambda names: ("veto", tuple(names)))
     assert seen["vetoes"] == [("veto", ("cardiomegaly",))] * 2
+    assert seen["rerank"] is None
+    # rerank_for (MBR): one score per study, made from its index and the names the heads call
+    m.generate_report(x, prefixes, GenerationConfig(max_new_tokens=2, eos_id=tok.eos_id), evidence=False,
+                      rerank_for=lambda b, names: ("score", b, tuple(names)))
+    assert seen["rerank"] == [("score", 0, ("cardiomegaly",)), ("score", 1, ("cardiomegaly",))]
     assert tok.decode(prompt).strip() == "Calls: cardiomegaly."
 
 
