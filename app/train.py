@@ -1263,8 +1263,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     entries = sorted(entries, key=_hist_size)
     vetoes_for = None  # one findings-table veto per study, from its calls (consistent_with_calls)
     from data.finding_prompt import measured_size
-    from core.generate import any_veto
-    from core.generate import sum_reranks
+    from core.generate import any_veto, sum_reranks
     from data.history_digest import record_facts
     from data.report_consistency import CallsAgreement, CallsVeto, MeasurementVeto, RecordAgreement, acquisition_veto
     from data.report_coverage import CoverageVeto
@@ -1273,7 +1272,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     if consistent_with_calls or calls_covered:  # from the calls, as the product runs
         vetoes_for = lambda names: any_veto([CallsVeto(tok, names) if consistent_with_calls else None,  # noqa: E731
                                              CoverageVeto(tok, names) if calls_covered else None])
-    def _record_text(e) -> str | None:
+
+    def _record_text(e) -> str | None:  # the patient record RecordAgreement reads its facts from
         if e.history:
             p = e.path(e.history)
             return p.read_text(encoding="utf-8", errors="replace") if p.is_file() else None

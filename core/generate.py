@@ -37,7 +37,10 @@ class GenerationConfig:
     strategy: str = "greedy"  # "greedy" | "beam" | "sample" | "mbr"
     num_beams: int = 4
     num_samples: int = 8  # mbr: sampled candidates per prefix
-    mbr_from_id: int | None = None  # mbr: candidates are compared from this token on (None: whole)
+    # mbr: candidates are compared from this token on (the Findings marker; None: whole). Writing
+    # the sections before it greedily and sampling only after it was measured worse (session 26,
+    # 80 val studies: BLEU-4 0.432 -> 0.392, facts 90.2 -> 87.7 %).
+    mbr_from_id: int | None = None
     no_repeat_ngram_size: int = 0
     top_p: float = 0.9
     temperature: float = 1.0

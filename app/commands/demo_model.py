@@ -51,8 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-temperatures", default="0.7", help="with --tune-mbr-samples: comma list (default 0.7)")
     parser.add_argument("--tune-calls-agreements", default="1.0",
                         help="with --tune-mbr-samples: comma list of findings-table agreement weights (default 1.0)")
-    parser.add_argument("--tune-record-agreement", type=float, default=0.1,
-                        help="with --tune-mbr-samples: weight of the record's facts carried (default 0.1)")
+    parser.add_argument("--tune-record-agreement", type=float, default=0.0,
+                        help="with --tune-mbr-samples: weight of the record's facts carried (default 0 = off)")
     parser.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16, to stay under 25 MB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--card-only", action="store_true",

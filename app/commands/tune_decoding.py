@@ -4,6 +4,7 @@ weights (DIR/decoding.json), which `generate`, the UI and the pipeline then use 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from app.commands._held_out import add_held_out_arguments
 
@@ -26,8 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperatures", default="0.7", help="comma list of MBR sampling temperatures (default 0.7)")
     p.add_argument("--calls-agreements", default="1.0",
                    help="comma list of MBR weights of the text's agreement with the findings table (default 1.0)")
-    p.add_argument("--record-agreement", type=float, default=1.0,
-                   help="MBR weight of the record's facts carried (known malignancy, lung resection; default 1.0)")
+    p.add_argument("--record-agreement", type=float, default=0.0,
+                   help="MBR weight of the record's facts carried (known malignancy, lung resection; default 0 = off)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="decoded-study cache to read and fill (e.g. the dataset's .medreport_cache; default none)")
     p.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     chosen, table = tune_decoding(model, args.manifest, args.split, max_studies=args.max_studies,
                                   cands=cands, max_history_tokens=args.max_history_tokens,
                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, cache_dir=args.cache_dir)
     print(format_table(table, chosen))
     if not args.dry_run:
         p = write_decoding(args.model, chosen, table, args.split, int(table[0]["n"]))

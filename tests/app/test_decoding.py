@@ -155,7 +155,7 @@ def test_tune_decoding_scores_mbr_candidates_and_the_pipeline_decodes_as_chosen(
                "--max-new-tokens", "8", "--no-progress", "--dry-run"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "greedy" in out and "mbr 2 T 0.7 agree 0/1" in out and "mbr 2 T 0.7 agree 1/1" in out
+    assert "greedy" in out and "mbr 2 T 0.7 agree 0/0" in out and "mbr 2 T 0.7 agree 1/0" in out
     assert not (model_dir / DECODING_FILE).exists()  # dry run
     assert [(c["strategy"], c.get("calls_agreement")) for c in candidates(1, (), False, 2, (0.7,), (0.0, 1.0))] == [
         ("greedy", None), ("mbr", 0.0), ("mbr", 1.0)]

@@ -437,3 +437,4 @@ def test_rows_leaving_the_batch_one_after_another_keep_their_own_cache():
     prefixes = [[1] * n for n in (3, 1, 5, 2, 4)]
     got = generate(_Countdown(), prefixes, None, None, GenerationConfig(max_new_tokens=10, eos_id=2))
     assert got == [[5 + r] * len(p) + [2] for r, p in enumerate(prefixes)]
+
