@@ -36,6 +36,19 @@ GREEDY = {"strategy": "greedy", "num_beams": 1, "length_penalty": 1.0, "no_repea
           "consistent_with_calls": False}
 
 
+def mbr_rerank(tokenizer, called, facts, calls_agreement: float, record_agreement: float):
+    """One study's MBR rerank score (``core.generate.Rerank``): ``CallsAgreement`` over the called
+    finding names at ``calls_agreement`` plus ``RecordAgreement`` over the record's ``facts`` at
+    ``record_agreement`` (``data.report_consistency``; either left out at weight 0, the second also
+    without facts); None when both are. The pipeline and ``evaluate_split`` build it alike."""
+    from core.generate import sum_reranks
+    from data.report_consistency import CallsAgreement, RecordAgreement
+
+    facts = tuple(facts)
+    return sum_reranks([CallsAgreement(tokenizer, called, calls_agreement) if calls_agreement > 0 else None,
+                        RecordAgreement(tokenizer, facts, record_agreement) if record_agreement > 0 and facts else None])
+
+
 class DecodingError(MedreportError):
     """A decoding.json that cannot be used, or a tuning request that cannot run."""
 

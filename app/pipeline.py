@@ -35,13 +35,14 @@ import torch
 from torch import nn
 
 from app import __version__
+from app.decoding import mbr_rerank
 from app.report import UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
-from core.generate import GenerationConfig, Guidance, any_veto, generate, sum_reranks
+from core.generate import GenerationConfig, Guidance, any_veto, generate
 from data.errors import AudioError, HistoryError, MedreportError
 from data.finding_prompt import record_locations, record_prior_nodule_mm, study_acquisition
 from data.detectors import DETECTOR_LABELS, read_study
 from data.history_digest import digest_ids, record_facts
-from data.report_consistency import CallsAgreement, CallsVeto, MeasurementVeto, RecordAgreement, acquisition_veto
+from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
 from data.report_coverage import CoverageVeto
 from data.report_format import SECTION_KEYS
 from data.report_outline import OutlineVeto
@@ -503,11 +504,8 @@ class ReportPipeline:
                                  start_ids=(tok.section_ids[SECTION_KEYS.index("findings")],))
             rerank = None  # MBR: the sample that says what the findings table says and carries the record's facts
             if self.config.strategy == "mbr":
-                rerank = [sum_reranks([CallsAgreement(tok, it.called, self.config.calls_agreement)
-                                       if self.config.calls_agreement > 0 else None,
-                                       RecordAgreement(tok, it.record_facts, self.config.record_agreement)
-                                       if self.config.record_agreement > 0 and it.record_facts else None])
-                          for it in items]
+                rerank = [mbr_rerank(tok, it.called, it.record_facts, self.config.calls_agreement,
+                                     self.config.record_agreement) for it in items]
                 rerank = rerank if any(r is not None for r in rerank) else None
             token_ids = generate(model.decoder, prefixes, ctx, cmask, self.config.generation(tok), copy_spans=spans,
                                  vetoes=vetoes, guidance=guide, rerank=rerank)

@@ -1263,9 +1263,10 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     entries = sorted(entries, key=_hist_size)
     vetoes_for = None  # one findings-table veto per study, from its calls (consistent_with_calls)
     from data.finding_prompt import measured_size
-    from core.generate import any_veto, sum_reranks
+    from core.generate import any_veto
     from data.history_digest import record_facts
-    from data.report_consistency import CallsAgreement, CallsVeto, MeasurementVeto, RecordAgreement, acquisition_veto
+    from app.decoding import mbr_rerank
+    from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
     from data.report_coverage import CoverageVeto
     from data.report_outline import OutlineVeto
 
@@ -1296,9 +1297,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
         rerank_for = None  # MBR: the sample that says what the table says and carries the record's facts (as the product runs)
         if strategy == "mbr" and (calls_agreement > 0 or record_agreement > 0):
             facts = [record_facts(_record_text(e)) if record_agreement > 0 else () for e in chunk]
-            rerank_for = lambda b, names, f=facts: sum_reranks([  # noqa: E731
-                CallsAgreement(tok, names, calls_agreement) if calls_agreement > 0 else None,
-                RecordAgreement(tok, f[b], record_agreement) if f[b] else None])
+            rerank_for = lambda b, names, f=facts: mbr_rerank(tok, names, f[b], calls_agreement,  # noqa: E731
+                                                              record_agreement)
         preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False, vetoes_for=vetoes_for,
                                       row_vetoes=row_vetoes, vetoes_for_calls=by_calls, calls_guidance=calls_guidance,
                                       rerank_for=rerank_for)

@@ -351,3 +351,4 @@ class RecordAgreement:
 
     def __call__(self, tokens: list[int]) -> float:
         return self.weight * self.carried(format_report(self.tok.decode_report(tokens))) if self.facts else 0.0
+
