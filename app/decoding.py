@@ -31,7 +31,9 @@ DECODING_FILE = "decoding.json"
 # the settings a decoding.json may choose, with their types
 DECODING_KEYS: dict[str, type] = {"strategy": str, "num_beams": int, "length_penalty": float, "no_repeat_ngram_size": int,
                                   "consistent_with_calls": bool, "num_samples": int, "temperature": float,
-                                  "calls_agreement": float, "record_agreement": float}
+                                  "calls_agreement": float, "record_agreement": float, "mbr_from": str}
+# what MBR compares the samples on: the whole report, or the Findings and Impression only
+MBR_FROM = ("report", "findings")
 GREEDY = {"strategy": "greedy", "num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
           "consistent_with_calls": False}
 
@@ -75,6 +77,8 @@ def validate_decoding(chosen: dict, where: str = "decoding") -> dict:
         raise DecodingError(f"{where}: num_beams and num_samples must be >= 1 and no_repeat_ngram_size >= 0")
     if out.get("temperature", 1.0) <= 0 or out.get("calls_agreement", 0.0) < 0 or out.get("record_agreement", 0.0) < 0:
         raise DecodingError(f"{where}: temperature must be > 0, calls_agreement and record_agreement >= 0")
+    if out.get("mbr_from", "report") not in MBR_FROM:
+        raise DecodingError(f"{where}: mbr_from must be one of {list(MBR_FROM)}, not {out['mbr_from']!r}")
     return out
 
 
@@ -104,11 +108,13 @@ def write_decoding(model_dir: str | Path, chosen: dict, table: list[dict], split
 
 def candidates(num_beams: int = 4, length_penalties: tuple[float, ...] = (1.0, 1.5, 2.0),
                consistency: bool = False, mbr_samples: int = 0, temperatures: tuple[float, ...] = (0.7,),
-               calls_agreements: tuple[float, ...] = (1.0,), record_agreement: float = 0.0) -> list[dict]:
+               calls_agreements: tuple[float, ...] = (1.0,), record_agreement: float = 0.0,
+               mbr_from: tuple[str, ...] = ("report",)) -> list[dict]:
     """Greedy first (the cheapest, kept on ties), then beam search at each length penalty; with
     ``consistency`` each of them again with the findings-table veto (``consistent_with_calls``);
     with ``mbr_samples`` > 0, MBR over that many samples at each temperature and calls-agreement
-    weight, with ``record_agreement`` (``core.generate``; the most expensive, last)."""
+    weight and each ``mbr_from`` (what the samples are compared on), with ``record_agreement``
+    (``core.generate``; the most expensive, last)."""
     out = [dict(GREEDY)]
     if num_beams > 1:
         out += [{"strategy": "beam", "num_beams": num_beams, "length_penalty": float(lp), "no_repeat_ngram_size": 0,
@@ -117,8 +123,9 @@ def candidates(num_beams: int = 4, length_penalties: tuple[float, ...] = (1.0, 1
         out += [{**c, "consistent_with_calls": True} for c in list(out)]
     if mbr_samples > 0:
         out += [{"strategy": "mbr", "num_samples": mbr_samples, "temperature": float(t), "calls_agreement": float(w),
-                 "record_agreement": float(record_agreement), "num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0, "consistent_with_calls": False}
-                for t in temperatures for w in calls_agreements]
+                 "record_agreement": float(record_agreement), "mbr_from": f, "num_beams": 1, "length_penalty": 1.0,
+                 "no_repeat_ngram_size": 0, "consistent_with_calls": False}
+                for f in mbr_from for t in temperatures for w in calls_agreements]
     return out
 
 
@@ -155,15 +162,16 @@ def tune_decoding(model, manifest: str | Path, split: str = "val", max_studies: 
 
 def format_table(table: list[dict], chosen: dict) -> str:
     """The candidates as a text table (tune-decoding's output, the model card), the chosen row marked."""
-    head = f"{'decoding':<22} {'BLEU-4':>7} {'len/ref':>7} {'BP':>6} {'facts':>6} {'text F1':>7} {'s/study':>7}"
+    head = f"{'decoding':<26} {'BLEU-4':>7} {'len/ref':>7} {'BP':>6} {'facts':>6} {'text F1':>7} {'s/study':>7}"
     lines = [head]
     for r in table:
         name = ("greedy" if r["strategy"] == "greedy" else
-                f"mbr {r['num_samples']} T {r['temperature']:g} agree {r['calls_agreement']:g}/{r.get('record_agreement', 0):g}" if r["strategy"] == "mbr" else
+                f"mbr {r['num_samples']} T {r['temperature']:g} agree {r['calls_agreement']:g}/{r.get('record_agreement', 0):g}"
+                + (" F+I" if r.get("mbr_from") == "findings" else "") if r["strategy"] == "mbr" else
                 f"{r['strategy']} {r['num_beams']} lp {r['length_penalty']:g}")
         name += " +veto" if r.get("consistent_with_calls") else ""
         mark = " <- chosen" if all(r.get(k, GREEDY.get(k)) == v for k, v in chosen.items() if k in DECODING_KEYS) else ""
-        lines.append(f"{name:<22} {r['bleu4']:7.4f} {r['length_ratio']:7.3f} {r['brevity_penalty']:6.3f} "
+        lines.append(f"{name:<26} {r['bleu4']:7.4f} {r['length_ratio']:7.3f} {r['brevity_penalty']:6.3f} "
                      f"{(r.get('facts_carried') or 0):6.3f} {(r.get('text_finding_micro_f1') or 0):7.3f} "
                      f"{(r.get('seconds_per_study') or 0):7.2f}{mark}")
     return "\n".join(lines)

@@ -1202,7 +1202,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                    consistent_measurements: bool = True, report_outline: bool = True,
                    technique_states_contrast: bool = False, calls_covered: bool = False,
                    calls_guidance: float = 0.0, num_samples: int = 8, temperature: float = 1.0, top_p: float = 0.9,
-                   calls_agreement: float = 0.0, record_agreement: float = 0.0, cache_dir: str | Path | None = None) -> dict:
+                   calls_agreement: float = 0.0, record_agreement: float = 0.0, mbr_from: str = "report",
+                   record_covered: bool = False, cache_dir: str | Path | None = None) -> dict:
     """Generate reports (greedy unless ``strategy``) for a split and score them (no manifest facts
     are used to crop).
 
@@ -1215,7 +1216,9 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     ``strategy="mbr"``: ``num_samples`` reports sampled at ``temperature`` / ``top_p`` per study, the
     consensus kept, with ``calls_agreement`` weighing the labeller's agreement with the calls
     (``data.report_consistency.CallsAgreement``) and ``record_agreement`` the record's facts carried
-    (``RecordAgreement``; 0 = off), as the product runs."""
+    (``RecordAgreement``; 0 = off), the samples compared on the whole report or from the Findings on
+    (``mbr_from`` "report" / "findings"), as the product runs. ``record_covered``: the record's known
+    malignancies and lung resections kept in the report (``data.report_coverage.RecordVeto``)."""
     from tqdm.auto import tqdm
 
     from app.evaluate import evaluate_reports
@@ -1226,6 +1229,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
 
     if model.tokenizer is None:
         raise ConfigError("the model has no tokenizer; load it with ReportModel.from_pretrained from a saved folder")
+    if mbr_from not in ("report", "findings"):
+        raise ConfigError(f"mbr_from must be 'report' or 'findings', not {mbr_from!r}")
     entries = [e for e in read_manifest(manifest) if e.split == split]
     if max_studies:
         entries = entries[:max_studies]
@@ -1251,7 +1256,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                            pad_id=tok.pad_id, no_repeat_ngram_size=no_repeat_ngram_size, strategy=strategy,
                            num_beams=num_beams, length_penalty=length_penalty, num_samples=num_samples,
                            temperature=temperature, top_p=top_p, seed=0,
-                           mbr_from_id=tok.section_ids[SECTION_KEYS.index("findings")],
+                           mbr_from_id=tok.section_ids[SECTION_KEYS.index("findings")] if mbr_from == "findings" else None,
                            **tok.report_constraints(nonempty_items, complete_sections))
 
     def _hist_size(e) -> int:  # batch studies of similar record length: less padding in the prefill
@@ -1267,7 +1272,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     from data.history_digest import record_facts
     from app.decoding import mbr_rerank
     from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
-    from data.report_coverage import CoverageVeto
+    from data.report_coverage import CoverageVeto, RecordVeto
     from data.report_outline import OutlineVeto
 
     if consistent_with_calls or calls_covered:  # from the calls, as the product runs
@@ -1294,6 +1299,9 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
             by_calls = lambda b, row, st=studies: MeasurementVeto(tok, st[b].prior_nodule_mm, measured_size(row))  # noqa: E731
         if report_outline:  # and the report to the product's outline (as the product runs)
             row_vetoes = [any_veto([v, OutlineVeto(tok)]) for v in (row_vetoes or [None] * len(studies))]
+        if record_covered:  # and the record's known malignancies and resections in the report
+            row_vetoes = [any_veto([v, RecordVeto(tok, record_facts(_record_text(e)))])
+                          for v, e in zip(row_vetoes or [None] * len(studies), chunk)]
         rerank_for = None  # MBR: the sample that says what the table says and carries the record's facts (as the product runs)
         if strategy == "mbr" and (calls_agreement > 0 or record_agreement > 0):
             facts = [record_facts(_record_text(e)) if record_agreement > 0 else () for e in chunk]
@@ -1325,10 +1333,11 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                                         "consistent_with_acquisition": consistent_with_acquisition,
                                         "consistent_measurements": consistent_measurements,
                                         "report_outline": report_outline, "calls_covered": calls_covered,
-                                        "calls_guidance": calls_guidance,
+                                        "record_covered": record_covered, "calls_guidance": calls_guidance,
                                         "technique_states_contrast": technique_states_contrast,
                                         **({"num_samples": num_samples, "temperature": temperature, "top_p": top_p,
-                                            "calls_agreement": calls_agreement, "record_agreement": record_agreement}
+                                            "calls_agreement": calls_agreement, "record_agreement": record_agreement,
+                                            "mbr_from": mbr_from}
                                            if strategy == "mbr" else {})}}
     out.update({k: ev.scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "length_ratio",
                                           "brevity_penalty") if k in ev.scores})

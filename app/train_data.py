@@ -134,7 +134,7 @@ class PreprocessConfig:
 
     def key(self) -> str:
         mip = "-mip_" + "_".join(self.mip_windows) if self.mip_windows else ""
-        nm = "-det1" if self.run_detectors else ""  # det1: nodule sizes and data.detectors' evidence
+        nm = "-det2" if self.run_detectors else ""  # det2: nodule sizes by the ball fit (session 27) and data.detectors' evidence
         return f"v{CACHE_VERSION}-s{self.n_slabs}-i{self.image_size}-m{self.n_mels}{mip}{nm}"
 
 

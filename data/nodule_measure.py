@@ -22,13 +22,16 @@ Method (pure functions; Z/Y/X voxel axes, spacing in mm):
    and bone (centre over 100 HU) are not solid nodules and are dropped. On 60 validation studies
    of the synthetic demo data the top candidate was the nodule in 34 (57 %), one of the top three
    in 40 (session 22; the plain LoG ranking found it first in 3 of 30).
-4. **Diameter**: on the axial slice where the focus is widest among those that cut it at its full
-   density (the candidate's, or the one above or below: thick slices cut a ball off its equator,
-   and a slice that grazes it shows a faint wide blur), the distance from the centre to where the
-   intensity falls half-way from the nodule's centre to the lung around it (bilinear profiles on
-   32 rays), median over rays, times two: the mean axial diameter, which is what Fleischner
-   follow-up uses. With the true centre this gave the exact size to the mm for 36 of 49 synthetic
-   nodules.
+4. **Diameter** (since session 27): a ball fitted to the CT around the candidate
+   (:func:`fit_ball_diameter`: centre, radius, density and the lung's value, by robust least
+   squares on the lung's voxels, a one-pixel partial-volume edge), so that every slice that cuts
+   the ball counts and a ball between two thick slices is not measured at its narrower cut. On the
+   107 nodules of the demo val split, end to end (search and fit), today's size came out to the
+   millimetre for 65 % (solid nodules 78 %), against 48 % (57 %) for the caliper it replaced. The
+   caliper (``method="caliper"``, and where the fit fails): on the axial slice where the focus is
+   widest among those that cut it at its full density, twice the median distance from the
+   centre to where the intensity falls half-way to the lung around it (32 rays): the mean axial
+   diameter, which is what Fleischner follow-up uses.
 
 Restricting the search to one side (the heads' or the record's) and to a plausible size range (a
 prior size from the record) is up to the caller. The result is a measurement for the decoder and
@@ -45,6 +48,12 @@ SCALES_MM = (3.0, 4.5, 6.0, 8.0)  # LoG radii: nodules of ~5 to ~20 mm
 MAX_SOLID_HU = 100.0  # a candidate centre above this is enhancing vessel or bone, not a solid nodule
 MIN_CONTRAST_HU = 200.0  # a nodule must stand this far above the lung around it to be measured
 NODULE_RANGE_MM = (3.0, 30.0)  # a pulmonary nodule by definition (larger is a mass)
+# fit_ball_diameter: the box of voxels fitted around a candidate, the radii the fit starts from, and
+# the least density over the lung a fitted ball must have (ground glass: about 300 HU)
+FIT_BOX_MM = 14.0
+FIT_START_RADII_MM = (2.5, 4.0, 6.0, 9.0)
+MIN_FIT_CONTRAST_HU = 150.0
+FIT_STEP_MM = (2.0, 1.4, 1.4)  # z, in-plane: the finest voxel grid a fit samples
 EVIDENCE_FLOOR = 1e-3  # detector_evidence: log(score + this), finite without any candidate
 # The detectors search a grid no finer than this (z, in-plane mm): a full-resolution chest CT
 # (312 x 512 x 512 at 1 x 0.69 x 0.69 mm) took 85 s and 10.5 GB for the candidate search alone
@@ -251,21 +260,107 @@ def largest_axial_diameter(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, 
     return best
 
 
-def _first_measured(hu, spacing_zyx, cands, size_range_mm, top_k) -> NoduleMeasurement | None:
-    for centre, score in cands[:top_k]:
-        got = largest_axial_diameter(hu, spacing_zyx, centre)
-        if got is None:
+class LungLookup:
+    """The lung mask of a volume, computed once (on the coarse search grid of a fine volume,
+    ``coarse_grid``) and read at any voxels of the volume itself."""
+
+    def __init__(self, hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float]):
+        coarse, _, self.factors = coarse_grid(hu_ZYX, spacing_zyx)
+        self.mask = lung_mask(coarse)
+
+    def at(self, zs: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """bool [len(zs), len(ys), len(xs)]: the lung at those voxel indices of the volume."""
+        idx = [np.minimum(a // f, n - 1) for a, f, n in zip((zs, ys, xs), self.factors, self.mask.shape)]
+        return self.mask[np.ix_(*idx)]
+
+
+def fit_ball_diameter(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float], centre_zyx: tuple[int, int, int],
+                      lung: LungLookup | None = None, box_mm: float = FIT_BOX_MM,
+                      start_radii_mm: tuple[float, ...] = FIT_START_RADII_MM) -> float | None:
+    """Diameter (mm) of the ball that best explains the CT around ``centre_zyx``; None when the fit
+    fails or the ball does not stand ``MIN_FIT_CONTRAST_HU`` above the lung.
+
+    The model: ``background + (density - background) * clip((r - d) / edge + 1/2, 0, 1)``, ``d`` the
+    distance in mm from a centre free to move a slice and two pixels, ``edge`` one in-plane pixel
+    (the partial volume of a voxel on the ball's surface); centre, radius, density and background
+    fitted by robust least squares (``soft_l1``) to the lung's voxels within ``box_mm`` (a nodule
+    touching the chest wall or the mediastinum is not pulled into them), from several starting radii.
+    Unlike the caliper on one slice (:func:`largest_axial_diameter`) it uses every slice that cuts
+    the ball, and a ball smaller than its slice spacing still pins its radius by how much of the
+    density each slice holds: at the true centre of the 107 demo val nodules it gave the size to
+    the millimetre for 83 % (solid 90 %), against 51 % for the caliper (session 27)."""
+    from scipy.optimize import least_squares
+
+    hu = np.asarray(hu_ZYX)
+    sz, sy, sx = (float(v) for v in spacing_zyx)
+    z0, y0, x0 = (int(v) for v in centre_zyx)
+    half = [max(1, int(np.ceil(box_mm / s))) for s in (sz, sy, sx)]
+    # a fine volume is fitted on every k-th voxel (no coarser than FIT_STEP_MM): the model is
+    # continuous, and a 0.7 mm study would otherwise fit ~50,000 voxels per candidate
+    step = [max(1, int(FIT_STEP_MM[i] // s)) for i, s in enumerate((sz, sy, sx))]
+    zs, ys, xs = (np.arange(c - (min(h, c) // k) * k, min(c + h + 1, n), k)
+                  for c, h, n, k in zip((z0, y0, x0), half, hu.shape, step))
+    box_V = hu[np.ix_(zs, ys, xs)].astype(np.float64)  # [z, y, x] HU
+    inside = (lung or LungLookup(hu, spacing_zyx)).at(zs, ys, xs).ravel()
+    if inside.sum() < 8:
+        return None
+    Z, Y, X = np.meshgrid(zs * sz, ys * sy, xs * sx, indexing="ij")  # mm, each [z, y, x]
+    Z, Y, X, V = Z.ravel()[inside], Y.ravel()[inside], X.ravel()[inside], box_V.ravel()[inside]
+    edge = sy
+
+    def residuals(p):
+        cz, cy, cx, r, density, background = p
+        d = np.sqrt((Z - cz) ** 2 + (Y - cy) ** 2 + (X - cx) ** 2)
+        return (background + (density - background) * np.clip((r - d) / edge + 0.5, 0.0, 1.0) - V) / 50.0
+
+    air = V[V < -500]
+    background0 = float(np.median(air)) if air.size >= 10 else -850.0
+    centre_mm = np.array([z0 * sz, y0 * sy, x0 * sx])
+    move = np.array([max(sz, 2.5), max(2 * sy, 3.0), max(2 * sx, 3.0)])
+    lo = np.concatenate([centre_mm - move, [0.5, -700.0, -1000.0]])
+    hi = np.concatenate([centre_mm + move, [NODULE_RANGE_MM[1], 600.0, -400.0]])
+    density0 = max(float(hu[z0, y0, x0]), background0 + 100.0)
+    best = None
+    for r0 in start_radii_mm:
+        p0 = np.clip(np.concatenate([centre_mm, [r0, density0, background0]]), lo + 1e-6, hi - 1e-6)
+        try:
+            fit = least_squares(residuals, p0, bounds=(lo, hi), loss="soft_l1", max_nfev=200)
+        except (ValueError, np.linalg.LinAlgError):
             continue
-        centre, d = got
+        if best is None or fit.cost < best.cost:
+            best = fit
+    if best is None or best.x[4] - best.x[5] < MIN_FIT_CONTRAST_HU:
+        return None
+    return 2.0 * float(best.x[3])
+
+
+def _measure_at(hu, spacing_zyx, centre, lung: LungLookup | None, method: str):
+    """(centre, diameter mm) of the focus at a candidate centre, or None."""
+    if method == "fit":
+        d = fit_ball_diameter(hu, spacing_zyx, centre, lung or LungLookup(hu, spacing_zyx))
+        if d is not None:
+            return centre, d
+    return largest_axial_diameter(hu, spacing_zyx, centre)  # method "caliper", or where the ball model fails
+
+
+def _first_measured(hu, spacing_zyx, cands, size_range_mm, top_k, lung: LungLookup | None = None,
+                    method: str = "fit", memo: dict | None = None) -> NoduleMeasurement | None:
+    memo = {} if memo is None else memo  # centre -> measurement, shared by the sides of one study
+    for centre, score in cands[:top_k]:
+        if centre not in memo:
+            memo[centre] = _measure_at(hu, spacing_zyx, centre, lung, method)
+        if memo[centre] is None:
+            continue
+        centre, d = memo[centre]
         if size_range_mm is not None and not (size_range_mm[0] <= d <= size_range_mm[1]):
             continue
-        return NoduleMeasurement(centre, d, score)
+        return NoduleMeasurement(tuple(int(v) for v in centre), d, score)
     return None
 
 
 def measure_nodule(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float], side: str | None = None,
                    patient_left_is_high_x: bool = True, size_range_mm: tuple[float, float] | None = NODULE_RANGE_MM,
-                   top_k: int = 3) -> NoduleMeasurement | None:
+                   top_k: int = 3, method: str = "fit") -> NoduleMeasurement | None:
     """The best-ranked lung nodule (optionally on ``side`` "left"/"right" of the patient, and with a
     diameter in ``size_range_mm``) among the ``top_k`` candidates that can be measured; None if none.
     ``patient_left_is_high_x``: whether column index grows toward the patient's left (axial images
@@ -274,12 +369,12 @@ def measure_nodule(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float], 
     if hu.ndim != 3 or hu.shape[0] < 3:
         return None
     cands = _on_side(nodule_candidates(hu, spacing_zyx), side, hu.shape[2], patient_left_is_high_x)
-    return _first_measured(hu, spacing_zyx, cands, size_range_mm, top_k)
+    return _first_measured(hu, spacing_zyx, cands, size_range_mm, top_k, method=method)
 
 
 def measure_by_side(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float],
                     patient_left_is_high_x: bool = True, top_k: int = 3,
-                    cands: list | None = None) -> dict[str, NoduleMeasurement]:
+                    cands: list | None = None, method: str = "fit") -> dict[str, NoduleMeasurement]:
     """The best nodule measurement (3-30 mm) in either lung and in each (keys "any", "left",
     "right"; a key is missing when nothing there can be measured), from one candidate search: the heads' side call
     is not known before the model runs, and the measurement goes in with the study's inputs.
@@ -288,10 +383,11 @@ def measure_by_side(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float],
     if hu.ndim != 3 or hu.shape[0] < 3:
         return {}
     cands = nodule_candidates(hu, spacing_zyx) if cands is None else cands
-    out = {}
+    lung = LungLookup(hu, spacing_zyx) if method == "fit" and cands else None
+    out, memo = {}, {}
     for key in ("any", "left", "right"):
         m = _first_measured(hu, spacing_zyx, _on_side(cands, key, hu.shape[2], patient_left_is_high_x),
-                            NODULE_RANGE_MM, top_k)
+                            NODULE_RANGE_MM, top_k, lung, method, memo)
         if m is not None:
             out[key] = m
     return out

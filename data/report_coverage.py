@@ -118,3 +118,73 @@ class CoverageVeto(ReportVeto):
             return False
         return any(lab.present is True and SYSTEM_OF.get(lab.finding, system) != system
                    for lab in label_sentence(sentences[-1]))
+
+
+_RESECTION_FACT = re.compile(r"\b(?:lobectomy|pneumonectomy)\b")
+
+
+class RecordVeto(ReportVeto):
+    """``veto(tokens) -> bool`` keeping the patient record's facts in the report: ``facts`` are the
+    lower-case phrases ``data.history_digest.record_facts`` reads from the record (a known
+    malignancy: "prostate cancer", "cell carcinoma"; a prior lung resection: "right upper
+    lobectomy"). A radiologist states a known cancer in the clinical information and answers it in
+    the impression, and describes a resection in the lungs. So:
+
+    * **Clinical information** may not close (the next section's marker is refused) before it
+      names every known malignancy;
+    * **Findings**: the lungs line may not end before it names every resection;
+    * **Impression** (``impression=True``; off by default): the report may not end before the
+      Impression names every known malignancy. Off: on the 84 val studies whose record names a
+      cancer or a resection (session 27) the demo decoder, refused its end, appended broken items
+      ("No fracture, small.", "node, suspicious for malignancy. Known melanoma.").
+
+    As with :class:`CoverageVeto` the decoder writes the words (refused, it takes its next most
+    likely token), and each rule is given up once its section or line has ``max_words`` words.
+    ``facts`` outside those two kinds are ignored; with none left the veto never refuses."""
+
+    def __init__(self, tokenizer, facts: Iterable[str], max_words: int = 40, impression: bool = False):
+        super().__init__(tokenizer)
+        self.impression = impression
+        facts = [f.lower().strip() for f in facts if f and f.strip()]
+        self.resections = tuple(f for f in facts if _RESECTION_FACT.search(f))
+        self.malignancies = tuple(f for f in facts if f not in self.resections)
+        self.max_words = max_words
+
+    def _missing(self, text: str, facts: tuple[str, ...]) -> bool:
+        low = " ".join(text.lower().split())
+        return len(text.split()) < self.max_words and any(f not in low for f in facts)
+
+    def breaks(self, tokens: list[int]) -> bool:
+        """Whether the last token of ``tokens`` closes a section or line that leaves a fact out."""
+        if not tokens or not (self.malignancies or self.resections):
+            return False
+        marks = [i for i, t in enumerate(tokens) if t in self.section_of]
+        last = tokens[-1]
+        if last in self.section_of or last == self.eos_id:  # closes the section being written
+            if len(marks) - (last in self.section_of) < 1:
+                return False
+            m = marks[-2] if last in self.section_of else marks[-1]
+            section = self.section_of[tokens[m]]
+            text = self.tok.decode(tokens[m + 1: len(tokens) - 1])
+            if section == "clinical_information":
+                return self._missing(text, self.malignancies)
+            if section == "impression" and last == self.eos_id and self.impression:
+                return self._missing(text, self.malignancies)
+            if section == "findings":
+                lines = [ln for ln in text.split("\n") if ln.strip()]
+                return bool(lines) and self._lungs_line_short_of_resection(lines[-1])
+            return False
+        if not self.resections or not marks or self.section_of[tokens[marks[-1]]] != "findings":
+            return False
+        before = self.tok.decode(tokens[marks[-1] + 1: -1])
+        after = self.tok.decode(tokens[marks[-1] + 1:])
+        n = before.count("\n")
+        if after.count("\n") > n:  # the candidate ends the line being written
+            return self._lungs_line_short_of_resection(after.split("\n")[n])
+        return False
+
+    def _lungs_line_short_of_resection(self, line: str) -> bool:
+        m = _HEADING_RE.match(line)
+        if m is None or _SYSTEM_OF_HEADING[m.group(1).lower()] != "lungs":
+            return False
+        return self._missing(line[m.end():], self.resections)

@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --tune-mbr-samples: comma list of findings-table agreement weights (default 1.0)")
     parser.add_argument("--tune-record-agreement", type=float, default=0.0,
                         help="with --tune-mbr-samples: weight of the record's facts carried (default 0 = off)")
+    parser.add_argument("--tune-mbr-from", default="report",
+                        help="with --tune-mbr-samples: comma list of what MBR compares (report, findings; default report)")
     parser.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16, to stay under 25 MB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--card-only", action="store_true",
@@ -133,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
         cands = candidates(args.tune_num_beams, mbr_samples=args.tune_mbr_samples,
                            temperatures=floats(args.tune_temperatures),
                            calls_agreements=floats(args.tune_calls_agreements),
-                           record_agreement=args.tune_record_agreement)
+                           record_agreement=args.tune_record_agreement,
+                           mbr_from=tuple(x.strip() for x in args.tune_mbr_from.split(",") if x.strip()))
         decoding, table = tune_decoding(model, manifest, "val", max_studies=args.tune_studies, cands=cands,
                                         max_history_tokens=args.eval_history_tokens, batch_size=cfg.data.batch_size,
                                         progress=not args.no_progress, cache_dir=cfg.data.cache_dir or None)

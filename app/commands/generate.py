@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-agreement", type=float, default=None, metavar="W",
                    help="with --strategy mbr: weight of the record's facts carried (a known malignancy, a lung "
                         "resection) in the choice (0 = off)")
+    p.add_argument("--mbr-from", choices=("report", "findings"), default=None,
+                   help="with --strategy mbr: compare the samples on the whole report (default) or from the Findings on")
     p.add_argument("--num-beams", type=int, default=None, help="beam width with --strategy beam")
     p.add_argument("--length-penalty", type=float, default=None,
                    help="beam search scores sum log p / length ** L; above 1 favours longer reports")
@@ -63,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep every called finding in the report: an organ-system line may not end without the "
                         "findings called in that system, none is written under another system, and the impression "
                         "names each (default: off: it measured worse with the demo model, docs/training.md session 25)")
+    p.add_argument("--record-covered", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the record's known malignancies and lung resections in the report: the clinical "
+                        "information and the impression name the known cancer, the lungs line the resection "
+                        "(default: see PipelineConfig.record_covered)")
     p.add_argument("--calls-guidance", type=float, default=None, metavar="W",
                    help="contrastive calls guidance at weight W (> 0; greedy or sampling): among the decoder's plausible "
                         "tokens, those the calls make more likely than a twin with no finding called win (default: 0, off)")
@@ -107,11 +113,11 @@ def run(args: argparse.Namespace) -> int:
     decoding.update({k: v for k, v in (("strategy", args.strategy), ("num_beams", args.num_beams),
                                        ("length_penalty", args.length_penalty), ("num_samples", args.num_samples),
                                        ("temperature", args.temperature), ("calls_agreement", args.calls_agreement),
-                                       ("record_agreement", args.record_agreement),
+                                       ("record_agreement", args.record_agreement), ("mbr_from", args.mbr_from),
                                        ("consistent_with_calls", args.consistent_with_calls)) if v is not None})
     cfg = PipelineConfig(quantize=args.quantize, evidence=not args.no_evidence, **validate_decoding(decoding, "flags"))
     for flag in ("consistent_with_acquisition", "technique_states_contrast", "consistent_measurements", "report_outline",
-                 "calls_covered", "calls_guidance", "locations_from_record"):
+                 "calls_covered", "record_covered", "calls_guidance", "locations_from_record"):
         if getattr(args, flag) is not None:
             cfg = dataclasses.replace(cfg, **{flag: getattr(args, flag)})
     if args.max_new_tokens is not None:

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of MBR weights of the text's agreement with the findings table (default 1.0)")
     p.add_argument("--record-agreement", type=float, default=0.0,
                    help="MBR weight of the record's facts carried (known malignancy, lung resection; default 0 = off)")
+    p.add_argument("--mbr-from", default="report",
+                   help="comma list of what MBR compares the samples on: report (every section), findings (the "
+                        "Findings and Impression); default report")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="decoded-study cache to read and fill (e.g. the dataset's .medreport_cache; default none)")
     p.add_argument("--dry-run", action="store_true", help="print the table, write nothing")
@@ -45,10 +48,16 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise DecodingError(f"{flag} {text!r}: give numbers separated by commas, e.g. 1.0,1.5") from None
 
+    def mbr_from(text: str) -> tuple[str, ...]:
+        got = tuple(x.strip() for x in text.split(",") if x.strip())
+        if not got or any(x not in ("report", "findings") for x in got):
+            raise DecodingError(f"--mbr-from {text!r}: give report, findings or both separated by a comma")
+        return got
+
     lps = numbers("--length-penalties", args.length_penalties)
     cands = candidates(args.num_beams, lps, args.consistency, args.mbr_samples,
                        numbers("--temperatures", args.temperatures), numbers("--calls-agreements", args.calls_agreements),
-                       args.record_agreement)
+                       args.record_agreement, mbr_from(args.mbr_from))
     model = ReportModel.from_pretrained(args.model, device="cpu").float().eval()
     chosen, table = tune_decoding(model, args.manifest, args.split, max_studies=args.max_studies,
                                   cands=cands, max_history_tokens=args.max_history_tokens,

@@ -159,13 +159,18 @@ def test_tune_decoding_scores_mbr_candidates_and_the_pipeline_decodes_as_chosen(
     assert not (model_dir / DECODING_FILE).exists()  # dry run
     assert [(c["strategy"], c.get("calls_agreement")) for c in candidates(1, (), False, 2, (0.7,), (0.0, 1.0))] == [
         ("greedy", None), ("mbr", 0.0), ("mbr", 1.0)]
-    mbr = {"strategy": "mbr", "num_samples": 4, "temperature": 0.5, "calls_agreement": 2.0}
+    assert [c.get("mbr_from") for c in candidates(1, (), False, 2, (0.7,), (1.0,), mbr_from=("report", "findings"))] == [
+        None, "report", "findings"]
+    mbr = {"strategy": "mbr", "num_samples": 4, "temperature": 0.5, "calls_agreement": 2.0, "mbr_from": "findings"}
     write_decoding(model_dir, mbr, [], "val", 1)
     cfg = ReportPipeline.from_dir(model_dir).config
-    assert (cfg.strategy, cfg.num_samples, cfg.temperature, cfg.calls_agreement) == ("mbr", 4, 0.5, 2.0)
-    for bad in ({"strategy": "mbr", "num_samples": 0}, {"temperature": 0}, {"calls_agreement": -1}):
+    assert (cfg.strategy, cfg.num_samples, cfg.temperature, cfg.calls_agreement, cfg.mbr_from) == ("mbr", 4, 0.5, 2.0, "findings")
+    for bad in ({"strategy": "mbr", "num_samples": 0}, {"temperature": 0}, {"calls_agreement": -1}, {"mbr_from": "all"}):
         with pytest.raises(DecodingError):
             validate_decoding(bad)
     assert main(["tune-decoding", "--model", str(model_dir), "--manifest", str(EXAMPLES / "manifest.jsonl"),
                  "--temperatures", "hot"]) == 2
     assert "--temperatures 'hot'" in capsys.readouterr().err
+    assert main(["tune-decoding", "--model", str(model_dir), "--manifest", str(EXAMPLES / "manifest.jsonl"),
+                 "--mbr-from", "report,impression"]) == 2
+    assert "--mbr-from 'report,impression'" in capsys.readouterr().err

@@ -395,6 +395,25 @@ def test_each_veto_flag_gives_the_decoder_its_veto(pipe, tmp_path, monkeypatch, 
         assert veto.called == {f.name for f in rep.findings if f.present} == set(called)
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_record_covered_gives_the_decoder_the_records_facts(pipe, tmp_path, monkeypatch, on):
+    """record_covered (off by default): a study whose record names a cancer and a lobectomy gets one
+    RecordVeto holding both, read from the record; a study without a record gets none."""
+    from data.report_coverage import RecordVeto
+
+    assert PipelineConfig().record_covered is False
+    history = ("ONCOLOGY NOTE (2021-03-02)\nPast medical history: prostate cancer, diagnosed in 2019.\n"
+               "SURGERY (2015-06-01)\nRight upper lobectomy for a carcinoid tumour.\n")
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), pipeline={"record_covered": on},
+                                  history_text=history)
+    veto = _served_veto(rep, seen, "record_covered", on)
+    if on:
+        assert isinstance(veto, RecordVeto)
+        assert veto.malignancies == ("prostate cancer",) and veto.resections == ("right upper lobectomy",)
+    rep0, _, seen0 = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), pipeline={"record_covered": True})
+    assert seen0["vetoes"] is None  # no record: nothing to keep
+
+
 def test_calls_guidance_decodes_beside_a_twin_with_no_calls(pipe, tmp_path, monkeypatch):
     """calls_guidance > 0: generate gets a Guidance whose twin prefix is the study's own with the
     calls line reading "Calls: none.", whose finding-context tokens say absent, that starts at
@@ -572,11 +591,14 @@ def test_mbr_decoding_samples_and_reranks_by_the_findings_table(pipe, tmp_path, 
                                   pipeline={"strategy": "mbr", "num_samples": 3, "temperature": 0.7, "max_new_tokens": 24})
     g = seen["args"][2]
     assert (g.strategy, g.num_samples, g.temperature, g.seed) == ("mbr", 3, 0.7, 0)
-    assert g.mbr_from_id == tok.section_ids[SECTION_KEYS.index("findings")]
+    assert g.mbr_from_id is None  # the samples compared whole (mbr_from "report", the default)
+    _, _, fi = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",),
+                              pipeline={"strategy": "mbr", "num_samples": 2, "mbr_from": "findings", "max_new_tokens": 8})
+    assert fi["args"][2].mbr_from_id == tok.section_ids[SECTION_KEYS.index("findings")]
     (r,) = seen["rerank"]
     assert isinstance(r, CallsAgreement) and r.called == {"cardiomegaly"} and r.weight == PipelineConfig().calls_agreement
     gen = rep.provenance["generation"]
-    assert gen["strategy"] == "mbr" and gen["num_samples"] == 3 and gen["temperature"] == 0.7
+    assert gen["strategy"] == "mbr" and gen["num_samples"] == 3 and gen["temperature"] == 0.7 and gen["mbr_from"] == "report"
     # with a record naming a cancer: the calls' agreement plus the record's facts carried
     history = "ONCOLOGY NOTE (2021-03-02)\nPast medical history: prostate cancer, diagnosed in 2019.\n"
     _, _, rec = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), history_text=history,
@@ -599,6 +621,6 @@ def test_mbr_decoding_samples_and_reranks_by_the_findings_table(pipe, tmp_path, 
     rep_g, _, greedy = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), pipeline={"max_new_tokens": 8})
     assert greedy["rerank"] is None and "num_samples" not in rep_g.provenance["generation"]
     for bad in (dict(strategy="mbr", num_samples=0), dict(strategy="mbr", temperature=0.0), dict(strategy="nucleus"),
-                dict(strategy="mbr", calls_guidance=1.0)):
+                dict(strategy="mbr", calls_guidance=1.0), dict(strategy="mbr", mbr_from="impression")):
         with pytest.raises(ValueError):
             PipelineConfig(**bad)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from data.detectors import read_study
-from data.nodule_measure import (axial_diameter_mm, largest_axial_diameter, lung_mask, measure_by_side, measure_nodule,
-                                 nodule_candidates)
+from data.nodule_measure import (LungLookup, axial_diameter_mm, fit_ball_diameter, largest_axial_diameter, lung_mask,
+                                 measure_by_side, measure_nodule, nodule_candidates)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SPACING = (5.0, 2.5, 2.5)  # z, y, x mm
@@ -136,3 +136,50 @@ def test_a_fine_volume_is_searched_coarse_and_measured_fine():
     assert abs(cz - (centre[0] * 5 + 2)) <= 3 and abs(cy - (centre[1] * 3 + 1)) <= 4 and abs(cx - (centre[2] * 3 + 1)) <= 4
     m = measure_nodule(fine, spacing)
     assert m is not None and abs(m.size_mm - 12) <= 1
+
+
+def _chest_with_ball(size_mm: float, dz_mm: float, centre=(12, 60, 35)):
+    """The box chest (vessels only) with a solid ball whose centre lies ``dz_mm`` above a slice centre."""
+    hu, _ = _chest(0.0)
+    c_mm = (centre[0] * SPACING[0] + dz_mm, centre[1] * SPACING[1], centre[2] * SPACING[2])
+    hu += _soft_ball(hu.shape, SPACING, c_mm, size_mm / 2, SPACING[1]) * (32.0 - hu)
+    return hu, centre
+
+
+@pytest.mark.parametrize("size", [5.0, 7.0, 10.0])
+@pytest.mark.parametrize("dz", [0.0, 2.5])
+def test_the_ball_fit_measures_a_ball_between_slices(size, dz):
+    """A ball cut off its equator by 5 mm slices (centre half-way between two): the fit reads the
+    diameter to half a millimetre from every slice that cuts it; the one-slice caliper reads the
+    narrower cut (a 10 mm ball half-way between slices: about 8 mm)."""
+    hu, centre = _chest_with_ball(size, dz)
+    d = fit_ball_diameter(hu, SPACING, centre)
+    assert d is not None and abs(d - size) < 0.5
+    if size == 10.0 and dz == 2.5:
+        _, caliper = largest_axial_diameter(hu, SPACING, centre)
+        assert caliper < size - 1.0
+
+
+def test_the_ball_fit_keeps_to_the_lung_beside_the_chest_wall():
+    """A 9 mm ball touching the chest wall (the soft tissue outside the lung): fitted only on the
+    lung's voxels it is not pulled into the wall; fitted on every voxel of the box it would be."""
+    hu, _ = _chest(0.0)
+    centre = (12, 60, 11)  # the lung's outer edge is at column 10: the candidate sits next to the wall
+    c_mm = (centre[0] * SPACING[0], centre[1] * SPACING[1], 11.5 * SPACING[2])
+    hu += _soft_ball(hu.shape, SPACING, c_mm, 4.5, SPACING[1]) * (32.0 - hu)
+    d = fit_ball_diameter(hu, SPACING, centre)
+    assert d is not None and abs(d - 9.0) < 0.5
+    everywhere = LungLookup(hu, SPACING)
+    everywhere.mask = np.ones_like(everywhere.mask)
+    d_all = fit_ball_diameter(hu, SPACING, centre, everywhere)
+    assert d_all is None or abs(d_all - 9.0) > 5.0  # the wall taken for a ball
+
+
+def test_the_ball_fit_needs_a_ball_and_measure_can_use_the_caliper():
+    flat = np.full((8, 32, 32), -850.0, np.float32)
+    flat[:, :2], flat[:, -2:] = 40.0, 40.0
+    assert fit_ball_diameter(flat, SPACING, (4, 16, 16)) is None  # nothing denser than the lung there
+    hu, _ = _chest_with_ball(10.0, 2.5)
+    fitted = measure_nodule(hu, SPACING)
+    caliper = measure_nodule(hu, SPACING, method="caliper")
+    assert fitted.size_mm == 10 and caliper.size_mm < 10

@@ -12,13 +12,14 @@ from _report_ids import EXAMPLES, TwoScripts, examples_tokenizer, report_ids as 
 
 from core.generate import GenerationConfig, generate  # noqa: E402
 from data.datasets import read_manifest  # noqa: E402
-from data.report_coverage import SYSTEM_OF, CoverageVeto, mentioned  # noqa: E402
+from data.report_coverage import SYSTEM_OF, CoverageVeto, RecordVeto, mentioned  # noqa: E402
 from data.report_format import SECTION_KEYS, format_report, parse_report  # noqa: E402
 from data.vocab import FINDING_NAMES, SYSTEMS  # noqa: E402
 
 NORMAL = ("Lungs and airways: Clear lungs.\nPleura: No effusion.\nHeart and mediastinum: Normal heart size.\n"
           "Bones: No fracture.\nUpper abdomen: Unremarkable.")
 IMPRESSION = SECTION_KEYS.index("impression")
+TECHNIQUE = SECTION_KEYS.index("technique")
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,70 @@ def test_greedy_decoding_with_the_veto_writes_the_called_finding(tok):
     assert generate(dec, [[tok.bos_id]], None, None, cfg) == [b]
     assert generate(dec, [[tok.bos_id]], None, None, cfg, vetoes=[CoverageVeto(tok, ["hiatal_hernia"])]) == [g]
     assert "Upper abdomen: Unremarkable. Small hiatal hernia." in format_report(tok.decode_report(g))
+
+
+# -- RecordVeto: the record's known malignancies and resections ---------------------------------
+
+def test_record_veto_keeps_a_known_cancer_in_the_clinical_information_and_the_impression(tok):
+    veto = RecordVeto(tok, ["prostate cancer"], impression=True)
+    tech = [tok.section_ids[TECHNIQUE]]
+    assert veto(_ids(tok, clinical_information="Follow-up of pulmonary nodule.") + tech)
+    assert not veto(_ids(tok, clinical_information="Follow-up of pulmonary nodule. Known prostate cancer.") + tech)
+    assert not veto(_ids(tok, clinical_information="Follow-up of pulmonary nodule."))  # not closed yet
+    eos = [tok.eos_id]
+    assert veto(_ids(tok, impression="1. Right lower lobe nodule.") + eos)
+    assert not veto(_ids(tok, impression="1. Right lower lobe nodule.\n2. No evidence of metastatic disease "
+                                         "from the known prostate cancer.") + eos)
+    # other sections close as they like; the Findings are not held to a cancer
+    assert not veto(_ids(tok, findings=NORMAL) + [tok.section_ids[IMPRESSION]])
+    assert veto.refused == 2
+    # by default the impression is left to the decoder (it appended broken items when held to it)
+    assert not RecordVeto(tok, ["prostate cancer"])(_ids(tok, impression="1. Right lower lobe nodule.") + eos)
+
+
+def test_record_veto_keeps_a_resection_in_the_lungs_line(tok):
+    veto = RecordVeto(tok, ["right upper lobectomy"])
+    nl = tok.encode("\n")
+    assert veto(_ids(tok, findings="Lungs and airways: The lungs are clear.") + nl)
+    assert not veto(_ids(tok, findings="Lungs and airways: Status post right upper lobectomy.") + nl)
+    assert not veto(_ids(tok, findings="Lungs and airways: Status post right upper lobectomy.\nPleura: No effusion.") + nl)
+    # the Findings closed by the Impression's marker with the lungs line last
+    assert veto(_ids(tok, findings="Lungs and airways: The lungs are clear.") + [tok.section_ids[IMPRESSION]])
+    # a resection is not asked of the clinical information or the impression
+    assert not veto(_ids(tok, clinical_information="Cough.") + [tok.section_ids[TECHNIQUE]])
+    assert not veto(_ids(tok, impression="No acute abnormality.") + [tok.eos_id])
+
+
+def test_record_veto_lets_long_sections_go_and_passes_the_bundled_references(tok):
+    long = "Lungs and airways: " + " ".join(["The airways are patent."] * 6)
+    nl = tok.encode("\n")
+    assert RecordVeto(tok, ["left lower lobectomy"], max_words=40)(_ids(tok, findings=long) + nl)
+    assert not RecordVeto(tok, ["left lower lobectomy"], max_words=10)(_ids(tok, findings=long) + nl)
+    assert not RecordVeto(tok, [])(_ids(tok, impression="No acute abnormality.") + [tok.eos_id])
+    assert RecordVeto(tok, ["Breast Cancer", "left pneumonectomy"]).malignancies == ("breast cancer",)
+    # the bundled examples whose record names a cancer or a resection: their references pass
+    from data.history_digest import record_facts
+    checked = 0
+    for e in read_manifest(EXAMPLES / "manifest.jsonl"):
+        text = e.path(e.history).read_text(encoding="utf-8") if e.history else e.history_text
+        facts = record_facts(text)
+        if not facts:
+            continue
+        ids = tok.encode_report(parse_report(e.report)) + [tok.eos_id]
+        assert _first_refusal(RecordVeto(tok, facts), ids) is None, (e.id, facts)
+        checked += 1
+    assert checked >= 1
+
+
+def test_greedy_decoding_with_the_record_veto_writes_the_known_cancer(tok):
+    """Through core.generate: the decoder's first choice closes the clinical information on the
+    indication, its second goes on to the known cancer; with the veto the report names it."""
+    good = {"clinical_information": "Cough. Known breast cancer.", "technique": "CT chest.", "findings": NORMAL,
+            "impression": "No evidence of metastatic disease from the known breast cancer."}
+    bad = {**good, "clinical_information": "Cough."}
+    g = tok.encode_report(good) + [tok.eos_id]
+    b = tok.encode_report(bad) + [tok.eos_id]
+    cfg = GenerationConfig(max_new_tokens=len(g) + 5, eos_id=tok.eos_id)
+    dec = TwoScripts(tok.vocab_size, b, g)
+    assert generate(dec, [[tok.bos_id]], None, None, cfg) == [b]
+    assert generate(dec, [[tok.bos_id]], None, None, cfg, vetoes=[RecordVeto(tok, ["breast cancer"])]) == [g]
