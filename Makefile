@@ -41,8 +41,11 @@ bench: install
 	$(BIN)/python -m bench.data
 
 # Build the synthetic dataset (if missing), train the demo preset on this CPU, evaluate, write models/demo/.
+# The shipped decoding (models/demo/decoding.json): MBR over 8 samples, chosen against greedy on 80
+# val studies after training (docs/training.md, "Session 27").
 demo-model: install
-	$(BIN)/medreport demo-model
+	$(BIN)/medreport demo-model --tune-studies 80 --tune-num-beams 1 --tune-mbr-samples 8 \
+		--tune-temperatures 0.7 --tune-calls-agreements 1.0 --tune-mbr-from report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="history tokens the decoder reads at test time (most recent kept; default 100000 = all)")
     parser.add_argument("--tune-studies", type=int, default=0,
                         help="val studies on which to choose the decoding (greedy or beam search and its length "
-                             "penalty) by BLEU-4 before the test evaluation (default 0: greedy, as the shipped model; "
-                             "120 took 26 min in session 12 and did not raise test BLEU-4, docs/training.md)")
+                             "penalty, or MBR with --tune-mbr-samples) by BLEU-4 before the test evaluation (default 0: "
+                             "greedy; `make demo-model` tunes on 80 with MBR, as the shipped model's decoding.json, "
+                             "docs/training.md session 27)")
     parser.add_argument("--tune-num-beams", type=int, default=4,
                         help="with --tune-studies: beam width of the beam candidates (default 4; 1 = none)")
     parser.add_argument("--tune-mbr-samples", type=int, default=0,

@@ -51,3 +51,24 @@ def test_shipped_model_writes_a_report_for_an_example(demo_dir):
     lines = [ln for ln in rep.sections["findings"].split("\n") if ln.strip()]
     assert [ln.split(":")[0] for ln in lines] == [h for _, h in SYSTEMS], lines
     assert rep.provenance["generation"]["report_outline"] is True
+
+
+def test_shipped_decoding_is_the_one_its_val_table_chose(demo_dir):
+    """models/demo/decoding.json (written by tune-decoding on val) chooses the row of its own table
+    with the best val BLEU-4; the product (no config given) decodes with it, and the test metrics
+    beside the weights were measured with the same decoding."""
+    from app.decoding import DECODING_KEYS, read_decoding
+    from app.pipeline import ReportPipeline
+
+    doc = json.loads((demo_dir / "decoding.json").read_text())
+    assert doc["split"] == "val" and doc["criterion"] == "bleu4"
+    best = max(doc["table"], key=lambda r: r["bleu4"])
+    assert doc["chosen"] == {k: best[k] for k in DECODING_KEYS if k in best}
+    cfg = ReportPipeline.from_dir(demo_dir).config
+    for k, v in read_decoding(demo_dir).items():
+        assert getattr(cfg, k) == v, k
+    measured = json.loads((demo_dir / "metrics.json").read_text())["decoding"]
+    assert measured["strategy"] == doc["chosen"]["strategy"]
+    if doc["chosen"]["strategy"] == "mbr":
+        for k in ("num_samples", "temperature", "calls_agreement", "mbr_from"):
+            assert measured[k] == doc["chosen"].get(k, measured[k]), k
