@@ -54,6 +54,7 @@ FIT_BOX_MM = 14.0
 FIT_START_RADII_MM = (2.5, 4.0, 6.0, 9.0)
 MIN_FIT_CONTRAST_HU = 150.0
 FIT_STEP_MM = (2.0, 1.4, 1.4)  # z, in-plane: the finest voxel grid a fit samples
+MEASURE_METHODS = ("fit", "caliper")  # the diameter: the ball fit (default), or the one-slice caliper
 EVIDENCE_FLOOR = 1e-3  # detector_evidence: log(score + this), finite without any candidate
 # The detectors search a grid no finer than this (z, in-plane mm): a full-resolution chest CT
 # (312 x 512 x 512 at 1 x 0.69 x 0.69 mm) took 85 s and 10.5 GB for the candidate search alone
@@ -345,7 +346,11 @@ def _measure_at(hu, spacing_zyx, centre, lung: LungLookup | None, method: str):
 
 def _first_measured(hu, spacing_zyx, cands, size_range_mm, top_k, lung: LungLookup | None = None,
                     method: str = "fit", memo: dict | None = None) -> NoduleMeasurement | None:
+    if method not in MEASURE_METHODS:
+        raise ValueError(f"method must be one of {MEASURE_METHODS}, not {method!r}")
     memo = {} if memo is None else memo  # centre -> measurement, shared by the sides of one study
+    if method == "fit" and lung is None and cands:
+        lung = LungLookup(hu, spacing_zyx)  # once for all candidates
     for centre, score in cands[:top_k]:
         if centre not in memo:
             memo[centre] = _measure_at(hu, spacing_zyx, centre, lung, method)

@@ -183,3 +183,5 @@ def test_the_ball_fit_needs_a_ball_and_measure_can_use_the_caliper():
     fitted = measure_nodule(hu, SPACING)
     caliper = measure_nodule(hu, SPACING, method="caliper")
     assert fitted.size_mm == 10 and caliper.size_mm < 10
+    with pytest.raises(ValueError, match="method"):
+        measure_nodule(hu, SPACING, method="calipers")
