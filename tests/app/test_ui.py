@@ -198,6 +198,20 @@ def test_serve_flags(tmp_path):
     assert resolve_model_dir(tmp_path) == tmp_path
 
 
+def test_serve_decodes_as_the_model_folder_chose_unless_told(tmp_path):
+    """serve's decoding: the folder's decoding.json (MBR here) by default; --strategy greedy keeps
+    the folder's other settings and decodes greedily; a folder without the file decodes greedily."""
+    from app.commands.serve import serve_config
+    from app.decoding import write_decoding
+
+    assert serve_config(tmp_path).strategy == "greedy"
+    write_decoding(tmp_path, {"strategy": "mbr", "num_samples": 4, "temperature": 0.7, "mbr_from": "report"}, [], "val", 1)
+    cfg = serve_config(tmp_path)
+    assert (cfg.strategy, cfg.num_samples, cfg.temperature) == ("mbr", 4, 0.7)
+    fast = serve_config(tmp_path, "greedy")
+    assert fast.strategy == "greedy" and fast.num_samples == 4
+
+
 def test_warm_up_runs_the_loading_stage_and_never_raises(pipe, tmp_path):
     assert warm_up(pipe, EXAMPLES) > 0.0
     assert warm_up(pipe, tmp_path) >= 0.0  # no examples: nothing to do
