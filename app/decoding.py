@@ -106,6 +106,22 @@ def write_decoding(model_dir: str | Path, chosen: dict, table: list[dict], split
     return p
 
 
+def parse_numbers(flag: str, text: str) -> tuple[float, ...]:
+    """A comma list of numbers given to ``flag`` (``--temperatures 0.7,1.0``)."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise DecodingError(f"{flag} {text!r}: give numbers separated by commas, e.g. 1.0,1.5") from None
+
+
+def parse_mbr_from(flag: str, text: str) -> tuple[str, ...]:
+    """A comma list of ``MBR_FROM`` values given to ``flag`` (``--mbr-from report,findings``)."""
+    got = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not got or any(x not in MBR_FROM for x in got):
+        raise DecodingError(f"{flag} {text!r}: give report, findings or both separated by a comma")
+    return got
+
+
 def candidates(num_beams: int = 4, length_penalties: tuple[float, ...] = (1.0, 1.5, 2.0),
                consistency: bool = False, mbr_samples: int = 0, temperatures: tuple[float, ...] = (0.7,),
                calls_agreements: tuple[float, ...] = (1.0,), record_agreement: float = 0.0,

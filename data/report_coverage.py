@@ -71,28 +71,21 @@ class CoverageVeto(ReportVeto):
         """Whether the last token of ``tokens`` leaves a called finding out or misplaces one."""
         if not tokens:
             return False
-        marks = [i for i, t in enumerate(tokens) if t in self.section_of]
-        last = tokens[-1]
-        if last in self.section_of or last == self.eos_id:  # closes the section being written
-            if len(marks) - (last in self.section_of) < 1:
-                return False
-            m = marks[-2] if last in self.section_of else marks[-1]
-            section = self.section_of[tokens[m]]
-            text = self.tok.decode(tokens[m + 1: len(tokens) - 1])
+        if self.closes(tokens):  # closes the section being written
+            section, text = self.closed_section(tokens)
             if section == "findings":
-                lines = [ln for ln in text.split("\n") if ln.strip()]
-                return bool(lines) and self._line_uncovered(lines[-1])
-            if section == "impression" and self.impression and last == self.eos_id:
+                line = self.last_line(text)
+                return line is not None and self._line_uncovered(line)
+            if section == "impression" and self.impression and tokens[-1] == self.eos_id:
                 return self._short(text) and bool(self.called - mentioned(text))
             return False
-        if not marks or self.section_of[tokens[marks[-1]]] != "findings":
+        at = self.findings_line(tokens)
+        if at is None:
             return False
-        before = self.tok.decode(tokens[marks[-1] + 1: -1])
-        after = self.tok.decode(tokens[marks[-1] + 1:])
-        n = before.count("\n")
-        if after.count("\n") > n:  # the candidate ends the line being written (its text included)
-            return self._line_uncovered(after.split("\n")[n])
-        return self.placement and self._misplaced(after.split("\n")[-1])
+        line, ended = at
+        if ended:  # the candidate ends the line being written (its text included)
+            return self._line_uncovered(line)
+        return self.placement and self._misplaced(line)
 
     def _short(self, text: str) -> bool:
         return len(text.split()) < self.max_words
@@ -158,30 +151,18 @@ class RecordVeto(ReportVeto):
         """Whether the last token of ``tokens`` closes a section or line that leaves a fact out."""
         if not tokens or not (self.malignancies or self.resections):
             return False
-        marks = [i for i, t in enumerate(tokens) if t in self.section_of]
-        last = tokens[-1]
-        if last in self.section_of or last == self.eos_id:  # closes the section being written
-            if len(marks) - (last in self.section_of) < 1:
-                return False
-            m = marks[-2] if last in self.section_of else marks[-1]
-            section = self.section_of[tokens[m]]
-            text = self.tok.decode(tokens[m + 1: len(tokens) - 1])
+        if self.closes(tokens):  # closes the section being written
+            section, text = self.closed_section(tokens)
             if section == "clinical_information":
                 return self._missing(text, self.malignancies)
-            if section == "impression" and last == self.eos_id and self.impression:
+            if section == "impression" and tokens[-1] == self.eos_id and self.impression:
                 return self._missing(text, self.malignancies)
             if section == "findings":
-                lines = [ln for ln in text.split("\n") if ln.strip()]
-                return bool(lines) and self._lungs_line_short_of_resection(lines[-1])
+                line = self.last_line(text)
+                return line is not None and self._lungs_line_short_of_resection(line)
             return False
-        if not self.resections or not marks or self.section_of[tokens[marks[-1]]] != "findings":
-            return False
-        before = self.tok.decode(tokens[marks[-1] + 1: -1])
-        after = self.tok.decode(tokens[marks[-1] + 1:])
-        n = before.count("\n")
-        if after.count("\n") > n:  # the candidate ends the line being written
-            return self._lungs_line_short_of_resection(after.split("\n")[n])
-        return False
+        at = self.findings_line(tokens) if self.resections else None
+        return at is not None and at[1] and self._lungs_line_short_of_resection(at[0])  # the candidate ends the line
 
     def _lungs_line_short_of_resection(self, line: str) -> bool:
         m = _HEADING_RE.match(line)

@@ -101,7 +101,8 @@ def _with_tiny_studies(args, manifest: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.decoding import DECODING_FILE, GREEDY, candidates, tune_decoding, write_decoding
+    from app.decoding import (DECODING_FILE, GREEDY, candidates, parse_mbr_from, parse_numbers, tune_decoding,
+                              write_decoding)
     from app.train import evaluate_split, latest_checkpoint, load_config, read_metrics, train
     from multimodal.model import ReportModel
 
@@ -132,12 +133,11 @@ def run(args: argparse.Namespace) -> int:
     model = ReportModel.from_pretrained(final)
     decoding, table = dict(GREEDY), []
     if args.tune_studies:
-        floats = lambda text: tuple(float(x) for x in text.split(",") if x.strip())  # noqa: E731
         cands = candidates(args.tune_num_beams, mbr_samples=args.tune_mbr_samples,
-                           temperatures=floats(args.tune_temperatures),
-                           calls_agreements=floats(args.tune_calls_agreements),
+                           temperatures=parse_numbers("--tune-temperatures", args.tune_temperatures),
+                           calls_agreements=parse_numbers("--tune-calls-agreements", args.tune_calls_agreements),
                            record_agreement=args.tune_record_agreement,
-                           mbr_from=tuple(x.strip() for x in args.tune_mbr_from.split(",") if x.strip()))
+                           mbr_from=parse_mbr_from("--tune-mbr-from", args.tune_mbr_from))
         decoding, table = tune_decoding(model, manifest, "val", max_studies=args.tune_studies, cands=cands,
                                         max_history_tokens=args.eval_history_tokens, batch_size=cfg.data.batch_size,
                                         progress=not args.no_progress, cache_dir=cfg.data.cache_dir or None)

@@ -39,25 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.decoding import DecodingError, candidates, format_table, tune_decoding, write_decoding
+    from app.decoding import candidates, format_table, parse_mbr_from, parse_numbers, tune_decoding, write_decoding
     from multimodal.model import ReportModel
 
-    def numbers(flag: str, text: str) -> tuple[float, ...]:
-        try:
-            return tuple(float(x) for x in text.split(",") if x.strip())
-        except ValueError:
-            raise DecodingError(f"{flag} {text!r}: give numbers separated by commas, e.g. 1.0,1.5") from None
-
-    def mbr_from(text: str) -> tuple[str, ...]:
-        got = tuple(x.strip() for x in text.split(",") if x.strip())
-        if not got or any(x not in ("report", "findings") for x in got):
-            raise DecodingError(f"--mbr-from {text!r}: give report, findings or both separated by a comma")
-        return got
-
-    lps = numbers("--length-penalties", args.length_penalties)
+    lps = parse_numbers("--length-penalties", args.length_penalties)
     cands = candidates(args.num_beams, lps, args.consistency, args.mbr_samples,
-                       numbers("--temperatures", args.temperatures), numbers("--calls-agreements", args.calls_agreements),
-                       args.record_agreement, mbr_from(args.mbr_from))
+                       parse_numbers("--temperatures", args.temperatures),
+                       parse_numbers("--calls-agreements", args.calls_agreements),
+                       args.record_agreement, parse_mbr_from("--mbr-from", args.mbr_from))
     model = ReportModel.from_pretrained(args.model, device="cpu").float().eval()
     chosen, table = tune_decoding(model, args.manifest, args.split, max_studies=args.max_studies,
                                   cands=cands, max_history_tokens=args.max_history_tokens,
