@@ -20,6 +20,7 @@ router, whose argmax decides routing) for int8 dynamic-quantized ones
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -282,6 +283,18 @@ class ReportPipeline:
             config = dataclasses.replace(config, quantize=quantize)
         return cls(model, model.tokenizer, config, model_name=d.resolve().name, checkpoint_sha256=sha256_file(d / WEIGHTS_FILE))
 
+    def with_config(self, **changes) -> "ReportPipeline":
+        """The same loaded model and tokenizer with some of the decoding settings changed (a
+        ``PipelineConfig`` field each, e.g. ``strategy="greedy"`` for one fast draft): nothing is
+        copied or reloaded, and this pipeline keeps its own config. ``quantize`` cannot change here
+        (it rewrites the shared model's layers): load another pipeline for that."""
+        if "quantize" in changes and bool(changes["quantize"]) != self.config.quantize:
+            raise PipelineError("quantize cannot change on a loaded pipeline: load one with ReportPipeline.from_dir("
+                                "..., quantize=True)")
+        new = copy.copy(self)
+        new.config = dataclasses.replace(self.config, **changes)
+        return new
+
     # ------------------------------------------------------------------------------ inputs
     def _resolve(self, source, history_text, history_path, audio_path) -> tuple[Study, str | None, str | None, Path | None, list[str]]:
         """(study, history text, history source kind, audio path, warnings)."""
@@ -377,13 +390,16 @@ class ReportPipeline:
         # the classical detectors on the CT (data.detectors), for a model whose nodule call carries
         # the measured size or whose heads fuse the detectors' evidence
         sizes = evidence = None
+        placed: dict[str, str] = {}
         if self.model.cfg.runs_detectors:
             reading = read_study(study)
             if self.model.cfg.nodule_size_prompt:
                 sizes = {k: float(v) for k, v in reading.sizes_mm.items()} or None
             evidence = reading.evidence or None
+            placed = {k: v for k, v in reading.locations.items() if k not in (rec or {})}  # the record's word first
         inputs = StudyInputs(pixels=slabs.pixels, z_mm=slabs.z_mm, z_index_range=slabs.z_index_range, mel=mel,
-                             history_ids=ids, digest_len=n_digest, acquisition=acq, record_locations=rec,
+                             history_ids=ids, digest_len=n_digest, acquisition=acq,
+                             record_locations={**placed, **(rec or {})} or None, detector_located=tuple(sorted(placed)),
                              nodule_mm=sizes, prior_nodule_mm=record_prior_nodule_mm(history) if history else None,
                              evidence=evidence)
         return inputs, hist_info, audio_info
@@ -541,7 +557,8 @@ class ReportPipeline:
         t0 = time.perf_counter()
         notify("evidence", _STAGE_SPAN["evidence"][0])
         fused = {r[0] for r in model.cfg.heads.evidence_fusion} & set(inputs.evidence or {})
-        findings = self._findings(probs, item.side, item.loc, inputs.record_locations, item.sizes, fused)
+        findings = self._findings(probs, item.side, item.loc, inputs.record_locations, item.sizes, fused,
+                                  inputs.detector_located)
         evidence = {}
         if cfg.evidence and cfg.max_evidence_findings > 0:
             thr = model.cfg.heads.thresholds()  # findings called present first, then the most probable
@@ -588,7 +605,7 @@ class ReportPipeline:
     # ------------------------------------------------------------------------------ pieces
     def _findings(self, probs: np.ndarray, side: np.ndarray, loc: np.ndarray,
                   record: dict[str, str] | None = None, sizes: dict[str, float] | None = None,
-                  fused: set[str] = frozenset()) -> list[FindingRow]:
+                  fused: set[str] = frozenset(), detector_located: tuple[str, ...] = ()) -> list[FindingRow]:
         from data.vocab import BY_NAME
         from multimodal.heads import SIDES
 
@@ -604,8 +621,9 @@ class ReportPipeline:
             location = hc.locations[int(loc[k])]
             if fd is not None and not fd.locations:  # the finding has no location in the vocabulary
                 location = "unspecified"
-            from_record = bool(record and record.get(name))
-            if from_record:  # the record states it (data.finding_prompt.record_locations); the call's side follows
+            placed = bool(record and record.get(name))
+            from_record = placed and name not in detector_located
+            if placed:  # the record (data.finding_prompt.record_locations) or a detector states it; the side follows
                 location = record[name]
                 rec_side = location.split()[0]
                 if rec_side in allowed and rec_side != side_name:
@@ -616,6 +634,7 @@ class ReportPipeline:
                 uncertain=UNCERTAIN_BAND[0] <= p <= UNCERTAIN_BAND[1],
                 side=side_name, side_probability=float(side[k, s]) if side_name else None,
                 location=None if location == "unspecified" else location, location_from_record=from_record,
+                location_from_detector=placed and not from_record,
                 size_mm=(sizes or {}).get(name), detector=DETECTOR_LABELS.get(name) if name in fused else None,
             ))
         return rows

@@ -68,6 +68,7 @@ class FindingRow:
     key_slices: list[KeySlice] = field(default_factory=list)
     threshold: float = PRESENT_THRESHOLD  # the operating point ``present`` was decided at
     location_from_record: bool = False  # the location is the one the patient's record states (a lobectomy's, a known nodule's lobe)
+    location_from_detector: bool = False  # a classical detector placed it (data.detectors: a lymph node's station)
     size_mm: float | None = None  # automatic measurement (data.nodule_measure) the decoder read, if any
     detector: str | None = None  # the classical detector whose evidence the probability fuses (heads.evidence_fusion)
 
@@ -76,7 +77,8 @@ class FindingRow:
             "name": self.name, "display": self.display, "probability": round(self.probability, 4),
             "present": self.present, "threshold": round(self.threshold, 4), "uncertain": self.uncertain, "side": self.side,
             "side_probability": None if self.side_probability is None else round(self.side_probability, 4),
-            "location": self.location, "location_source": "record" if self.location_from_record else "image",
+            "location": self.location, "location_source": "record" if self.location_from_record else
+            "detector" if self.location_from_detector else "image",
             "size_mm": self.size_mm, "size_source": "automatic measurement" if self.size_mm is not None else None,
             "probability_source": f"finding heads + {self.detector}" if self.detector else "finding heads",
             "key_slices": [k.to_dict() for k in self.key_slices],

@@ -53,7 +53,7 @@ from app.train_data import (
     fill_call_feature_masks, history_text, load_manifest_for_training,
 )
 from data.errors import MedreportError
-from multimodal.model import ModelInputs, ReportModel, decoder_losses
+from multimodal.model import ModelInputs, ReportModel, decoder_losses, lm_start
 from multimodal.presets import PRESETS, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -493,7 +493,8 @@ class TrainStep(nn.Module):
         losses = heads_loss(heads, x.labels, m.cfg.heads)
         total = m.cfg.heads_weight * losses["heads"]
         if lm and x.ids is not None:
-            out = m.decoder(x.ids, *m.decoder_context(fused, mask, heads, x.labels), copy_mask_BT=x.copy_mask)
+            out = m.decoder(x.ids, *m.decoder_context(fused, mask, heads, x.labels), copy_mask_BT=x.copy_mask,
+                            logits_from=lm_start(x))
             dl = decoder_losses(m.cfg, out, x, m.decoder.copy_canon())
             total = total + dl.pop("weighted")
             losses.update(dl)

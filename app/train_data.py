@@ -50,6 +50,14 @@ NODULE_SIZE_KEYS = ("any", "left", "right")  # the order of a cached "nodule_mm"
 CACHE_VERSION = 3  # 2: the study's spacing and volume shape are cached too (token targets); 3: its acquisition line
 
 
+def study_detector_locations(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """Where the detectors placed a finding, from a study's cached arrays (data.detectors; {} when
+    they did not run or placed nothing)."""
+    from data.detectors import locations_dict
+
+    return (locations_dict(arrays["detector_locations"]) or {}) if "detector_locations" in arrays else {}
+
+
 def study_evidence(arrays: dict[str, np.ndarray]) -> dict[str, float] | None:
     """The detector evidence of a study's cached arrays ({finding: score}, data.detectors; None
     when the detectors did not run or found nothing to read)."""
@@ -134,7 +142,9 @@ class PreprocessConfig:
 
     def key(self) -> str:
         mip = "-mip_" + "_".join(self.mip_windows) if self.mip_windows else ""
-        nm = "-det2" if self.run_detectors else ""  # det2: nodule sizes by the ball fit (session 27) and data.detectors' evidence
+        # det2: nodule sizes by the ball fit (session 27) and data.detectors' evidence; det3: the
+        # lymph-node detector's evidence and station too (session 28)
+        nm = "-det3" if self.run_detectors else ""
         return f"v{CACHE_VERSION}-s{self.n_slabs}-i{self.image_size}-m{self.n_mels}{mip}{nm}"
 
 
@@ -193,11 +203,12 @@ class StudyCache:
             "acquisition": np.asarray(study_acquisition(study)),
         }
         if self.pre.run_detectors:  # nodule_mm: [any, left, right] whole mm, NaN where nothing was measured
-            from data.detectors import evidence_array, read_study
+            from data.detectors import evidence_array, locations_array, read_study
 
             reading = read_study(study)
             out["nodule_mm"] = np.asarray([reading.sizes_mm.get(k, np.nan) for k in NODULE_SIZE_KEYS], dtype=np.float32)
             out["evidence"] = evidence_array(reading.evidence)  # [len(DETECTOR_FINDINGS)], NaN = none
+            out["detector_locations"] = locations_array(reading.locations)  # [1] node station index, -1 = none
         if self.pre.audio and entry.audio:
             from data.audio import AudioConfig, load_audio, log_mel
 
@@ -537,10 +548,13 @@ class ReportDataset(torch.utils.data.Dataset):
             acq = str(a["acquisition"])
             if rng is not None and rng.random() < ACQUISITION_DROPOUT:  # as for a NIfTI or a silent header
                 acq = None
+        det = study_detector_locations(a)
+        rec = (parts[3] or {}) if parts else {}
         return StudyInputs(
             pixels=a["pixels"].astype(np.float32), z_mm=a["z_mm"], z_index_range=a["z_index_range"],
             mel=a["mel"].astype(np.float32) if "mel" in a else None, history_ids=hist or None, digest_len=n_digest,
-            acquisition=acq, record_locations=(parts[3] or None) if parts else None,
+            acquisition=acq, record_locations={**det, **rec} or None,  # the record's word over a detector's
+            detector_located=tuple(sorted(set(det) - set(rec))),
             prior_nodule_mm=parts[4] if parts else None,
             nodule_mm={k: float(v) for k, v in zip(NODULE_SIZE_KEYS, a["nodule_mm"]) if np.isfinite(v)} or None
             if "nodule_mm" in a else None,

@@ -1,6 +1,6 @@
-"""The lung-nodule detector's cost: the candidate search, then the measurement of the candidates
-per side by the ball fit (the default since session 27) and by the one-slice caliper, on the
-bundled example ``syn00001`` (demo size, 64 x 128 x 128 at 5 x 2.7 mm) and on the same volume
+"""The classical detectors' cost: the lung-nodule candidate search, then the measurement of the
+candidates per side by the ball fit (the default since session 27) and by the one-slice caliper,
+and the mediastinal lymph-node detector (session 28: ``node_s``), on the bundled example ``syn00001`` (demo size, 64 x 128 x 128 at 5 x 2.7 mm) and on the same volume
 repeated to a full-resolution grid (320 x 512 x 512 at 1 x 0.69 mm).
 
     python -m bench.detectors [--runs 3]
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine, print_table, write_json
+from data.node_measure import node_candidates
 from data.nodule_measure import measure_by_side, nodule_candidates
 from data.study import load_study
 
@@ -46,13 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, vol, spacing in (("demo", hu, sp), ("full", fine, fine_sp)):
         t_search, cands = _median_s(lambda v=vol, s=spacing: nodule_candidates(v, s), args.runs)
+        t_node, nodes = _median_s(lambda v=vol, s=spacing: node_candidates(v, s), args.runs)
         for method in ("fit", "caliper"):
             t_m, got = _median_s(lambda v=vol, s=spacing, m=method: measure_by_side(v, s, cands=cands, method=m),
                                  args.runs)
             rows.append({"volume": name, "shape": "x".join(map(str, vol.shape)), "method": method,
                          "search_s": round(t_search, 3), "measure_s": round(t_m, 3),
-                         "sizes_mm": {k: round(m.diameter_mm, 1) for k, m in got.items()}})
-    print_table(rows, ["volume", "shape", "method", "search_s", "measure_s", "sizes_mm"])
+                         "sizes_mm": {k: round(m.diameter_mm, 1) for k, m in got.items()},
+                         "node_s": round(t_node, 3), "node_station": nodes[0].station if nodes else None})
+    print_table(rows, ["volume", "shape", "method", "search_s", "measure_s", "sizes_mm", "node_s", "node_station"])
     write_json("detectors", {"machine": machine(), "runs": args.runs, "rows": rows})
     return 0
 

@@ -87,11 +87,12 @@ class DecoderConfig:
 
 @dataclass
 class DecoderOutput:
-    logits: torch.Tensor  # [B,T,V]
+    logits: torch.Tensor  # [B,T-logits_from,V]: logits[:, i] is position logits_from + i
     hidden: torch.Tensor  # [B,T,D] final-norm hidden states
     aux_loss: torch.Tensor  # scalar, MoE balance (summed over layers)
     expert_load: torch.Tensor  # [L,E] fraction of routed assignments per expert
     copy: "CopyTrace | None" = None  # what the copy head did (training supervision), None without copying
+    logits_from: int = 0  # the first position with logits (Decoder.forward's logits_from)
 
 
 class CrossAttention(nn.Module):
@@ -394,8 +395,17 @@ class Decoder(nn.Module):
         return mask_BF.bool()
 
     def forward(self, ids_BT: torch.Tensor, context_BFD: torch.Tensor | None = None,
-                context_mask_BF: torch.Tensor | None = None, copy_mask_BT: torch.Tensor | None = None) -> DecoderOutput:
-        """``copy_mask_BT`` marks the copy head's source positions (ignored without a copy head)."""
+                context_mask_BF: torch.Tensor | None = None, copy_mask_BT: torch.Tensor | None = None,
+                logits_from: int = 0) -> DecoderOutput:
+        """``copy_mask_BT`` marks the copy head's source positions (ignored without a copy head).
+        ``logits_from``: compute the vocabulary logits (and the copy mixture) only for positions
+        from there on. Training passes the position before the first target: the history before
+        it still runs through every layer (attention needs its keys), but the [T, V] projection,
+        the softmax and the copy mixture of the history positions, which no loss reads, are skipped
+        (a third of a demo decoder step at a 1,024-token history)."""
+        T = ids_BT.shape[1]
+        if not 0 <= logits_from < max(T, 1):
+            raise ValueError(f"logits_from must be in [0, {T}), got {logits_from}")
         emb = x = self.tok_embeddings(ids_BT)  # [B,T,D]
         mask = self._mask(context_BFD, context_mask_BF)
         aux_total, loads = x.new_zeros(()), []
@@ -408,18 +418,19 @@ class Decoder(nn.Module):
             aux_total = aux_total + aux
             loads.append(load)
         h = self.norm(x)
-        logits = self.lm_head(h)  # [B,T,V]
+        L0 = logits_from
+        logits = self.lm_head(h[:, L0:])  # [B,T-L0,V]
         if self.copy_head is not None and copy_mask_BT is not None and bool(copy_mask_BT.any()):
             emb = self._copy_emb(ids_BT, emb)
             src = self.copy_head.sources(emb, h, ids_BT, copy_mask_BT)
             # positions before the first source see nothing to copy: mix only from there on
-            t0 = int(src.pos_BS.masked_fill(~src.valid_BS, ids_BT.shape[1]).min())
-            t_BT = torch.arange(t0, ids_BT.shape[1], device=ids_BT.device).expand(ids_BT.shape[0], -1)  # [B,T-t0]
-            mixed, attn, z, c = self.copy_head(logits[:, t0:], emb[:, t0:], h[:, t0:], src, t_BT, trace=True)
-            logits = torch.cat([_at_least_f32(logits[:, :t0]), mixed], 1)  # [B,T,V] log-probabilities
+            t0 = max(int(src.pos_BS.masked_fill(~src.valid_BS, T).min()), L0)
+            t_BT = torch.arange(t0, T, device=ids_BT.device).expand(ids_BT.shape[0], -1)  # [B,T-t0]
+            mixed, attn, z, c = self.copy_head(logits[:, t0 - L0:], emb[:, t0:], h[:, t0:], src, t_BT, trace=True)
+            logits = torch.cat([_at_least_f32(logits[:, :t0 - L0]), mixed], 1)  # [B,T-L0,V] log-probabilities
             trace = CopyTrace(attn, z, src.pos_BS, src.valid_BS, t0, c)
-            return DecoderOutput(logits, h, aux_total, torch.stack(loads), trace)
-        return DecoderOutput(logits, h, aux_total, torch.stack(loads))
+            return DecoderOutput(logits, h, aux_total, torch.stack(loads), trace, L0)
+        return DecoderOutput(logits, h, aux_total, torch.stack(loads), logits_from=L0)
 
     def set_copy_vocab(self, variant: Sequence[int], canon: Sequence[int]) -> None:
         """The case-aware copy maps (``DecoderConfig.copy_case``), from the tokenizer: ``variant[t]``

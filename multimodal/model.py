@@ -68,8 +68,12 @@ class StudyInputs:
     digest_len: int = 0  # the last digest_len history ids are the history digest (copy sources)
     acquisition: str | None = None  # the acquisition line (data.finding_prompt.study_acquisition); None = unknown
     # where the patient's record locates a finding (data.finding_prompt.record_locations, e.g. the
-    # lobe of a lobectomy); a call of that finding takes this location at inference
+    # lobe of a lobectomy), or else a detector on the CT (data.detectors: a lymph node's station);
+    # a call of that finding takes this location at inference
     record_locations: dict[str, str] | None = None
+    # which of record_locations' findings a detector placed (not the record): the findings table's
+    # provenance only
+    detector_located: tuple[str, ...] = ()
     # measured nodule sizes, mm ({"any"|"left"|"right": size}; data.detectors.read_study),
     # for a model whose nodule call carries its size (cfg.nodule_size_prompt); None = not measured
     nodule_mm: dict[str, float] | None = None
@@ -192,15 +196,16 @@ def decoder_losses(cfg: ModelConfig, out, x: ModelInputs, canon_V: torch.Tensor 
     losses = {"aux": out.aux_loss}
     total = cfg.aux_weight * out.aux_loss
     if x.lm_labels is not None:
+        L1 = getattr(out, "logits_from", 0) + 1  # out.logits[:, i] (position L1 - 1 + i) predicts token L1 + i
         if x.lm_weights is None:
-            lm = F.cross_entropy(  # position t predicts token t+1
-                out.logits[:, :-1].flatten(0, 1).float(), x.lm_labels[:, 1:].flatten(), ignore_index=-100
+            lm = F.cross_entropy(
+                out.logits[:, :-1].flatten(0, 1).float(), x.lm_labels[:, L1:].flatten(), ignore_index=-100
             )
         else:  # weighted mean over the predicted tokens (weights of the targets t+1)
-            labels_N = x.lm_labels[:, 1:].flatten()  # [B*(T-1)]
+            labels_N = x.lm_labels[:, L1:].flatten()  # [B*(T-L1)]
             ce_N = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels_N, ignore_index=-100,
                                    reduction="none")
-            w_N = x.lm_weights[:, 1:].flatten().float() * (labels_N != -100)  # [B*(T-1)]
+            w_N = x.lm_weights[:, L1:].flatten().float() * (labels_N != -100)  # [B*(T-L1)]
             lm = (ce_N * w_N).sum() / w_N.sum().clamp_min(1e-6)
         losses["lm"] = lm
         total = total + cfg.lm_weight * lm
@@ -209,6 +214,15 @@ def decoder_losses(cfg: ModelConfig, out, x: ModelInputs, canon_V: torch.Tensor 
             total = total + cfg.copy_weight * losses["copy"]
     losses["weighted"] = total
     return losses
+
+
+def lm_start(x: ModelInputs) -> int:
+    """The first position whose logits a loss reads: the one before the batch's first target
+    (``Decoder.forward``'s ``logits_from``); 0 without targets."""
+    if x.lm_labels is None:
+        return 0
+    cols = torch.nonzero((x.lm_labels != -100).any(0)).flatten()
+    return max(0, int(cols[0]) - 1) if len(cols) else 0
 
 
 def uses_prompt(cfg: ModelConfig) -> bool:
@@ -308,7 +322,8 @@ class ModelOutput:
     losses: dict[str, torch.Tensor]
     heads: HeadsOutput
     gates_BM: torch.Tensor
-    logits_BTV: torch.Tensor | None = None
+    logits_BTV: torch.Tensor | None = None  # from position logits_from on (the one before the first target)
+    logits_from: int = 0
 
     @property
     def loss(self) -> torch.Tensor:
@@ -464,13 +479,13 @@ class ReportModel(nn.Module):
             total = total + self.cfg.heads.dense_loss_weight * losses["dense"]
         if x.ids is not None:
             out = self.decoder(x.ids, *self.decoder_context(enc.fused_BFD, enc.mask_BF, heads, x.labels),
-                               copy_mask_BT=x.copy_mask)
-            logits = out.logits
+                               copy_mask_BT=x.copy_mask, logits_from=lm_start(x))
+            logits = out.logits  # from position out.logits_from on
             dl = decoder_losses(self.cfg, out, x, self.decoder.copy_canon())
             total = total + dl.pop("weighted")
             losses.update(dl)
         losses["loss"] = total
-        return ModelOutput(losses, heads, enc.gates_BM, logits)
+        return ModelOutput(losses, heads, enc.gates_BM, logits, out.logits_from if logits is not None else 0)
 
     # -- finding prompt (cfg.finding_prompt)
     def calls(self, heads: HeadsOutput, record_locations: Sequence[dict[str, str] | None] | None = None,

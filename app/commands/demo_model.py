@@ -296,8 +296,10 @@ def model_card(args, cfg, metrics: dict) -> str:
     if detectors:
         decoding += ("The probabilities of " + ", ".join(d.replace("_", " ") for d in detectors) + " fuse the evidence of "
                      "**classical image detectors** (`data.detectors`: a lung-nodule detector, the vertebral bodies' "
-                     "attenuation) with the finding heads, by weights fitted on the validation split "
-                     "(`heads.evidence_fusion`); the findings table names the detector beside such a probability. The "
+                     "attenuation, a mediastinal lymph-node detector) with the finding heads, by weights fitted on the "
+                     "validation split (`heads.evidence_fusion`); the findings table names the detector beside such a "
+                     "probability. A lymphadenopathy call takes the station where the lymph-node detector found the "
+                     "node (\"placed by the detector\" in the findings table). The "
                      "detectors were built and checked on synthetic phantoms only: on real studies refit the fusion "
                      "on labelled local studies (`medreport calibrate --detector-evidence ...`) before relying on it.\n")
     recal = metrics.get("calibration_command")

@@ -514,6 +514,28 @@ def test_a_nodule_size_model_reads_the_measured_size(pipe, tmp_path, monkeypatch
     assert all(f.size_mm is None and f.to_dict()["size_source"] is None for f in others)
 
 
+def test_a_called_lymphadenopathy_takes_the_node_detectors_station(pipe, tmp_path, monkeypatch):
+    """With the detectors running (here for the nodule size), a lymphadenopathy call takes the station
+    of the lymph-node detector's best candidate (data.node_measure): in the decoder's prompt and in
+    the findings table, whose location source says "detector"; other calls keep the heads' places."""
+    from data.detectors import read_study
+    from data.finding_prompt import finding_prompt
+    from data.study import load_study
+
+    station = read_study(load_study(STUDIES / "syn00003")).locations["lymphadenopathy"]
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("lymphadenopathy", "cardiomegaly"),
+                                  finding_prompt=True, nodule_size_prompt=True)
+    row = next(f for f in rep.findings if f.name == "lymphadenopathy")
+    assert row.location == station and row.location_from_detector and not row.location_from_record
+    assert row.to_dict()["location_source"] == "detector"
+    assert row.side == ({"left": "left", "right": "right"}.get(station.split()[0], row.side))
+    other = next(f for f in rep.findings if f.name == "cardiomegaly")
+    assert other.to_dict()["location_source"] == "image"
+    calls = [("cardiomegaly", other.side, other.location), ("lymphadenopathy", row.side, station)]
+    prompt = pipe.tokenizer.tk.encode(finding_prompt(calls), add_special_tokens=False).ids
+    assert seen["prefixes"][0][-1 - len(prompt):-1] == prompt
+
+
 def test_acquisition_line_in_the_pipeline_equals_the_training_one(pipe, tmp_path, monkeypatch):
     """An acquisition-prompt model (model.acquisition_prompt): the pipeline puts the study's
     acquisition line (from its DICOM header) before the calls, and the training dataset builds

@@ -265,3 +265,37 @@ def test_findings_table_says_where_a_location_or_size_came_from():
     where = {r[0]: r[3] for r in findings_table(R())}
     assert where == {"Lobectomy": "right upper lobe (from the record)",
                      "Nodule": "left lower lobe, 12 mm (auto-measured)", "Mass": ""}
+
+
+def test_fast_draft_decodes_one_report_greedily(pipe):
+    """The "fast draft" box: that one report is decoded greedily although the server decodes by MBR;
+    the server's own decoding is left as it was, and the report says which decoding wrote it."""
+    import dataclasses
+
+    mbr = pipe.with_config(strategy="mbr", num_samples=2)
+    assert mbr.model is pipe.model and pipe.config.strategy == CFG.strategy  # shared model, own config
+    ex = example_inputs(EXAMPLES, "syn00001")
+    viewer = load_for_viewer(str(ex.study_dir))
+    draft = run_generation(mbr, viewer, ex.history_text, fast_draft=True)
+    full = run_generation(mbr, viewer, ex.history_text)
+    assert draft.provenance["generation"]["strategy"] == "greedy" and mbr.config.strategy == "mbr"
+    assert full.provenance["generation"]["strategy"] == "mbr" and full.provenance["generation"]["num_samples"] == 2
+    assert "**Decoding**: greedy" in context_summary(draft)
+    assert "**Decoding**: MBR over 2 sampled reports" in context_summary(full)
+    with pytest.raises(Exception, match="quantize cannot change"):
+        pipe.with_config(quantize=True)
+    assert dataclasses.replace(CFG, strategy="greedy") == pipe.with_config(strategy="greedy").config
+
+
+def test_the_generate_api_takes_the_fast_draft_box_last():
+    """/generate's inputs end with the fast-draft checkbox (default off), so that API callers who
+    send the first eight inputs keep working."""
+    import gradio as gr
+
+    app = build_app(EXAMPLES, config=UIConfig(examples_dir=EXAMPLES))
+    dep = next(d for d in app.config["dependencies"] if d.get("api_name") == "generate")
+    comps = {c["id"]: c for c in app.config["components"]}
+    last = comps[dep["inputs"][-1]]
+    assert last["type"] == "checkbox" and last["props"]["value"] is False
+    assert last["props"]["elem_id"] == "fast-draft"
+    assert isinstance(gr.Checkbox(), gr.components.Component)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from core.generate import GenerationConfig
 from data.errors import MedreportError
 from multimodal.heads import FindingLabels
-from multimodal.model import CheckpointError, ReportModel, StudyInputs, _check_safetensors, collate, read_config
+from multimodal.model import CheckpointError, ModelInputs, ReportModel, StudyInputs, _check_safetensors, collate, read_config
 from multimodal.presets import PRESETS, ModelConfig
 
 V = 96
@@ -51,7 +51,7 @@ def test_training_forward_backward(model):
     K = len(m.finding_names)
     x.labels = FindingLabels(torch.randint(0, 2, (2, K)).float())
     out = m(x)
-    assert out.logits_BTV.shape == (2, 24, V)
+    assert out.logits_from == 11 and out.logits_BTV.shape == (2, 24 - 11, V)  # from the position before the first target
     assert out.heads.presence_logits_BK.shape == (2, K)
     assert out.gates_BM.shape == (2, 3)
     for k in ("loss", "lm", "heads", "aux"):
@@ -605,3 +605,55 @@ def test_calls_guidance_twin_reads_no_calls(monkeypatch):
     assert g.start_ids == (tok.section_ids[SECTION_KEYS.index("findings")],)
     heads = m.predict_findings(x)[0]
     assert [c[0] for c in m.calls(heads)[0]] == ["cardiomegaly"] and m.calls(m.no_calls(heads)) == [[]]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_logits_from_the_first_target_leave_losses_and_gradients_as_they_were(weighted):
+    """Training computes the vocabulary logits and the copy mixture only from the position before
+    the first target (lm_start): the LM and copy losses and every gradient equal those of the whole
+    sequence's logits."""
+    import dataclasses
+
+    from multimodal.model import decoder_losses, lm_start
+
+    torch.manual_seed(0)
+    from core.decoder import DecoderConfig
+
+    cfg = ModelConfig.preset("tiny", vocab_size=V, decoder=DecoderConfig.preset("tiny", vocab_size=V, copy=True),
+                             copy_weight=0.5, copy_ngram=2)
+    m = ReportModel(cfg)
+    B, T = 3, 40
+    ids = torch.randint(4, V, (B, T))
+    ids[:, 22:30] = ids[:, 5:13]  # the report repeats a stretch of the history: something to copy
+    labels = ids.clone()
+    labels[:, :20] = -100
+    labels[1, :24] = -100  # rows start their reports at different places
+    copy_mask = torch.zeros(B, T, dtype=torch.bool)
+    copy_mask[:, 3:18] = True
+    x = ModelInputs(torch.zeros(B, 1, 1, 8, 8), torch.ones(B, 1, dtype=torch.bool), torch.zeros(B, 1),
+                    ids=ids, lm_labels=labels, copy_mask=copy_mask)
+    if weighted:
+        x = dataclasses.replace(x, lm_weights=torch.rand(B, T) + 0.5)
+    ctx = torch.randn(B, 5, cfg.decoder.d_model)
+    assert lm_start(x) == 19
+
+    def run(start):
+        m.zero_grad()
+        out = m.decoder(ids, ctx, copy_mask_BT=copy_mask, logits_from=start)
+        dl = decoder_losses(cfg, out, x, m.decoder.copy_canon())
+        dl["weighted"].backward()
+        grads = {n: p.grad.clone() for n, p in m.decoder.named_parameters() if p.grad is not None}
+        return {k: float(v) for k, v in dl.items()}, grads, out
+
+    full, g_full, o_full = run(0)
+    part, g_part, o_part = run(lm_start(x))
+    assert o_part.logits.shape[1] == T - 19 and o_full.logits.shape[1] == T
+    assert set(full) == set(part) and "copy" in full
+    for k in full:
+        assert part[k] == pytest.approx(full[k], rel=1e-5, abs=1e-6), k
+    assert set(g_full) == set(g_part)
+    for n in g_full:
+        torch.testing.assert_close(g_part[n], g_full[n], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(o_part.logits, o_full.logits[:, 19:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="logits_from"):
+        m.decoder(ids, ctx, logits_from=T)
