@@ -662,7 +662,8 @@ class ReportPipeline:
                            "report_outline": cfg.report_outline,
                            "calls_covered": cfg.calls_covered, "record_covered": cfg.record_covered,
                            "calls_guidance": cfg.calls_guidance,
-                           "locations_from_record": sorted(inputs.record_locations or {}),
+                           "locations_from_record": sorted(set(inputs.record_locations or {}) - set(inputs.detector_located)),
+                           "locations_from_detector": sorted(inputs.detector_located),
                            "no_repeat_ngram_size": cfg.no_repeat_ngram_size},
             "timings_s": dict(timings),
             "input": {  # no paths, UIDs or patient facts

@@ -528,6 +528,8 @@ def test_a_called_lymphadenopathy_takes_the_node_detectors_station(pipe, tmp_pat
     row = next(f for f in rep.findings if f.name == "lymphadenopathy")
     assert row.location == station and row.location_from_detector and not row.location_from_record
     assert row.to_dict()["location_source"] == "detector"
+    gen = rep.provenance["generation"]
+    assert gen["locations_from_detector"] == ["lymphadenopathy"] and gen["locations_from_record"] == []
     assert row.side == ({"left": "left", "right": "right"}.get(station.split()[0], row.side))
     other = next(f for f in rep.findings if f.name == "cardiomegaly")
     assert other.to_dict()["location_source"] == "image"
