@@ -46,7 +46,7 @@ class DetectorReading:
 
 
 def read_study(study) -> DetectorReading:
-    """Run every detector on a loaded ``data.study.Study`` (~0.6 s a demo-size CT on one core): CT
+    """Run every detector on a loaded ``data.study.Study`` (~1 s a demo-size CT on one core): CT
     volumes only. The column direction (LPS x) says which side is the patient's left."""
     if study.kind != "volume" or str(study.modality).upper() not in ("CT", ""):
         return DetectorReading({}, {})
