@@ -40,7 +40,7 @@ from app.decoding import mbr_rerank
 from app.report import UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
 from core.generate import GenerationConfig, Guidance, any_veto, generate
 from data.errors import AudioError, HistoryError, MedreportError
-from data.finding_prompt import record_locations, record_prior_nodule_mm, study_acquisition
+from data.finding_prompt import known_locations, record_locations, record_prior_nodule_mm, study_acquisition
 from data.detectors import DETECTOR_LABELS, read_study
 from data.history_digest import digest_ids, record_facts
 from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
@@ -390,16 +390,17 @@ class ReportPipeline:
         # the classical detectors on the CT (data.detectors), for a model whose nodule call carries
         # the measured size or whose heads fuse the detectors' evidence
         sizes = evidence = None
-        placed: dict[str, str] = {}
+        detected: dict[str, str] = {}
         if self.model.cfg.runs_detectors:
             reading = read_study(study)
             if self.model.cfg.nodule_size_prompt:
                 sizes = {k: float(v) for k, v in reading.sizes_mm.items()} or None
             evidence = reading.evidence or None
-            placed = {k: v for k, v in reading.locations.items() if k not in (rec or {})}  # the record's word first
+            detected = reading.locations
+        locations, placed = known_locations(rec, detected)  # the record's word first
         inputs = StudyInputs(pixels=slabs.pixels, z_mm=slabs.z_mm, z_index_range=slabs.z_index_range, mel=mel,
                              history_ids=ids, digest_len=n_digest, acquisition=acq,
-                             record_locations={**placed, **(rec or {})} or None, detector_located=tuple(sorted(placed)),
+                             record_locations=locations, detector_located=placed,
                              nodule_mm=sizes, prior_nodule_mm=record_prior_nodule_mm(history) if history else None,
                              evidence=evidence)
         return inputs, hist_info, audio_info

@@ -35,7 +35,7 @@ import torch
 
 from core.decoder import spans_to_mask
 from data.errors import MedreportError
-from data.finding_prompt import record_locations, record_prior_nodule_mm, study_acquisition
+from data.finding_prompt import known_locations, record_locations, record_prior_nodule_mm, study_acquisition
 from data.history_digest import digest_ids
 from multimodal.heads import SIDES, FindingLabels, coarse_location, side_index
 from multimodal.model import ModelInputs, StudyInputs, collate, config_prompt_ids, digest_spans
@@ -548,13 +548,11 @@ class ReportDataset(torch.utils.data.Dataset):
             acq = str(a["acquisition"])
             if rng is not None and rng.random() < ACQUISITION_DROPOUT:  # as for a NIfTI or a silent header
                 acq = None
-        det = study_detector_locations(a)
-        rec = (parts[3] or {}) if parts else {}
+        locations, placed = known_locations(parts[3] if parts else None, study_detector_locations(a))
         return StudyInputs(
             pixels=a["pixels"].astype(np.float32), z_mm=a["z_mm"], z_index_range=a["z_index_range"],
             mel=a["mel"].astype(np.float32) if "mel" in a else None, history_ids=hist or None, digest_len=n_digest,
-            acquisition=acq, record_locations={**det, **rec} or None,  # the record's word over a detector's
-            detector_located=tuple(sorted(set(det) - set(rec))),
+            acquisition=acq, record_locations=locations, detector_located=placed,
             prior_nodule_mm=parts[4] if parts else None,
             nodule_mm={k: float(v) for k, v in zip(NODULE_SIZE_KEYS, a["nodule_mm"]) if np.isfinite(v)} or None
             if "nodule_mm" in a else None,

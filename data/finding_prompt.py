@@ -246,6 +246,16 @@ def with_record_locations(calls: Sequence[tuple[str, str | None, str | None]],
     return out
 
 
+def known_locations(record: Mapping[str, str] | None, detected: Mapping[str, str] | None
+                    ) -> tuple[dict[str, str] | None, tuple[str, ...]]:
+    """Where a call of each finding goes: the record's locations (:func:`record_locations`) over a
+    detector's (``data.detectors``: a lymph node's station) -> (the merged map or None, the findings
+    only a detector placed, for the findings table's provenance)."""
+    record, detected = dict(record or {}), dict(detected or {})
+    placed = tuple(sorted(set(detected) - set(record)))
+    return {**detected, **record} or None, placed
+
+
 def record_prior_nodule_mm(text: str | None) -> float | None:
     """The size of the lung nodule the record describes (a prior CT: "There is a 9 mm solid nodule
     in the right lower lobe."): the one size stated in the record's sentences about a pulmonary

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from data.nodule_measure import _hessian_at, coarse_grid, lung_mask
+from data.nodule_measure import coarse_grid, log_blobs, lung_mask
 
 LUMEN_HU = -950.0  # tracheal air: below lung parenchyma (~-860)
 TRACHEA_AREA_MM2 = (40.0, 800.0)  # an adult trachea's lumen is ~1.5-2.5 cm across
@@ -173,25 +173,7 @@ def node_candidates(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float],
     depth = ndimage.distance_transform_edt(lung, sampling=sp)  # mm into the lung, 0 outside
     region = box & (hu > LUMEN_HU) & (depth <= HILUM_MM)
     w = np.clip((hu + 50.0) / 60.0, 0.0, 1.0) * np.clip((130.0 - hu) / 60.0, 0.0, 1.0) * region
-    smooth, resp = [], []
-    for r in RADII_MM:
-        s = r / np.sqrt(3.0)  # the LoG of a ball of radius r peaks at sigma r / sqrt(3)
-        sig = tuple(max(s / float(v), 0.5) for v in sp)
-        smooth.append(ndimage.gaussian_filter(w, sig))
-        resp.append(-ndimage.gaussian_laplace(w, sig) * s * s)
-    R_SZYX = np.stack(resp)
-    best_Z = R_SZYX.argmax(0)
-    R = R_SZYX.max(0) * region
-    peaks = np.argwhere((R == ndimage.maximum_filter(R, size=(3, 5, 5))) & (R > 0.1))
-    ranked = []
-    for p in map(tuple, peaks):
-        k = int(best_Z[p])
-        s = RADII_MM[k] / np.sqrt(3.0)
-        ev = np.linalg.eigvalsh(_hessian_at(smooth[k], sp, p) * s * s)  # ascending
-        blob = float(ev[2] / ev[0]) if ev[0] < 0 and ev[2] < 0 else 0.0
-        if blob > 0:
-            ranked.append((float(R[p]) * blob, p, RADII_MM[k]))
-    ranked.sort(key=lambda c: -c[0])
+    ranked = log_blobs(w, sp, RADII_MM, region)
     soft = (hu > SOFT_HU[0]) & (hu < SOFT_HU[1])
     top_z = airway[0][0] - lo[0]
     out = []

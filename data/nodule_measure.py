@@ -152,28 +152,39 @@ def nodule_candidates(hu_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float
     if not lung.any():
         return []
     w = np.clip((hu + 750.0) / 780.0, 0.0, 1.0) * lung
+    out = [((int(p[0]), int(p[1]), int(p[2])), score)
+           for score, p, _ in log_blobs(w, spacing_zyx, SCALES_MM, ndimage.binary_erosion(lung, iterations=1))
+           if hu[p] <= MAX_SOLID_HU]
+    return out[:max_candidates]
+
+
+def log_blobs(w_ZYX: np.ndarray, spacing_zyx: tuple[float, float, float], radii_mm: tuple[float, ...],
+              within_ZYX: np.ndarray) -> list[tuple[float, tuple[int, int, int], float]]:
+    """Ball-shaped foci of the weight ``w_ZYX`` (0-1), best first, as ``[(score, centre voxel,
+    radius mm)]``: a scale-normalised Laplacian of Gaussian at ``radii_mm`` (sigmas in mm, so thick
+    slices and fine pixels are handled alike), its local maxima inside ``within_ZYX`` over 0.1,
+    scored by the response times blobness (the Hessian's weakest / strongest eigenvalue at the
+    best scale: a tube scores ~0, a ball ~1). Shared by the nodule and lymph-node detectors."""
     smooth, resp = [], []
-    for r in SCALES_MM:
+    for r in radii_mm:
         s = r / np.sqrt(3.0)  # the LoG of a ball of radius r peaks at sigma r / sqrt(3)
         sig = tuple(max(s / float(sp), 0.5) for sp in spacing_zyx)
-        smooth.append(ndimage.gaussian_filter(w, sig))
-        resp.append(-ndimage.gaussian_laplace(w, sig) * s * s)
+        smooth.append(ndimage.gaussian_filter(w_ZYX, sig))
+        resp.append(-ndimage.gaussian_laplace(w_ZYX, sig) * s * s)
     R_SZYX = np.stack(resp)
     best_Z = R_SZYX.argmax(0)
-    R = R_SZYX.max(0) * ndimage.binary_erosion(lung, iterations=1)
+    R = R_SZYX.max(0) * within_ZYX
     peaks = np.argwhere((R == ndimage.maximum_filter(R, size=(3, 5, 5))) & (R > 0.1))
     out = []
     for p in map(tuple, peaks):
-        if hu[p] > MAX_SOLID_HU:
-            continue
         k = int(best_Z[p])
-        s = SCALES_MM[k] / np.sqrt(3.0)
+        s = radii_mm[k] / np.sqrt(3.0)
         ev = np.linalg.eigvalsh(_hessian_at(smooth[k], spacing_zyx, p) * s * s)  # ascending
         blob = float(ev[2] / ev[0]) if ev[0] < 0 and ev[2] < 0 else 0.0  # weakest / strongest curvature
         if blob > 0:
-            out.append(((int(p[0]), int(p[1]), int(p[2])), float(R[p]) * blob))
-    out.sort(key=lambda c: -c[1])
-    return out[:max_candidates]
+            out.append((float(R[p]) * blob, p, radii_mm[k]))
+    out.sort(key=lambda c: -c[0])
+    return out
 
 
 def _background_and_centre(sl: np.ndarray, y: int, x: int, ry: int, rx: int) -> tuple[float, float]:

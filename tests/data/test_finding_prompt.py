@@ -224,3 +224,13 @@ def test_a_measured_nodule_call_carries_its_size():
     # a call without a side takes the best in either lung
     assert with_measurements([("nodule", "none", "unspecified")], {"any": 14.0})[0][3] == 14.0
     assert with_measurements(calls, None) == calls
+
+
+def test_known_locations_put_the_record_over_a_detector():
+    from data.finding_prompt import known_locations
+
+    rec = {"lobectomy": "right upper lobe", "lymphadenopathy": "subcarinal"}
+    assert known_locations(rec, {"lymphadenopathy": "left hilar"}) == (rec, ())
+    merged, placed = known_locations({"lobectomy": "right upper lobe"}, {"lymphadenopathy": "left hilar"})
+    assert merged == {"lobectomy": "right upper lobe", "lymphadenopathy": "left hilar"} and placed == ("lymphadenopathy",)
+    assert known_locations(None, {}) == (None, ()) and known_locations({}, None) == (None, ())
