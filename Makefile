@@ -41,11 +41,13 @@ bench: install
 	$(BIN)/python -m bench.data
 
 # Build the synthetic dataset (if missing), train the demo preset on this CPU, evaluate, write models/demo/.
-# The shipped decoding (models/demo/decoding.json): MBR over 8 samples, chosen against greedy on 80
-# val studies after training (docs/training.md, "Session 27").
+# The shipped decoding (models/demo/decoding.json): MBR over 8 samples, with and without the record's
+# facts in the choice, chosen against greedy on 80 val studies after training (docs/training.md,
+# "Session 27" and "Session 29").
 demo-model: install
 	$(BIN)/medreport demo-model --tune-studies 80 --tune-num-beams 1 --tune-mbr-samples 8 \
-		--tune-temperatures 0.7 --tune-calls-agreements 1.0 --tune-mbr-from report
+		--tune-temperatures 0.7 --tune-calls-agreements 1.0 --tune-record-agreements 0,0.5 \
+		--tune-mbr-from report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

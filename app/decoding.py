@@ -124,13 +124,13 @@ def parse_mbr_from(flag: str, text: str) -> tuple[str, ...]:
 
 def candidates(num_beams: int = 4, length_penalties: tuple[float, ...] = (1.0, 1.5, 2.0),
                consistency: bool = False, mbr_samples: int = 0, temperatures: tuple[float, ...] = (0.7,),
-               calls_agreements: tuple[float, ...] = (1.0,), record_agreement: float = 0.0,
+               calls_agreements: tuple[float, ...] = (1.0,), record_agreements: tuple[float, ...] = (0.0,),
                mbr_from: tuple[str, ...] = ("report",)) -> list[dict]:
     """Greedy first (the cheapest, kept on ties), then beam search at each length penalty; with
     ``consistency`` each of them again with the findings-table veto (``consistent_with_calls``);
     with ``mbr_samples`` > 0, MBR over that many samples at each temperature and calls-agreement
-    weight and each ``mbr_from`` (what the samples are compared on), with ``record_agreement``
-    (``core.generate``; the most expensive, last)."""
+    weight, record-agreement weight (``record_agreements``: the record's facts carried) and each
+    ``mbr_from`` (what the samples are compared on) (``core.generate``; the most expensive, last)."""
     out = [dict(GREEDY)]
     if num_beams > 1:
         out += [{"strategy": "beam", "num_beams": num_beams, "length_penalty": float(lp), "no_repeat_ngram_size": 0,
@@ -139,9 +139,9 @@ def candidates(num_beams: int = 4, length_penalties: tuple[float, ...] = (1.0, 1
         out += [{**c, "consistent_with_calls": True} for c in list(out)]
     if mbr_samples > 0:
         out += [{"strategy": "mbr", "num_samples": mbr_samples, "temperature": float(t), "calls_agreement": float(w),
-                 "record_agreement": float(record_agreement), "mbr_from": f, "num_beams": 1, "length_penalty": 1.0,
+                 "record_agreement": float(r), "mbr_from": f, "num_beams": 1, "length_penalty": 1.0,
                  "no_repeat_ngram_size": 0, "consistent_with_calls": False}
-                for f in mbr_from for t in temperatures for w in calls_agreements]
+                for f in mbr_from for t in temperatures for w in calls_agreements for r in record_agreements]
     return out
 
 

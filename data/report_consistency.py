@@ -335,7 +335,10 @@ class RecordAgreement:
     candidate report names in its Findings or Impression; 0 for every candidate when the record has
     none. Among sampled reports, the one that carries the known cancer into the Impression ("no
     evidence of metastatic disease from the known prostate cancer") and the resection into the
-    Findings wins. Like :class:`CallsAgreement` it only chooses between reports the decoder wrote."""
+    Findings wins. Like :class:`CallsAgreement` it only chooses between reports the decoder wrote.
+
+    A sample that never ended (no end-of-report token: it ran to the length cap) earns nothing:
+    session 26 saw MBR choose such a runaway report because somewhere in it the lobectomy was named."""
 
     def __init__(self, tokenizer, facts: Iterable[str], weight: float = 1.0):
         self.tok = tokenizer
@@ -350,5 +353,7 @@ class RecordAgreement:
         return sum(f in body for f in self.facts) / len(self.facts)
 
     def __call__(self, tokens: list[int]) -> float:
-        return self.weight * self.carried(format_report(self.tok.decode_report(tokens))) if self.facts else 0.0
+        if not self.facts or self.tok.eos_id not in tokens:  # no facts, or a runaway sample
+            return 0.0
+        return self.weight * self.carried(format_report(self.tok.decode_report(tokens)))
 

@@ -52,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-temperatures", default="0.7", help="with --tune-mbr-samples: comma list (default 0.7)")
     parser.add_argument("--tune-calls-agreements", default="1.0",
                         help="with --tune-mbr-samples: comma list of findings-table agreement weights (default 1.0)")
-    parser.add_argument("--tune-record-agreement", type=float, default=0.0,
-                        help="with --tune-mbr-samples: weight of the record's facts carried (default 0 = off)")
+    parser.add_argument("--tune-record-agreements", "--tune-record-agreement", dest="tune_record_agreements", default="0",
+                        help="with --tune-mbr-samples: comma list of weights of the record's facts carried (default 0 = off)")
     parser.add_argument("--tune-mbr-from", default="report",
                         help="with --tune-mbr-samples: comma list of what MBR compares (report, findings; default report)")
     parser.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16, to stay under 25 MB)")
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         cands = candidates(args.tune_num_beams, mbr_samples=args.tune_mbr_samples,
                            temperatures=parse_numbers("--tune-temperatures", args.tune_temperatures),
                            calls_agreements=parse_numbers("--tune-calls-agreements", args.tune_calls_agreements),
-                           record_agreement=args.tune_record_agreement,
+                           record_agreements=parse_numbers("--tune-record-agreements", args.tune_record_agreements),
                            mbr_from=parse_mbr_from("--tune-mbr-from", args.tune_mbr_from))
         decoding, table = tune_decoding(model, manifest, "val", max_studies=args.tune_studies, cands=cands,
                                         max_history_tokens=args.eval_history_tokens, batch_size=cfg.data.batch_size,
@@ -275,6 +275,11 @@ def model_card(args, cfg, metrics: dict) -> str:
                     f"{format_table(table, dec)}\n```\n")
     else:
         decoding = "\n## Decoding\nGreedy (not tuned).\n"
+    if dec.get("strategy") == "mbr" and (dec.get("record_agreement") or 0) > 0:
+        decoding += (f"Among the sampled reports, the choice also weighs (x {dec['record_agreement']:g}) the share of the "
+                     "patient record's known cancers and prior lung resections that a report names in its Findings or "
+                     "Impression (`data.report_consistency.RecordAgreement`); a sample that never ended earns nothing. "
+                     "It only chooses between reports the decoder wrote.\n")
     decoding += ("The report is kept whole (`PipelineConfig.complete_sections`, on by default): it may not end before "
                  "the impression has content, and no findings line starts with a list number.\n"
                  if (metrics.get("decoding") or {}).get("complete_report") else "")

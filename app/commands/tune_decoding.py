@@ -27,8 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperatures", default="0.7", help="comma list of MBR sampling temperatures (default 0.7)")
     p.add_argument("--calls-agreements", default="1.0",
                    help="comma list of MBR weights of the text's agreement with the findings table (default 1.0)")
-    p.add_argument("--record-agreement", type=float, default=0.0,
-                   help="MBR weight of the record's facts carried (known malignancy, lung resection; default 0 = off)")
+    p.add_argument("--record-agreements", "--record-agreement", dest="record_agreements", default="0",
+                   help="comma list of MBR weights of the record's facts carried (known malignancy, lung resection; "
+                        "default 0 = off)")
     p.add_argument("--mbr-from", default="report",
                    help="comma list of what MBR compares the samples on: report (every section), findings (the "
                         "Findings and Impression); default report")
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     cands = candidates(args.num_beams, lps, args.consistency, args.mbr_samples,
                        parse_numbers("--temperatures", args.temperatures),
                        parse_numbers("--calls-agreements", args.calls_agreements),
-                       args.record_agreement, parse_mbr_from("--mbr-from", args.mbr_from))
+                       parse_numbers("--record-agreements", args.record_agreements),
+                       parse_mbr_from("--mbr-from", args.mbr_from))
     model = ReportModel.from_pretrained(args.model, device="cpu").float().eval()
     chosen, table = tune_decoding(model, args.manifest, args.split, max_studies=args.max_studies,
                                   cands=cands, max_history_tokens=args.max_history_tokens,

@@ -429,6 +429,12 @@ def test_model_card_lists_findings_and_names_the_unlearned_ones(tmp_path):
                                                                    "no_repeat_ngram_size")}, "decoding_table_val": rows})
     assert "on 3 val studies" in card and "beam 4 lp 2" in card
     assert [ln for ln in card.splitlines() if "<- chosen" in ln][0].startswith("beam 4 lp 2")
+    assert "RecordAgreement" not in card
+    # an MBR decoding that weighs the record's facts says so
+    card = model_card(args, load_config(None, "configs/demo.json"),
+                      {"n": 4, "decoding": {"strategy": "mbr", "num_samples": 8, "temperature": 0.7, "calls_agreement": 1.0,
+                                            "record_agreement": 0.5}, "decoding_table_val": rows})
+    assert "(x 0.5) the share of the patient record's known cancers" in card
 
 
 def test_history_digest_and_copy_head_train_and_generate(shared, repo_root, tmp_path):

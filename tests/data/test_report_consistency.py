@@ -244,16 +244,18 @@ def test_calls_agreement_scores_a_candidate_report_by_the_findings_table(tok):
 
 def test_record_agreement_scores_the_record_facts_a_candidate_carries(tok):
     """RecordAgreement (the MBR rerank): weight x the share of the record's facts named in the
-    Findings or Impression (the clinical information does not count); 0 without facts."""
+    Findings or Impression (the clinical information does not count); 0 without facts, and 0 for a
+    sample that never ended (a runaway that hit the length cap)."""
     from data.report_consistency import RecordAgreement
 
     score = RecordAgreement(tok, ["Prostate cancer", "right upper lobectomy"], weight=3.0)
     both = _ids(tok, clinical_information="Staging.", findings="Lungs and airways: Changes of prior right upper lobectomy.",
-                impression="1. No metastatic disease from the known prostate cancer.")
+                impression="1. No metastatic disease from the known prostate cancer.") + [tok.eos_id]
     one = _ids(tok, clinical_information="History of prostate cancer.",
-               findings="Lungs and airways: Changes of prior right upper lobectomy.", impression="1. No acute findings.")
-    none = _ids(tok, findings="Lungs and airways: Clear.", impression="1. No acute findings.")
+               findings="Lungs and airways: Changes of prior right upper lobectomy.", impression="1. No acute findings.") + [tok.eos_id]
+    none = _ids(tok, findings="Lungs and airways: Clear.", impression="1. No acute findings.") + [tok.eos_id]
     assert score(both) == pytest.approx(3.0)
     assert score(one) == pytest.approx(1.5)
     assert score(none) == 0.0
+    assert score(both[:-1]) == 0.0  # the same text, unfinished: no credit
     assert RecordAgreement(tok, [])(both) == 0.0
