@@ -633,12 +633,13 @@ def test_mbr_decoding_samples_and_reranks_by_the_findings_table(pipe, tmp_path, 
         out = []
         for key, text in (("findings", "Heart and mediastinum: The heart is enlarged."), ("impression", impression)):
             out += [tok.section_ids[SECTION_KEYS.index(key)], *tok.encode(text)]
-        return out
+        return out + [tok.eos_id]  # a finished sample
 
     carried, not_carried = ids("1. Cardiomegaly. No metastases from the known prostate cancer."), ids("1. Cardiomegaly.")
     agree = CallsAgreement(tok, ["cardiomegaly"], PipelineConfig().calls_agreement)
     assert both(carried) == pytest.approx(agree(carried) + 2.0)
     assert both(not_carried) == pytest.approx(agree(not_carried))
+    assert both(carried[:-1]) == pytest.approx(agree(carried[:-1]))  # never ended: no credit for the record
     _, _, off = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",),
                                pipeline={"strategy": "mbr", "num_samples": 2, "calls_agreement": 0.0, "max_new_tokens": 8})
     assert off["rerank"] is None  # no calls weight and no record facts
