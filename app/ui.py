@@ -283,7 +283,11 @@ def context_summary(report: Any) -> str:
     if gen.get("strategy"):
         how = {"greedy": "greedy (one report)", "beam": f"beam search ({gen.get('num_beams', '?')} beams)",
                "mbr": f"MBR over {gen.get('num_samples', '?')} sampled reports", "sample": "sampling"}
-        lines.append(f"**Decoding**: {how.get(gen['strategy'], gen['strategy'])}.")
+        favours = [what for key, what in (("calls_agreement", "agreement with the findings table"),
+                                          ("record_agreement", "the record's known cancers and resections answered"))
+                   if gen["strategy"] == "mbr" and (gen.get(key) or 0) > 0]
+        lines.append(f"**Decoding**: {how.get(gen['strategy'], gen['strategy'])}"
+                     + (f", the choice favouring {' and '.join(favours)}" if favours else "") + ".")
     t = report.provenance.get("timings_s", {})
     if t:
         lines.append("**Timings**: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))

@@ -282,6 +282,11 @@ def test_fast_draft_decodes_one_report_greedily(pipe):
     assert full.provenance["generation"]["strategy"] == "mbr" and full.provenance["generation"]["num_samples"] == 2
     assert "**Decoding**: greedy" in context_summary(draft)
     assert "**Decoding**: MBR over 2 sampled reports" in context_summary(full)
+    rec = run_generation(pipe.with_config(strategy="mbr", num_samples=2, calls_agreement=0.0, record_agreement=0.5),
+                         viewer, ex.history_text)
+    assert ("**Decoding**: MBR over 2 sampled reports, the choice favouring the record's known cancers and "
+            "resections answered.") in context_summary(rec)
+    assert "favouring" not in context_summary(draft)
     with pytest.raises(Exception, match="quantize cannot change"):
         pipe.with_config(quantize=True)
     assert dataclasses.replace(CFG, strategy="greedy") == pipe.with_config(strategy="greedy").config
