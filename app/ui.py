@@ -283,9 +283,10 @@ def context_summary(report: Any) -> str:
     if gen.get("strategy"):
         how = {"greedy": "greedy (one report)", "beam": f"beam search ({gen.get('num_beams', '?')} beams)",
                "mbr": f"MBR over {gen.get('num_samples', '?')} sampled reports", "sample": "sampling"}
+        # the provenance holds the MBR weights only when MBR decoded
         favours = [what for key, what in (("calls_agreement", "agreement with the findings table"),
                                           ("record_agreement", "the record's known cancers and resections answered"))
-                   if gen["strategy"] == "mbr" and (gen.get(key) or 0) > 0]
+                   if (gen.get(key) or 0) > 0]
         lines.append(f"**Decoding**: {how.get(gen['strategy'], gen['strategy'])}"
                      + (f", the choice favouring {' and '.join(favours)}" if favours else "") + ".")
     t = report.provenance.get("timings_s", {})
