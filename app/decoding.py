@@ -31,24 +31,30 @@ DECODING_FILE = "decoding.json"
 # the settings a decoding.json may choose, with their types
 DECODING_KEYS: dict[str, type] = {"strategy": str, "num_beams": int, "length_penalty": float, "no_repeat_ngram_size": int,
                                   "consistent_with_calls": bool, "num_samples": int, "temperature": float,
-                                  "calls_agreement": float, "record_agreement": float, "mbr_from": str}
+                                  "calls_agreement": float, "record_agreement": float, "acquisition_agreement": float,
+                                  "mbr_from": str}
 # what MBR compares the samples on: the whole report, or the Findings and Impression only
 MBR_FROM = ("report", "findings")
 GREEDY = {"strategy": "greedy", "num_beams": 1, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
           "consistent_with_calls": False}
 
 
-def mbr_rerank(tokenizer, called, facts, calls_agreement: float, record_agreement: float):
+def mbr_rerank(tokenizer, called, facts, calls_agreement: float, record_agreement: float,
+               contrast: bool | None = None, acquisition_agreement: float = 0.0):
     """One study's MBR rerank score (``core.generate.Rerank``): ``CallsAgreement`` over the called
     finding names at ``calls_agreement`` plus ``RecordAgreement`` over the record's ``facts`` at
-    ``record_agreement`` (``data.report_consistency``; either left out at weight 0, the second also
-    without facts); None when both are. The pipeline and ``evaluate_split`` build it alike."""
+    ``record_agreement`` plus ``AcquisitionAgreement`` (the Technique states the header's
+    ``contrast``) at ``acquisition_agreement`` (``data.report_consistency``; each left out at weight
+    0, the second also without facts, the third when the header does not say whether contrast was
+    given); None when all are. The pipeline and ``evaluate_split`` build it alike."""
     from core.generate import sum_reranks
-    from data.report_consistency import CallsAgreement, RecordAgreement
+    from data.report_consistency import AcquisitionAgreement, CallsAgreement, RecordAgreement
 
     facts = tuple(facts)
     return sum_reranks([CallsAgreement(tokenizer, called, calls_agreement) if calls_agreement > 0 else None,
-                        RecordAgreement(tokenizer, facts, record_agreement) if record_agreement > 0 and facts else None])
+                        RecordAgreement(tokenizer, facts, record_agreement) if record_agreement > 0 and facts else None,
+                        AcquisitionAgreement(tokenizer, contrast, acquisition_agreement)
+                        if acquisition_agreement > 0 and contrast is not None else None])
 
 
 class DecodingError(MedreportError):
@@ -75,8 +81,10 @@ def validate_decoding(chosen: dict, where: str = "decoding") -> dict:
         raise DecodingError(f"{where}: strategy must be greedy, beam, sample or mbr, not {out['strategy']!r}")
     if out.get("num_beams", 1) < 1 or out.get("no_repeat_ngram_size", 0) < 0 or out.get("num_samples", 1) < 1:
         raise DecodingError(f"{where}: num_beams and num_samples must be >= 1 and no_repeat_ngram_size >= 0")
-    if out.get("temperature", 1.0) <= 0 or out.get("calls_agreement", 0.0) < 0 or out.get("record_agreement", 0.0) < 0:
-        raise DecodingError(f"{where}: temperature must be > 0, calls_agreement and record_agreement >= 0")
+    if (out.get("temperature", 1.0) <= 0 or out.get("calls_agreement", 0.0) < 0 or out.get("record_agreement", 0.0) < 0
+            or out.get("acquisition_agreement", 0.0) < 0):
+        raise DecodingError(f"{where}: temperature must be > 0, calls_agreement, record_agreement and "
+                            "acquisition_agreement >= 0")
     if out.get("mbr_from", "report") not in MBR_FROM:
         raise DecodingError(f"{where}: mbr_from must be one of {list(MBR_FROM)}, not {out['mbr_from']!r}")
     return out
@@ -125,12 +133,15 @@ def parse_mbr_from(flag: str, text: str) -> tuple[str, ...]:
 def candidates(num_beams: int = 4, length_penalties: tuple[float, ...] = (1.0, 1.5, 2.0),
                consistency: bool = False, mbr_samples: int = 0, temperatures: tuple[float, ...] = (0.7,),
                calls_agreements: tuple[float, ...] = (1.0,), record_agreements: tuple[float, ...] = (0.0,),
-               mbr_from: tuple[str, ...] = ("report",)) -> list[dict]:
+               mbr_from: tuple[str, ...] = ("report",),
+               acquisition_agreements: tuple[float, ...] = (0.0,)) -> list[dict]:
     """Greedy first (the cheapest, kept on ties), then beam search at each length penalty; with
     ``consistency`` each of them again with the findings-table veto (``consistent_with_calls``);
     with ``mbr_samples`` > 0, MBR over that many samples at each temperature and calls-agreement
-    weight, record-agreement weight (``record_agreements``: the record's facts carried) and each
-    ``mbr_from`` (what the samples are compared on) (``core.generate``; the most expensive, last)."""
+    weight, record-agreement weight (``record_agreements``: the record's facts carried),
+    acquisition-agreement weight (``acquisition_agreements``: the Technique states the scan's
+    contrast) and each ``mbr_from`` (what the samples are compared on) (``core.generate``; the most
+    expensive, last)."""
     out = [dict(GREEDY)]
     if num_beams > 1:
         out += [{"strategy": "beam", "num_beams": num_beams, "length_penalty": float(lp), "no_repeat_ngram_size": 0,
@@ -139,9 +150,10 @@ def candidates(num_beams: int = 4, length_penalties: tuple[float, ...] = (1.0, 1
         out += [{**c, "consistent_with_calls": True} for c in list(out)]
     if mbr_samples > 0:
         out += [{"strategy": "mbr", "num_samples": mbr_samples, "temperature": float(t), "calls_agreement": float(w),
-                 "record_agreement": float(r), "mbr_from": f, "num_beams": 1, "length_penalty": 1.0,
-                 "no_repeat_ngram_size": 0, "consistent_with_calls": False}
-                for f in mbr_from for t in temperatures for w in calls_agreements for r in record_agreements]
+                 "record_agreement": float(r), "acquisition_agreement": float(a), "mbr_from": f, "num_beams": 1,
+                 "length_penalty": 1.0, "no_repeat_ngram_size": 0, "consistent_with_calls": False}
+                for f in mbr_from for t in temperatures for w in calls_agreements for r in record_agreements
+                for a in acquisition_agreements]
     return out
 
 
@@ -183,6 +195,7 @@ def format_table(table: list[dict], chosen: dict) -> str:
     for r in table:
         name = ("greedy" if r["strategy"] == "greedy" else
                 f"mbr {r['num_samples']} T {r['temperature']:g} agree {r['calls_agreement']:g}/{r.get('record_agreement', 0):g}"
+                + (f"/{r['acquisition_agreement']:g}" if r.get("acquisition_agreement") else "")
                 + (" F+I" if r.get("mbr_from") == "findings" else "") if r["strategy"] == "mbr" else
                 f"{r['strategy']} {r['num_beams']} lp {r['length_penalty']:g}")
         name += " +veto" if r.get("consistent_with_calls") else ""

@@ -40,7 +40,8 @@ from app.decoding import mbr_rerank
 from app.report import UNCERTAIN_BAND, FindingRow, KeySlice, Report, consistency
 from core.generate import GenerationConfig, Guidance, any_veto, generate
 from data.errors import AudioError, HistoryError, MedreportError
-from data.finding_prompt import known_locations, record_locations, record_prior_nodule_mm, study_acquisition
+from data.finding_prompt import (contrast_of_line, known_locations, record_locations, record_prior_nodule_mm,
+                                 study_acquisition)
 from data.detectors import DETECTOR_LABELS, read_study
 from data.history_digest import digest_ids, record_facts
 from data.report_consistency import CallsVeto, MeasurementVeto, acquisition_veto
@@ -103,6 +104,12 @@ class PipelineConfig:
     # facts instead of 90.2 % but lowered BLEU-4 0.432 -> 0.422 and once chose a runaway sample
     # for naming the lobectomy; weight 0.1 changed nothing but BLEU (0.424).
     record_agreement: float = 0.0
+    # mbr: weight of the Technique stating the scan's contrast as the DICOM header gives it
+    # (data.report_consistency.AcquisitionAgreement: "without intravenous contrast" for a non-contrast
+    # scan); 0 = off. For a model that reads the acquisition line (the header's contrast is then
+    # known). The acquisition veto only refuses the opposite statement; session 29's shipped decoding
+    # still chose a Technique that left the contrast out for 4 of 39 contrast-allergic test patients.
+    acquisition_agreement: float = 0.0
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0  # beam search: a hypothesis scores sum log p / length ** length_penalty
     seed: int | None = 0
@@ -182,10 +189,10 @@ class PipelineConfig:
         if self.strategy not in ("greedy", "beam", "sample", "mbr"):
             raise ValueError(f"strategy must be greedy, beam, sample or mbr, not {self.strategy!r}")
         if (self.num_samples < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.calls_agreement < 0
-                or self.record_agreement < 0):
+                or self.record_agreement < 0 or self.acquisition_agreement < 0):
             raise ValueError(f"sampling needs num_samples >= 1, temperature > 0, 0 < top_p <= 1 and calls_agreement, "
-                             f"record_agreement >= 0; got {self.num_samples}, {self.temperature}, {self.top_p}, "
-                             f"{self.calls_agreement}, {self.record_agreement}")
+                             f"record_agreement, acquisition_agreement >= 0; got {self.num_samples}, {self.temperature}, "
+                             f"{self.top_p}, {self.calls_agreement}, {self.record_agreement}, {self.acquisition_agreement}")
         if self.mbr_from not in ("report", "findings"):
             raise ValueError(f"mbr_from must be 'report' or 'findings', not {self.mbr_from!r}")
         if self.calls_guidance > 0 and self.strategy == "mbr":
@@ -537,7 +544,8 @@ class ReportPipeline:
             rerank = None  # MBR: the sample that says what the findings table says and carries the record's facts
             if self.config.strategy == "mbr":
                 rerank = [mbr_rerank(tok, it.called, it.record_facts, self.config.calls_agreement,
-                                     self.config.record_agreement) for it in items]
+                                     self.config.record_agreement, contrast_of_line(it.inputs.acquisition),
+                                     self.config.acquisition_agreement) for it in items]
                 rerank = rerank if any(r is not None for r in rerank) else None
             token_ids = generate(model.decoder, prefixes, ctx, cmask, self.config.generation(tok), copy_spans=spans,
                                  vetoes=vetoes, guidance=guide, rerank=rerank)
@@ -652,7 +660,7 @@ class ReportPipeline:
                            "length_penalty": cfg.length_penalty if cfg.strategy == "beam" else None,
                            **({"num_samples": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
                                "calls_agreement": cfg.calls_agreement, "record_agreement": cfg.record_agreement,
-                               "mbr_from": cfg.mbr_from,
+                               "acquisition_agreement": cfg.acquisition_agreement, "mbr_from": cfg.mbr_from,
                                "seed": cfg.seed} if cfg.strategy == "mbr" else {}),
                            "complete_report": cfg.complete_sections,
                            "consistent_with_calls": cfg.consistent_with_calls,

@@ -1204,7 +1204,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                    technique_states_contrast: bool = False, calls_covered: bool = False,
                    calls_guidance: float = 0.0, num_samples: int = 8, temperature: float = 1.0, top_p: float = 0.9,
                    calls_agreement: float = 0.0, record_agreement: float = 0.0, mbr_from: str = "report",
-                   record_covered: bool = False, cache_dir: str | Path | None = None) -> dict:
+                   record_covered: bool = False, cache_dir: str | Path | None = None,
+                   acquisition_agreement: float = 0.0) -> dict:
     """Generate reports (greedy unless ``strategy``) for a split and score them (no manifest facts
     are used to crop).
 
@@ -1217,7 +1218,8 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
     ``strategy="mbr"``: ``num_samples`` reports sampled at ``temperature`` / ``top_p`` per study, the
     consensus kept, with ``calls_agreement`` weighing the labeller's agreement with the calls
     (``data.report_consistency.CallsAgreement``) and ``record_agreement`` the record's facts carried
-    (``RecordAgreement``; 0 = off), the samples compared on the whole report or from the Findings on
+    (``RecordAgreement``; 0 = off) and ``acquisition_agreement`` the Technique stating the scan's contrast
+    (``AcquisitionAgreement``; 0 = off), the samples compared on the whole report or from the Findings on
     (``mbr_from`` "report" / "findings"), as the product runs. ``record_covered``: the record's known
     malignancies and lung resections kept in the report (``data.report_coverage.RecordVeto``)."""
     from tqdm.auto import tqdm
@@ -1268,7 +1270,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
 
     entries = sorted(entries, key=_hist_size)
     vetoes_for = None  # one findings-table veto per study, from its calls (consistent_with_calls)
-    from data.finding_prompt import measured_size
+    from data.finding_prompt import contrast_of_line, measured_size
     from core.generate import any_veto
     from data.history_digest import record_facts
     from app.decoding import mbr_rerank
@@ -1304,10 +1306,11 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
             row_vetoes = [any_veto([v, RecordVeto(tok, record_facts(_record_text(e)))])
                           for v, e in zip(row_vetoes or [None] * len(studies), chunk)]
         rerank_for = None  # MBR: the sample that says what the table says and carries the record's facts (as the product runs)
-        if strategy == "mbr" and (calls_agreement > 0 or record_agreement > 0):
+        if strategy == "mbr" and (calls_agreement > 0 or record_agreement > 0 or acquisition_agreement > 0):
             facts = [record_facts(_record_text(e)) if record_agreement > 0 else () for e in chunk]
-            rerank_for = lambda b, names, f=facts: mbr_rerank(tok, names, f[b], calls_agreement,  # noqa: E731
-                                                              record_agreement)
+            contrast = [contrast_of_line(s.acquisition) for s in studies]
+            rerank_for = lambda b, names, f=facts, c=contrast: mbr_rerank(  # noqa: E731
+                tok, names, f[b], calls_agreement, record_agreement, c[b], acquisition_agreement)
         preds = model.generate_report(collate(studies).to(device), prefixes, gen, evidence=False, vetoes_for=vetoes_for,
                                       row_vetoes=row_vetoes, vetoes_for_calls=by_calls, calls_guidance=calls_guidance,
                                       rerank_for=rerank_for)
@@ -1338,7 +1341,7 @@ def evaluate_split(model: ReportModel, manifest: str | Path, split: str = "test"
                                         "technique_states_contrast": technique_states_contrast,
                                         **({"num_samples": num_samples, "temperature": temperature, "top_p": top_p,
                                             "calls_agreement": calls_agreement, "record_agreement": record_agreement,
-                                            "mbr_from": mbr_from}
+                                            "acquisition_agreement": acquisition_agreement, "mbr_from": mbr_from}
                                            if strategy == "mbr" else {})}}
     out.update({k: ev.scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "length_ratio",
                                           "brevity_penalty") if k in ev.scores})

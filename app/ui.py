@@ -285,14 +285,20 @@ def context_summary(report: Any) -> str:
                "mbr": f"MBR over {gen.get('num_samples', '?')} sampled reports", "sample": "sampling"}
         # the provenance holds the MBR weights only when MBR decoded
         favours = [what for key, what in (("calls_agreement", "agreement with the findings table"),
-                                          ("record_agreement", "the record's known cancers and resections answered"))
+                                          ("record_agreement", "the record's known cancers and resections answered"),
+                                          ("acquisition_agreement", "a Technique that states the scan's contrast"))
                    if (gen.get(key) or 0) > 0]
         lines.append(f"**Decoding**: {how.get(gen['strategy'], gen['strategy'])}"
-                     + (f", the choice favouring {' and '.join(favours)}" if favours else "") + ".")
+                     + (f", the choice favouring {_and_list(favours)}" if favours else "") + ".")
     t = report.provenance.get("timings_s", {})
     if t:
         lines.append("**Timings**: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
     return "\n\n".join(lines)
+
+
+def _and_list(items: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def score_markdown(scores: dict | None) -> str:

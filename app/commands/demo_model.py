@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --tune-mbr-samples: comma list of findings-table agreement weights (default 1.0)")
     parser.add_argument("--tune-record-agreements", "--tune-record-agreement", dest="tune_record_agreements", default="0",
                         help="with --tune-mbr-samples: comma list of weights of the record's facts carried (default 0 = off)")
+    parser.add_argument("--tune-acquisition-agreements", default="0",
+                        help="with --tune-mbr-samples: comma list of weights of the Technique stating the scan's "
+                             "contrast (default 0 = off)")
     parser.add_argument("--tune-mbr-from", default="report",
                         help="with --tune-mbr-samples: comma list of what MBR compares (report, findings; default report)")
     parser.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16, to stay under 25 MB)")
@@ -137,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
                            temperatures=parse_numbers("--tune-temperatures", args.tune_temperatures),
                            calls_agreements=parse_numbers("--tune-calls-agreements", args.tune_calls_agreements),
                            record_agreements=parse_numbers("--tune-record-agreements", args.tune_record_agreements),
-                           mbr_from=parse_mbr_from("--tune-mbr-from", args.tune_mbr_from))
+                           mbr_from=parse_mbr_from("--tune-mbr-from", args.tune_mbr_from),
+                           acquisition_agreements=parse_numbers("--tune-acquisition-agreements",
+                                                                args.tune_acquisition_agreements))
         decoding, table = tune_decoding(model, manifest, "val", max_studies=args.tune_studies, cands=cands,
                                         max_history_tokens=args.eval_history_tokens, batch_size=cfg.data.batch_size,
                                         progress=not args.no_progress, cache_dir=cfg.data.cache_dir or None)
@@ -280,6 +285,10 @@ def model_card(args, cfg, metrics: dict) -> str:
                      "patient record's known cancers and prior lung resections that a report names in its Findings or "
                      "Impression (`data.report_consistency.RecordAgreement`); a sample that never ended earns nothing. "
                      "It only chooses between reports the decoder wrote.\n")
+    if dec.get("strategy") == "mbr" and (dec.get("acquisition_agreement") or 0) > 0:
+        decoding += (f"The choice also weighs (x {dec['acquisition_agreement']:g}) whether a report's Technique states "
+                     "the scan's contrast as the DICOM header gives it (\"without intravenous contrast\" for a "
+                     "non-contrast scan; `data.report_consistency.AcquisitionAgreement`).\n")
     decoding += ("The report is kept whole (`PipelineConfig.complete_sections`, on by default): it may not end before "
                  "the impression has content, and no findings line starts with a list number.\n"
                  if (metrics.get("decoding") or {}).get("complete_report") else "")

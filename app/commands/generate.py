@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-agreement", type=float, default=None, metavar="W",
                    help="with --strategy mbr: weight of the record's facts carried (a known malignancy, a lung "
                         "resection) in the choice (0 = off)")
+    p.add_argument("--acquisition-agreement", type=float, default=None, metavar="W",
+                   help="with --strategy mbr: weight of the Technique stating the scan's contrast as the DICOM header "
+                        "gives it (0 = off)")
     p.add_argument("--mbr-from", choices=("report", "findings"), default=None,
                    help="with --strategy mbr: compare the samples on the whole report (default) or from the Findings on")
     p.add_argument("--num-beams", type=int, default=None, help="beam width with --strategy beam")
@@ -113,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     decoding.update({k: v for k, v in (("strategy", args.strategy), ("num_beams", args.num_beams),
                                        ("length_penalty", args.length_penalty), ("num_samples", args.num_samples),
                                        ("temperature", args.temperature), ("calls_agreement", args.calls_agreement),
-                                       ("record_agreement", args.record_agreement), ("mbr_from", args.mbr_from),
+                                       ("record_agreement", args.record_agreement),
+                                       ("acquisition_agreement", args.acquisition_agreement), ("mbr_from", args.mbr_from),
                                        ("consistent_with_calls", args.consistent_with_calls)) if v is not None})
     cfg = PipelineConfig(quantize=args.quantize, evidence=not args.no_evidence, **validate_decoding(decoding, "flags"))
     for flag in ("consistent_with_acquisition", "technique_states_contrast", "consistent_measurements", "report_outline",

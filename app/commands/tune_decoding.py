@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-agreements", "--record-agreement", dest="record_agreements", default="0",
                    help="comma list of MBR weights of the record's facts carried (known malignancy, lung resection; "
                         "default 0 = off)")
+    p.add_argument("--acquisition-agreements", default="0",
+                   help="comma list of MBR weights of the Technique stating the scan's contrast as the DICOM header "
+                        "gives it (default 0 = off)")
     p.add_argument("--mbr-from", default="report",
                    help="comma list of what MBR compares the samples on: report (every section), findings (the "
                         "Findings and Impression); default report")
@@ -48,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
                        parse_numbers("--temperatures", args.temperatures),
                        parse_numbers("--calls-agreements", args.calls_agreements),
                        parse_numbers("--record-agreements", args.record_agreements),
-                       parse_mbr_from("--mbr-from", args.mbr_from))
+                       parse_mbr_from("--mbr-from", args.mbr_from),
+                       parse_numbers("--acquisition-agreements", args.acquisition_agreements))
     model = ReportModel.from_pretrained(args.model, device="cpu").float().eval()
     chosen, table = tune_decoding(model, args.manifest, args.split, max_studies=args.max_studies,
                                   cands=cands, max_history_tokens=args.max_history_tokens,

@@ -152,11 +152,12 @@ def test_tune_decoding_scores_mbr_candidates_and_the_pipeline_decodes_as_chosen(
     a decoding.json that chose MBR makes the pipeline sample and choose as it says."""
     rc = main(["tune-decoding", "--model", str(model_dir), "--manifest", str(EXAMPLES / "manifest.jsonl"),
                "--num-beams", "1", "--mbr-samples", "2", "--temperatures", "0.7", "--calls-agreements", "0,1",
-               "--record-agreements", "0,0.5", "--max-new-tokens", "8", "--no-progress", "--dry-run"])
+               "--record-agreements", "0,0.5", "--acquisition-agreements", "0,1", "--max-new-tokens", "8",
+               "--no-progress", "--dry-run"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "greedy" in out and "mbr 2 T 0.7 agree 0/0" in out and "mbr 2 T 0.7 agree 1/0" in out
-    assert "mbr 2 T 0.7 agree 1/0.5" in out
+    assert "mbr 2 T 0.7 agree 1/0.5" in out and "mbr 2 T 0.7 agree 1/0.5/1" in out
     assert not (model_dir / DECODING_FILE).exists()  # dry run
     assert [(c["strategy"], c.get("calls_agreement")) for c in candidates(1, (), False, 2, (0.7,), (0.0, 1.0))] == [
         ("greedy", None), ("mbr", 0.0), ("mbr", 1.0)]
@@ -164,11 +165,14 @@ def test_tune_decoding_scores_mbr_candidates_and_the_pipeline_decodes_as_chosen(
         None, "report", "findings"]
     assert [c.get("record_agreement") for c in candidates(1, (), False, 2, (0.7,), (1.0,), record_agreements=(0.0, 0.5))] == [
         None, 0.0, 0.5]
+    assert [c.get("acquisition_agreement") for c in candidates(1, (), False, 2, (0.7,), (1.0,),
+                                                               acquisition_agreements=(0.0, 1.0))] == [None, 0.0, 1.0]
     mbr = {"strategy": "mbr", "num_samples": 4, "temperature": 0.5, "calls_agreement": 2.0, "mbr_from": "findings"}
     write_decoding(model_dir, mbr, [], "val", 1)
     cfg = ReportPipeline.from_dir(model_dir).config
     assert (cfg.strategy, cfg.num_samples, cfg.temperature, cfg.calls_agreement, cfg.mbr_from) == ("mbr", 4, 0.5, 2.0, "findings")
-    for bad in ({"strategy": "mbr", "num_samples": 0}, {"temperature": 0}, {"calls_agreement": -1}, {"mbr_from": "all"}):
+    for bad in ({"strategy": "mbr", "num_samples": 0}, {"temperature": 0}, {"calls_agreement": -1}, {"mbr_from": "all"},
+                {"acquisition_agreement": -0.5}):
         with pytest.raises(DecodingError):
             validate_decoding(bad)
     assert main(["tune-decoding", "--model", str(model_dir), "--manifest", str(EXAMPLES / "manifest.jsonl"),

@@ -361,6 +361,45 @@ def test_acquisition_veto_follows_the_header(pipe, tmp_path, monkeypatch, on):
         assert veto.require is False and rep.provenance["generation"]["technique_states_contrast"] is False
 
 
+def test_mbr_acquisition_agreement_reranks_by_the_headers_contrast(pipe, tmp_path, monkeypatch):
+    """acquisition_agreement (MBR, 0 = off by default): a model that reads the acquisition line gets
+    an AcquisitionAgreement holding the header's contrast beside the calls' agreement, and the
+    provenance records the weight; a model without the line (contrast unknown) gets none."""
+    import pydicom
+
+    from app.pipeline import PipelineConfig
+    from data.report_consistency import CallsAgreement
+    from data.report_format import SECTION_KEYS
+
+    assert PipelineConfig().acquisition_agreement == 0.0
+    tok = pipe.tokenizer
+    mbr = {"strategy": "mbr", "num_samples": 2, "acquisition_agreement": 3.0, "max_new_tokens": 8}
+    rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), finding_prompt=True,
+                                  acquisition_prompt=True, pipeline=mbr)
+    (r,) = seen["rerank"]
+    contrast = "ContrastBolusAgent" in pydicom.dcmread(STUDIES / "syn00003" / "IM0001.dcm", stop_before_pixels=True)
+
+    def ids(technique):
+        out = []
+        for key, text in (("technique", technique), ("findings", "Heart and mediastinum: The heart is enlarged."),
+                          ("impression", "1. Cardiomegaly.")):
+            out += [tok.section_ids[SECTION_KEYS.index(key)], *tok.encode(text)]
+        return out + [tok.eos_id]
+
+    right, wrong = (("CT of the chest following intravenous contrast.", "CT of the chest without intravenous contrast.")
+                    if contrast else
+                    ("CT of the chest without intravenous contrast.", "CT of the chest following intravenous contrast."))
+    agree = CallsAgreement(tok, ["cardiomegaly"], PipelineConfig().calls_agreement)
+    assert r(ids(right)) == pytest.approx(agree(ids(right)) + 3.0)
+    assert r(ids(wrong)) == pytest.approx(agree(ids(wrong)))
+    assert rep.provenance["generation"]["acquisition_agreement"] == 3.0
+    _, _, blind = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), finding_prompt=True,
+                                 pipeline={**mbr, "calls_agreement": 0.0})
+    assert blind["rerank"] is None  # no acquisition line: the header's contrast is not read
+    with pytest.raises(ValueError, match="acquisition_agreement"):
+        PipelineConfig(strategy="mbr", acquisition_agreement=-1.0)
+
+
 def test_technique_states_contrast_makes_the_acquisition_veto_require_it(pipe, tmp_path, monkeypatch):
     """technique_states_contrast (off by default): the acquisition veto also requires the
     Technique to state the header's contrast, and the provenance says so."""

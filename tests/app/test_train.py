@@ -278,6 +278,31 @@ def test_split_evaluation_and_fp16_shipped_model(shared, repo_root, tmp_path):
         assert torch.allclose(p.double(), q.double(), atol=2e-3, rtol=1e-2), n
 
 
+def test_split_evaluation_reranks_mbr_as_the_product_does(shared, repo_root, monkeypatch):
+    """evaluate_split with MBR builds each study's rerank as the pipeline does (app.decoding.mbr_rerank):
+    the header's contrast from the study's acquisition line and the acquisition weight, and records the
+    weight with the decoding."""
+    import app.decoding as ad
+    from app.train import evaluate_split
+    from data.tokenizer import ReportTokenizer
+
+    cfg = _cfg(shared, repo_root, "model.acquisition_prompt=true")
+    tok = ReportTokenizer.load(shared["tok"])
+    torch.manual_seed(0)
+    model = ReportModel(model_config(cfg, tok.vocab_size), tok).eval()
+    seen, real = [], ad.mbr_rerank
+
+    def spy(tokenizer, called, facts, calls_w, record_w, contrast=None, acquisition_w=0.0):
+        seen.append((contrast, acquisition_w))
+        return real(tokenizer, called, facts, calls_w, record_w, contrast, acquisition_w)
+
+    monkeypatch.setattr(ad, "mbr_rerank", spy)
+    m = evaluate_split(model, shared["manifest"], "test", max_new_tokens=6, batch_size=2, max_history_tokens=64,
+                       progress=False, strategy="mbr", num_samples=2, calls_agreement=0.0, acquisition_agreement=1.5)
+    assert m["decoding"]["acquisition_agreement"] == 1.5
+    assert len(seen) == 2 and all(w == 1.5 and c in (True, False) for c, w in seen)
+
+
 def test_facts_carried_counts_facts_and_studies():
     from types import SimpleNamespace as NS
 
@@ -435,6 +460,11 @@ def test_model_card_lists_findings_and_names_the_unlearned_ones(tmp_path):
                       {"n": 4, "decoding": {"strategy": "mbr", "num_samples": 8, "temperature": 0.7, "calls_agreement": 1.0,
                                             "record_agreement": 0.5}, "decoding_table_val": rows})
     assert "(x 0.5) the share of the patient record's known cancers" in card
+    assert "AcquisitionAgreement" not in card
+    card = model_card(args, load_config(None, "configs/demo.json"),
+                      {"n": 4, "decoding": {"strategy": "mbr", "num_samples": 8, "temperature": 0.7, "calls_agreement": 1.0,
+                                            "acquisition_agreement": 1.0}, "decoding_table_val": rows})
+    assert "(x 1) whether a report's Technique states the scan's contrast" in card and "RecordAgreement" not in card
 
 
 def test_history_digest_and_copy_head_train_and_generate(shared, repo_root, tmp_path):

@@ -287,6 +287,12 @@ def test_fast_draft_decodes_one_report_greedily(pipe):
     assert ("**Decoding**: MBR over 2 sampled reports, the choice favouring the record's known cancers and "
             "resections answered.") in context_summary(rec)
     assert "favouring" not in context_summary(draft)
+    # all three weights: named in a list (the UI's pipe reads the acquisition line only when its model
+    # does, so the provenance is what the line is written from)
+    three = dataclasses.replace(rec, provenance={**rec.provenance, "generation": {
+        **rec.provenance["generation"], "calls_agreement": 1.0, "acquisition_agreement": 1.0}})
+    assert ("the choice favouring agreement with the findings table, the record's known cancers and resections "
+            "answered and a Technique that states the scan's contrast.") in context_summary(three)
     with pytest.raises(Exception, match="quantize cannot change"):
         pipe.with_config(quantize=True)
     assert dataclasses.replace(CFG, strategy="greedy") == pipe.with_config(strategy="greedy").config

@@ -259,3 +259,30 @@ def test_record_agreement_scores_the_record_facts_a_candidate_carries(tok):
     assert score(none) == 0.0
     assert score(both[:-1]) == 0.0  # the same text, unfinished: no credit
     assert RecordAgreement(tok, [])(both) == 0.0
+
+
+def test_acquisition_agreement_scores_a_technique_that_states_the_scans_contrast(tok):
+    """AcquisitionAgreement (the MBR rerank): weight when the Technique states the header's
+    contrast, 0 when it leaves it out, states the opposite, or the sample never ended; words
+    elsewhere in the report do not count."""
+    from data.report_consistency import AcquisitionAgreement, technique_states
+
+    def ids(technique, findings="Lungs and airways: Clear."):
+        return _ids(tok, technique=technique, findings=findings, impression="1. No acute findings.") + [tok.eos_id]
+
+    plain = AcquisitionAgreement(tok, contrast=False, weight=2.0)
+    without = ids("Axial CT of the chest without intravenous contrast (5 mm).")
+    garbled = ids("CT chest dated 2023 at 5 mm.")
+    enhanced = ids("CT of the chest following intravenous contrast, 5 mm slices.")
+    assert plain(without) == pytest.approx(2.0)
+    assert plain(garbled) == 0.0  # the contrast left out: what the veto cannot refuse
+    assert plain(enhanced) == 0.0
+    assert plain(without[:-1]) == 0.0  # unfinished: no credit
+    # the contrast allergy named outside the Technique does not count
+    assert plain(ids("CT chest.", findings="Lungs and airways: Clear. Known contrast allergy.")) == 0.0
+    given = AcquisitionAgreement(tok, contrast=True, weight=1.0)
+    assert given(enhanced) == pytest.approx(1.0)
+    assert given(without) == 0.0 and given(garbled) == 0.0
+    assert given.states("TECHNIQUE:\nContrast-enhanced CT of the chest.") and not given.states("TECHNIQUE:\nCT chest.")
+    # the rule the veto uses
+    assert technique_states("Non-enhanced CT of the chest.", False) and not technique_states("CT of the chest.", False)
