@@ -43,10 +43,11 @@ bench: install
 # Build the synthetic dataset (if missing), train the demo preset on this CPU, evaluate, write models/demo/.
 # The shipped decoding (models/demo/decoding.json): MBR over 8 samples, with and without the record's
 # facts in the choice, chosen against greedy on 80 val studies after training (docs/training.md,
-# "Session 27" and "Session 29").
+# "Session 27" and "Session 29"); every MBR candidate prefers a Technique that states the scan's
+# contrast (a product rule, not tuned: "Session 30").
 demo-model: install
 	$(BIN)/medreport demo-model --tune-studies 80 --tune-num-beams 1 --tune-mbr-samples 8 \
-		--tune-temperatures 0.7 --tune-calls-agreements 1.0 --tune-record-agreements 0,0.5 \
+		--tune-temperatures 0.7 --tune-calls-agreements 1.0 --tune-record-agreements 0,0.5 --tune-acquisition-agreements 1 \
 		--tune-mbr-from report
 
 clean:

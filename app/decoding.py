@@ -134,7 +134,7 @@ def candidates(num_beams: int = 4, length_penalties: tuple[float, ...] = (1.0, 1
                consistency: bool = False, mbr_samples: int = 0, temperatures: tuple[float, ...] = (0.7,),
                calls_agreements: tuple[float, ...] = (1.0,), record_agreements: tuple[float, ...] = (0.0,),
                mbr_from: tuple[str, ...] = ("report",),
-               acquisition_agreements: tuple[float, ...] = (0.0,)) -> list[dict]:
+               acquisition_agreements: tuple[float, ...] = (1.0,)) -> list[dict]:
     """Greedy first (the cheapest, kept on ties), then beam search at each length penalty; with
     ``consistency`` each of them again with the findings-table veto (``consistent_with_calls``);
     with ``mbr_samples`` > 0, MBR over that many samples at each temperature and calls-agreement

@@ -108,8 +108,10 @@ class PipelineConfig:
     # (data.report_consistency.AcquisitionAgreement: "without intravenous contrast" for a non-contrast
     # scan); 0 = off. For a model that reads the acquisition line (the header's contrast is then
     # known). The acquisition veto only refuses the opposite statement; session 29's shipped decoding
-    # still chose a Technique that left the contrast out for 4 of 39 contrast-allergic test patients.
-    acquisition_agreement: float = 0.0
+    # still chose a Technique that left the contrast out or broke off ("CT chest with 5 mm axial
+    # reconstructions. Axial reconstructions.") where another sample stated it. On by default, like the
+    # veto: what the scanner did is not a matter of style (docs/training.md, session 30).
+    acquisition_agreement: float = 1.0
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0  # beam search: a hypothesis scores sum log p / length ** length_penalty
     seed: int | None = 0

@@ -387,7 +387,9 @@ def _decode(dec, logits, cache, cfg, gen, vetoes=None, guidance=None):
 
 def _mbr(dec, prefixes, ctx, mask, cfg, copy_spans=None, vetoes=None, rerank=None):
     """Sample ``num_samples`` continuations per prefix (one prefill, the cache repeated) and keep,
-    per prefix, the one with the highest :func:`mbr_agreement` plus its rerank score."""
+    per prefix, the one with the highest :func:`mbr_agreement` plus its rerank score, among the
+    samples that ended (``eos_id``) when any did: one that ran to ``max_new_tokens`` is cut off
+    mid-text, and its length can still win it the consensus."""
     B, N = len(prefixes), cfg.num_samples
     logits, cache = _prefill(dec, prefixes, ctx, mask, cfg, copy_spans)  # [B,V]
     expand = torch.arange(B, device=logits.device).repeat_interleave(N)  # [B*N] row b's samples together
@@ -401,7 +403,8 @@ def _mbr(dec, prefixes, ctx, mask, cfg, copy_spans=None, vetoes=None, rerank=Non
         score = mbr_agreement(cands, cfg.mbr_from_id, cfg.eos_id)
         if rerank is not None and rerank[b] is not None:
             score = [s + float(rerank[b](c)) for s, c in zip(score, cands)]
-        out.append(cands[max(range(N), key=lambda i: (score[i], -i))])  # ties: the earlier sample
+        ended = [i for i in range(N) if cfg.eos_id is not None and cfg.eos_id in cands[i]]
+        out.append(cands[max(ended or range(N), key=lambda i: (score[i], -i))])  # ties: the earlier sample
     return out
 
 

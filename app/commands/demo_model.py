@@ -54,9 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --tune-mbr-samples: comma list of findings-table agreement weights (default 1.0)")
     parser.add_argument("--tune-record-agreements", "--tune-record-agreement", dest="tune_record_agreements", default="0",
                         help="with --tune-mbr-samples: comma list of weights of the record's facts carried (default 0 = off)")
-    parser.add_argument("--tune-acquisition-agreements", default="0",
+    parser.add_argument("--tune-acquisition-agreements", default="1",
                         help="with --tune-mbr-samples: comma list of weights of the Technique stating the scan's "
-                             "contrast (default 0 = off)")
+                             "contrast (default 1; 0 = off)")
     parser.add_argument("--tune-mbr-from", default="report",
                         help="with --tune-mbr-samples: comma list of what MBR compares (report, findings; default report)")
     parser.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16, to stay under 25 MB)")

@@ -30,9 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-agreements", "--record-agreement", dest="record_agreements", default="0",
                    help="comma list of MBR weights of the record's facts carried (known malignancy, lung resection; "
                         "default 0 = off)")
-    p.add_argument("--acquisition-agreements", default="0",
+    p.add_argument("--acquisition-agreements", default="1",
                    help="comma list of MBR weights of the Technique stating the scan's contrast as the DICOM header "
-                        "gives it (default 0 = off)")
+                        "gives it (default 1; 0 = off)")
     p.add_argument("--mbr-from", default="report",
                    help="comma list of what MBR compares the samples on: report (every section), findings (the "
                         "Findings and Impression); default report")

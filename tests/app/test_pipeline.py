@@ -362,7 +362,7 @@ def test_acquisition_veto_follows_the_header(pipe, tmp_path, monkeypatch, on):
 
 
 def test_mbr_acquisition_agreement_reranks_by_the_headers_contrast(pipe, tmp_path, monkeypatch):
-    """acquisition_agreement (MBR, 0 = off by default): a model that reads the acquisition line gets
+    """acquisition_agreement (MBR, 1 by default): a model that reads the acquisition line gets
     an AcquisitionAgreement holding the header's contrast beside the calls' agreement, and the
     provenance records the weight; a model without the line (contrast unknown) gets none."""
     import pydicom
@@ -371,7 +371,7 @@ def test_mbr_acquisition_agreement_reranks_by_the_headers_contrast(pipe, tmp_pat
     from data.report_consistency import CallsAgreement
     from data.report_format import SECTION_KEYS
 
-    assert PipelineConfig().acquisition_agreement == 0.0
+    assert PipelineConfig().acquisition_agreement == 1.0
     tok = pipe.tokenizer
     mbr = {"strategy": "mbr", "num_samples": 2, "acquisition_agreement": 3.0, "max_new_tokens": 8}
     rep, _, seen = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), finding_prompt=True,

@@ -375,7 +375,8 @@ def test_mbr_keeps_the_consensus_sample_and_the_rerank_moves_the_choice(dec):
     for b, cands in enumerate(seen["cands"]):
         assert len(cands) == N and len({tuple(c) for c in cands}) > 1  # the samples differ
         u = real(cands, None, 3)
-        assert got[b] == cands[max(range(N), key=lambda i: (u[i], -i))]
+        ended = [i for i in range(N) if 3 in cands[i]]  # a sample that ran to the cap only when none ended
+        assert got[b] == cands[max(ended or range(N), key=lambda i: (u[i], -i))]
     assert generate(dec, PREFIXES, None, None, cfg) == got  # seeded
     # a rerank that pays for the first token being the least agreeing sample's picks that sample
     cands0 = seen["cands"][0]
@@ -394,6 +395,24 @@ def test_mbr_keeps_the_consensus_sample_and_the_rerank_moves_the_choice(dec):
         GenerationConfig(strategy="mbr", num_samples=0)
     with pytest.raises(ValueError, match="not beam search or mbr"):
         generate(dec, PREFIXES, None, None, cfg, guidance=Guidance(PREFIXES))
+
+
+def test_mbr_never_chooses_a_sample_that_ran_to_the_cap_when_one_ended(dec, monkeypatch):
+    """A sample without the end token (cut off at max_new_tokens) loses to any that ended, however
+    much it agrees with its siblings or its rerank pays; when none ended, the best of them is kept."""
+    import importlib
+
+    cg = importlib.import_module("core.generate")
+    N, eos = 3, 3
+    runaway, short = [5, 6, 7, 5, 6, 7, 5, 6], [5, 6, eos]
+    designed = {0: [runaway, runaway, short], 1: [runaway, [5, 6, 7, 5, 6, 7, 5, 7], [9, 9, 9, 9, 9, 9, 9, 9]],
+                2: [short, [5, eos], runaway]}
+    monkeypatch.setattr(cg, "_decode", lambda *a, **k: [c for b in range(3) for c in designed[b]])
+    cfg = GenerationConfig(strategy="mbr", num_samples=N, max_new_tokens=8, eos_id=eos, seed=0)
+    got = generate(dec, PREFIXES, None, None, cfg, rerank=[lambda c: 10.0 * (c == runaway)] * 3)
+    assert got[0] == short  # the two runaways agree perfectly and are paid 10, and still lose
+    assert got[1] == runaway  # none ended: the consensus (and the rerank) decide as before
+    assert got[2] in (short, [5, eos])
 
 
 def test_mbr_samples_keep_the_vetoes(dec):
