@@ -285,6 +285,9 @@ def model_card(args, cfg, metrics: dict) -> str:
                      "patient record's known cancers and prior lung resections that a report names in its Findings or "
                      "Impression (`data.report_consistency.RecordAgreement`); a sample that never ended earns nothing. "
                      "It only chooses between reports the decoder wrote.\n")
+    if dec.get("strategy") == "mbr":
+        decoding += ("A sampled report that never ended (it ran to the length cap) is kept only when none of the "
+                     "study's samples ended (`core.generate`).\n")
     if dec.get("strategy") == "mbr" and (dec.get("acquisition_agreement") or 0) > 0:
         decoding += (f"The choice also weighs (x {dec['acquisition_agreement']:g}) whether a report's Technique states "
                      "the scan's contrast as the DICOM header gives it (\"without intravenous contrast\" for a "

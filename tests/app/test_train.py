@@ -454,12 +454,13 @@ def test_model_card_lists_findings_and_names_the_unlearned_ones(tmp_path):
                                                                    "no_repeat_ngram_size")}, "decoding_table_val": rows})
     assert "on 3 val studies" in card and "beam 4 lp 2" in card
     assert [ln for ln in card.splitlines() if "<- chosen" in ln][0].startswith("beam 4 lp 2")
-    assert "RecordAgreement" not in card
+    assert "RecordAgreement" not in card and "never ended" not in card  # beam search
     # an MBR decoding that weighs the record's facts says so
     card = model_card(args, load_config(None, "configs/demo.json"),
                       {"n": 4, "decoding": {"strategy": "mbr", "num_samples": 8, "temperature": 0.7, "calls_agreement": 1.0,
                                             "record_agreement": 0.5}, "decoding_table_val": rows})
     assert "(x 0.5) the share of the patient record's known cancers" in card
+    assert "kept only when none of the study's samples ended" in card
     assert "AcquisitionAgreement" not in card
     card = model_card(args, load_config(None, "configs/demo.json"),
                       {"n": 4, "decoding": {"strategy": "mbr", "num_samples": 8, "temperature": 0.7, "calls_agreement": 1.0,
