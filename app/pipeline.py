@@ -662,7 +662,10 @@ class ReportPipeline:
                            "length_penalty": cfg.length_penalty if cfg.strategy == "beam" else None,
                            **({"num_samples": cfg.num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
                                "calls_agreement": cfg.calls_agreement, "record_agreement": cfg.record_agreement,
-                               "acquisition_agreement": cfg.acquisition_agreement, "mbr_from": cfg.mbr_from,
+                               # the weight in effect: none where the header's contrast is not read
+                               "acquisition_agreement": (cfg.acquisition_agreement
+                                                         if contrast_of_line(inputs.acquisition) is not None else 0.0),
+                               "mbr_from": cfg.mbr_from,
                                "seed": cfg.seed} if cfg.strategy == "mbr" else {}),
                            "complete_report": cfg.complete_sections,
                            "consistent_with_calls": cfg.consistent_with_calls,

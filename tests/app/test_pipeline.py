@@ -393,9 +393,10 @@ def test_mbr_acquisition_agreement_reranks_by_the_headers_contrast(pipe, tmp_pat
     assert r(ids(right)) == pytest.approx(agree(ids(right)) + 3.0)
     assert r(ids(wrong)) == pytest.approx(agree(ids(wrong)))
     assert rep.provenance["generation"]["acquisition_agreement"] == 3.0
-    _, _, blind = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), finding_prompt=True,
+    rep_blind, _, blind = _serve_calling(pipe, tmp_path, monkeypatch, ("cardiomegaly",), finding_prompt=True,
                                  pipeline={**mbr, "calls_agreement": 0.0})
     assert blind["rerank"] is None  # no acquisition line: the header's contrast is not read
+    assert rep_blind.provenance["generation"]["acquisition_agreement"] == 0.0  # and the provenance says none applied
     with pytest.raises(ValueError, match="acquisition_agreement"):
         PipelineConfig(strategy="mbr", acquisition_agreement=-1.0)
 
